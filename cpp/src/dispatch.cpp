@@ -1,0 +1,251 @@
+// dispatch.cpp — the public CPU entry points of quantize.h: argument validation, run-time
+// choice of the kernel variant from CPUID (or a forced one), and the split over threads.
+// The 8-bit blockwise kernels (double quantization of absmax; a few thousand elements per
+// weight) are scalar only and live here too.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "kernels.h"
+#include "parallel.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
+
+namespace nf4lora {
+namespace {
+
+constexpr int64_t kGrainElements = int64_t{1} << 16;  // below this per thread, use fewer threads
+
+struct CpuFeatures {
+  bool avx2 = false;    // AVX2 + FMA + F16C, OS saves YMM state
+  bool avx512 = false;  // AVX-512 F/BW/VL/DQ, OS saves ZMM state
+};
+
+CpuFeatures detect_cpu() {
+  CpuFeatures f;
+#if defined(__x86_64__) || defined(_M_X64)
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool osxsave = c & (1u << 27), avx = c & (1u << 28), fma = c & (1u << 12),
+             f16c = c & (1u << 29);
+  if (!osxsave || !avx) return f;
+  unsigned xlo, xhi;
+  __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+  const uint64_t xcr0 = (uint64_t(xhi) << 32) | xlo;
+  if ((xcr0 & 0x6) != 0x6) return f;  // XMM + YMM state
+  if (__get_cpuid_max(0, nullptr) < 7) return f;
+  __cpuid_count(7, 0, a, b, c, d);
+  f.avx2 = (b & (1u << 5)) && fma && f16c;
+  const bool zmm_state = (xcr0 & 0xE0) == 0xE0;  // opmask + ZMM_Hi256 + Hi16_ZMM
+  const bool f512 = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30), vl = b & (1u << 31);
+  f.avx512 = f.avx2 && zmm_state && f512 && dq && bw && vl;
+#endif
+  return f;
+}
+
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures f = detect_cpu();
+  return f;
+}
+
+std::atomic<int> g_forced_variant{-1};
+
+const detail::QuantKernels& kernels_for(CpuVariant v) {
+  switch (v) {
+#if defined(NF4LORA_HAVE_AVX512)
+    case CpuVariant::AVX512: return detail::kAvx512Kernels;
+#endif
+#if defined(NF4LORA_HAVE_AVX2)
+    case CpuVariant::AVX2: return detail::kAvx2Kernels;
+#endif
+    default: return detail::kRefKernels;
+  }
+}
+
+const detail::QuantKernels& active_kernels() { return kernels_for(active_cpu_variant()); }
+
+void check_blocksize_4bit(int64_t blocksize) {
+  if (!valid_blocksize(blocksize))
+    throw std::invalid_argument("blocksize must be a power of two in [32, 4096], got " +
+                                std::to_string(blocksize));
+}
+void check_blocksize_8bit(int64_t blocksize) {
+  if (!is_pow2(blocksize) || blocksize < 16 || blocksize > 4096)
+    throw std::invalid_argument("8-bit blocksize must be a power of two in [16, 4096], got " +
+                                std::to_string(blocksize));
+}
+void check_n(int64_t n) {
+  if (n < 0) throw std::invalid_argument("element count n must be >= 0, got " + std::to_string(n));
+}
+void check_ptr(const void* p, const char* name) {
+  if (p == nullptr) throw std::invalid_argument(std::string(name) + " must not be null");
+}
+void check_qt(QuantType qt) {
+  if (qt != QuantType::NF4 && qt != QuantType::FP4)
+    throw std::invalid_argument("quant_type must be NF4 (2) or FP4 (1)");
+}
+void check_dtype(DType dt, const char* name) {
+  if (dt != DType::F32 && dt != DType::F16 && dt != DType::BF16)
+    throw std::invalid_argument(std::string(name) + " must be float32, float16 or bfloat16");
+}
+int64_t grain_blocks(int64_t blocksize) { return std::max<int64_t>(1, kGrainElements / blocksize); }
+
+}  // namespace
+
+const char* cpu_variant_name(CpuVariant v) {
+  switch (v) {
+    case CpuVariant::Ref: return "ref";
+    case CpuVariant::AVX2: return "avx2";
+    case CpuVariant::AVX512: return "avx512";
+  }
+  return "unknown";
+}
+
+bool cpu_variant_compiled(CpuVariant v) {
+  switch (v) {
+    case CpuVariant::Ref: return true;
+#if defined(NF4LORA_HAVE_AVX2)
+    case CpuVariant::AVX2: return true;
+#endif
+#if defined(NF4LORA_HAVE_AVX512)
+    case CpuVariant::AVX512: return true;
+#endif
+    default: return false;
+  }
+}
+
+bool cpu_variant_supported(CpuVariant v) {
+  if (!cpu_variant_compiled(v)) return false;
+  switch (v) {
+    case CpuVariant::Ref: return true;
+    case CpuVariant::AVX2: return cpu_features().avx2;
+    case CpuVariant::AVX512: return cpu_features().avx512;
+  }
+  return false;
+}
+
+CpuVariant best_cpu_variant() {
+  if (cpu_variant_supported(CpuVariant::AVX512)) return CpuVariant::AVX512;
+  if (cpu_variant_supported(CpuVariant::AVX2)) return CpuVariant::AVX2;
+  return CpuVariant::Ref;
+}
+
+void force_cpu_variant(CpuVariant v) {
+  if (static_cast<int>(v) < 0 || static_cast<int>(v) >= kNumCpuVariants)
+    throw std::invalid_argument("unknown CPU variant " + std::to_string(static_cast<int>(v)));
+  if (!cpu_variant_supported(v))
+    throw std::invalid_argument(std::string("CPU variant '") + cpu_variant_name(v) +
+                                "' is not supported on this machine or not compiled in");
+  g_forced_variant.store(static_cast<int>(v));
+}
+
+void reset_cpu_variant() { g_forced_variant.store(-1); }
+
+CpuVariant active_cpu_variant() {
+  const int forced = g_forced_variant.load();
+  return forced >= 0 ? static_cast<CpuVariant>(forced) : best_cpu_variant();
+}
+
+int64_t quantize_4bit_cpu(const void* x, DType x_dtype, int64_t n, int64_t blocksize,
+                          QuantType qt, uint8_t* packed, float* absmax, int num_threads) {
+  check_n(n);
+  check_blocksize_4bit(blocksize);
+  check_qt(qt);
+  check_dtype(x_dtype, "x_dtype");
+  if (n == 0) return 0;
+  check_ptr(x, "x");
+  check_ptr(packed, "packed");
+  check_ptr(absmax, "absmax");
+  const auto& k = active_kernels();
+  std::atomic<int64_t> nonfinite{0};
+  detail::parallel_for(num_blocks(n, blocksize), grain_blocks(blocksize), num_threads,
+                       [&](int64_t b0, int64_t b1) {
+                         nonfinite += k.quantize_4bit(x, x_dtype, n, blocksize, qt, b0, b1, packed, absmax);
+                       });
+  return nonfinite.load();
+}
+
+void dequantize_4bit_cpu(const uint8_t* packed, const AbsmaxSource& absmax, int64_t n,
+                         int64_t blocksize, QuantType qt, void* out, DType out_dtype,
+                         int num_threads) {
+  check_n(n);
+  check_blocksize_4bit(blocksize);
+  check_qt(qt);
+  check_dtype(out_dtype, "out_dtype");
+  if (n == 0) return;
+  check_ptr(packed, "packed");
+  check_ptr(out, "out");
+  if (absmax.nested()) {
+    check_ptr(absmax.nested_absmax, "nested_absmax");
+    check_ptr(absmax.nested_code, "nested_code");
+    check_ptr(absmax.offset, "offset");
+    check_blocksize_8bit(absmax.nested_blocksize);
+  } else {
+    check_ptr(absmax.absmax, "absmax");
+  }
+  const auto& k = active_kernels();
+  detail::parallel_for(num_blocks(n, blocksize), grain_blocks(blocksize), num_threads,
+                       [&](int64_t b0, int64_t b1) {
+                         k.dequantize_4bit(packed, absmax, n, blocksize, qt, b0, b1, out, out_dtype);
+                       });
+}
+
+int64_t quantize_8bit_blockwise_cpu(const float* x, int64_t n, int64_t blocksize,
+                                    const float* code, uint8_t* q, float* absmax,
+                                    int num_threads) {
+  check_n(n);
+  check_blocksize_8bit(blocksize);
+  if (n == 0) return 0;
+  check_ptr(x, "x");
+  check_ptr(code, "code");
+  check_ptr(q, "q");
+  check_ptr(absmax, "absmax");
+  std::atomic<int64_t> nonfinite{0};
+  detail::parallel_for(num_blocks(n, blocksize), grain_blocks(blocksize), num_threads,
+                       [&](int64_t b0, int64_t b1) {
+    int64_t bad = 0;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t begin = b * blocksize, end = std::min(n, begin + blocksize);
+      float amax = 0.0f;
+      bool finite = true;
+      for (int64_t i = begin; i < end; ++i) {
+        finite = finite && std::isfinite(x[i]);
+        amax = std::max(amax, std::fabs(x[i]));
+      }
+      const float scale = block_scale(amax);
+      for (int64_t i = begin; i < end; ++i) q[i] = encode_8bit(code, x[i] * scale);
+      absmax[b] = finite ? amax : NAN;
+      bad += finite ? 0 : 1;
+    }
+    nonfinite += bad;
+  });
+  return nonfinite.load();
+}
+
+void dequantize_8bit_blockwise_cpu(const uint8_t* q, const float* absmax, const float* code,
+                                   int64_t n, int64_t blocksize, float* out, int num_threads) {
+  check_n(n);
+  check_blocksize_8bit(blocksize);
+  if (n == 0) return;
+  check_ptr(q, "q");
+  check_ptr(absmax, "absmax");
+  check_ptr(code, "code");
+  check_ptr(out, "out");
+  detail::parallel_for(num_blocks(n, blocksize), grain_blocks(blocksize), num_threads,
+                       [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t begin = b * blocksize, end = std::min(n, begin + blocksize);
+      for (int64_t i = begin; i < end; ++i) out[i] = code[q[i]] * absmax[b];
+    }
+  });
+}
+
+#if !defined(NF4LORA_WITH_CUDA)
+bool cuda_compiled() { return false; }
+#endif
+
+}  // namespace nf4lora

@@ -1,0 +1,159 @@
+// bindings.cpp — the one pybind11 module, nf4lora._C: a thin layer over the torch-free core.
+// Tensors cross as raw addresses (int) plus sizes and dtype codes; shape/dtype/device checks
+// happen once in python/nf4lora/_ops.py. C++ std::invalid_argument arrives as ValueError.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "nf4lora/format.h"
+#include "nf4lora/quantize.h"
+
+namespace py = pybind11;
+using namespace nf4lora;
+
+namespace {
+
+template <class T>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+QuantType quant_type(int qt) { return static_cast<QuantType>(qt); }
+DType dtype(int dt) { return static_cast<DType>(dt); }
+
+AbsmaxSource absmax_source(uintptr_t absmax, uintptr_t qabsmax, uintptr_t nested_absmax,
+                           uintptr_t nested_code, uintptr_t offset, int64_t nested_blocksize) {
+  AbsmaxSource a;
+  a.absmax = ptr<const float>(absmax);
+  a.qabsmax = ptr<const uint8_t>(qabsmax);
+  a.nested_absmax = ptr<const float>(nested_absmax);
+  a.nested_code = ptr<const float>(nested_code);
+  a.offset = ptr<const float>(offset);
+  a.nested_blocksize = nested_blocksize;
+  return a;
+}
+
+CpuVariant variant_from_name(const std::string& name) {
+  for (int v = 0; v < kNumCpuVariants; ++v)
+    if (name == cpu_variant_name(static_cast<CpuVariant>(v))) return static_cast<CpuVariant>(v);
+  throw py::value_error("unknown CPU variant '" + name + "' (expected ref, avx2 or avx512)");
+}
+
+template <size_t N>
+std::vector<float> table(const float (&values)[N]) {
+  return std::vector<float>(values, values + N);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "nf4lora native core (torch-free kernels behind raw-pointer bindings)";
+  using gil = py::call_guard<py::gil_scoped_release>;
+
+  m.attr("QUANT_TYPE_FP4") = static_cast<int>(QuantType::FP4);
+  m.attr("QUANT_TYPE_NF4") = static_cast<int>(QuantType::NF4);
+  m.attr("DTYPE_F32") = static_cast<int>(DType::F32);
+  m.attr("DTYPE_F16") = static_cast<int>(DType::F16);
+  m.attr("DTYPE_BF16") = static_cast<int>(DType::BF16);
+  m.attr("MIN_BLOCKSIZE") = kMinBlocksize;
+  m.attr("MAX_BLOCKSIZE") = kMaxBlocksize;
+  m.attr("DEFAULT_BLOCKSIZE") = kDefaultBlocksize;
+  m.attr("NESTED_BLOCKSIZE") = kNestedBlocksize;
+  m.attr("BUILD_INFO") = NF4LORA_BUILD_INFO;
+
+  m.def("nf4_codebook", [] { return table(kNF4Codebook); });
+  m.def("fp4_codebook", [] { return table(kFP4Codebook); });
+  m.def("dynamic_map", [](bool is_signed) {
+    return is_signed ? table(kDynamicSigned) : table(kDynamicUnsigned);
+  }, py::arg("signed") = true);
+  m.def("thresholds", [](int qt) {
+    std::vector<float> t(15);
+    for (int i = 0; i < 15; ++i) t[i] = threshold(quant_type(qt), i);
+    return t;
+  });
+  m.def("fp4_ascending", [] { return std::vector<int>(kFP4Ascending, kFP4Ascending + 16); });
+
+  m.def("cpu_variants", [] {
+    std::vector<std::tuple<std::string, bool, bool>> out;
+    for (int v = 0; v < kNumCpuVariants; ++v) {
+      auto cv = static_cast<CpuVariant>(v);
+      out.emplace_back(cpu_variant_name(cv), cpu_variant_compiled(cv), cpu_variant_supported(cv));
+    }
+    return out;
+  }, "[(name, compiled, supported)] for every CPU kernel variant");
+  m.def("active_cpu_variant", [] { return std::string(cpu_variant_name(active_cpu_variant())); });
+  m.def("force_cpu_variant", [](py::object name) {
+    if (name.is_none()) reset_cpu_variant();
+    else force_cpu_variant(variant_from_name(name.cast<std::string>()));
+  }, py::arg("name"), "Force a CPU variant by name for later calls; None restores automatic choice");
+  m.def("has_cuda", &cuda_compiled, "True when the CUDA kernels were compiled into this build");
+
+  m.def("quantize_4bit_cpu",
+        [](uintptr_t x, int x_dtype, int64_t n, int64_t blocksize, int qt, uintptr_t packed,
+           uintptr_t absmax, int num_threads) {
+          return quantize_4bit_cpu(ptr<const void>(x), dtype(x_dtype), n, blocksize,
+                                   quant_type(qt), ptr<uint8_t>(packed), ptr<float>(absmax),
+                                   num_threads);
+        }, gil());
+  m.def("dequantize_4bit_cpu",
+        [](uintptr_t packed, uintptr_t absmax, uintptr_t qabsmax, uintptr_t nested_absmax,
+           uintptr_t nested_code, uintptr_t offset, int64_t nested_blocksize, int64_t n,
+           int64_t blocksize, int qt, uintptr_t out, int out_dtype, int num_threads) {
+          dequantize_4bit_cpu(ptr<const uint8_t>(packed),
+                              absmax_source(absmax, qabsmax, nested_absmax, nested_code, offset,
+                                            nested_blocksize),
+                              n, blocksize, quant_type(qt), ptr<void>(out), dtype(out_dtype),
+                              num_threads);
+        }, gil());
+  m.def("quantize_8bit_blockwise_cpu",
+        [](uintptr_t x, int64_t n, int64_t blocksize, uintptr_t code, uintptr_t q,
+           uintptr_t absmax, int num_threads) {
+          return quantize_8bit_blockwise_cpu(ptr<const float>(x), n, blocksize,
+                                             ptr<const float>(code), ptr<uint8_t>(q),
+                                             ptr<float>(absmax), num_threads);
+        }, gil());
+  m.def("dequantize_8bit_blockwise_cpu",
+        [](uintptr_t q, uintptr_t absmax, uintptr_t code, int64_t n, int64_t blocksize,
+           uintptr_t out, int num_threads) {
+          dequantize_8bit_blockwise_cpu(ptr<const uint8_t>(q), ptr<const float>(absmax),
+                                        ptr<const float>(code), n, blocksize, ptr<float>(out),
+                                        num_threads);
+        }, gil());
+
+#if defined(NF4LORA_WITH_CUDA)
+  m.def("quantize_4bit_cuda",
+        [](uintptr_t x, int x_dtype, int64_t n, int64_t blocksize, int qt, uintptr_t packed,
+           uintptr_t absmax, uintptr_t nonfinite, uintptr_t stream) {
+          quantize_4bit_cuda(ptr<const void>(x), dtype(x_dtype), n, blocksize, quant_type(qt),
+                             ptr<uint8_t>(packed), ptr<float>(absmax), ptr<int32_t>(nonfinite),
+                             ptr<void>(stream));
+        }, gil());
+  m.def("dequantize_4bit_cuda",
+        [](uintptr_t packed, uintptr_t absmax, uintptr_t qabsmax, uintptr_t nested_absmax,
+           uintptr_t nested_code, uintptr_t offset, int64_t nested_blocksize, int64_t n,
+           int64_t blocksize, int qt, uintptr_t out, int out_dtype, uintptr_t stream) {
+          dequantize_4bit_cuda(ptr<const uint8_t>(packed),
+                               absmax_source(absmax, qabsmax, nested_absmax, nested_code, offset,
+                                             nested_blocksize),
+                               n, blocksize, quant_type(qt), ptr<void>(out), dtype(out_dtype),
+                               ptr<void>(stream));
+        }, gil());
+  m.def("quantize_8bit_blockwise_cuda",
+        [](uintptr_t x, int64_t n, int64_t blocksize, uintptr_t code, uintptr_t q,
+           uintptr_t absmax, uintptr_t nonfinite, uintptr_t stream) {
+          quantize_8bit_blockwise_cuda(ptr<const float>(x), n, blocksize, ptr<const float>(code),
+                                       ptr<uint8_t>(q), ptr<float>(absmax),
+                                       ptr<int32_t>(nonfinite), ptr<void>(stream));
+        }, gil());
+  m.def("dequantize_8bit_blockwise_cuda",
+        [](uintptr_t q, uintptr_t absmax, uintptr_t code, int64_t n, int64_t blocksize,
+           uintptr_t out, uintptr_t stream) {
+          dequantize_8bit_blockwise_cuda(ptr<const uint8_t>(q), ptr<const float>(absmax),
+                                         ptr<const float>(code), n, blocksize, ptr<float>(out),
+                                         ptr<void>(stream));
+        }, gil());
+#endif
+}

@@ -1,0 +1,25 @@
+"""nf4lora: QLoRA fine-tuning with frozen NF4 (+ double quantization) base weights, LoRA
+adapters and paged optimizers, on native C++ (CPU) and CUDA kernels.
+
+The 4-bit format is bitsandbytes' bit for bit; see DESIGN.md in the repository."""
+from . import _ops  # noqa: F401  (registers the nf4lora:: custom ops)
+from ._native import (BUILD_INFO, active_cpu_variant, cpu_variants, has_cuda, set_cpu_variant,
+                      use_cpu_variant)
+from .functional import dequantize_4bit, quantize_4bit
+from .quant_state import QuantState, codebook, dynamic_map
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BUILD_INFO",
+    "QuantState",
+    "active_cpu_variant",
+    "codebook",
+    "cpu_variants",
+    "dequantize_4bit",
+    "dynamic_map",
+    "has_cuda",
+    "quantize_4bit",
+    "set_cpu_variant",
+    "use_cpu_variant",
+]
