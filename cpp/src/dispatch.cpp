@@ -216,8 +216,9 @@ int64_t quantize_8bit_blockwise_cpu(const float* x, int64_t n, int64_t blocksize
         finite = finite && std::isfinite(x[i]);
         amax = std::max(amax, std::fabs(x[i]));
       }
-      const float scale = block_scale(amax);
-      for (int64_t i = begin; i < end; ++i) q[i] = encode_8bit(code, x[i] * scale);
+      // A NaN/Inf block: absmax NaN and every code the one of 0.0, as in the 4-bit kernels.
+      const float scale = finite ? block_scale(amax) : 0.0f;
+      for (int64_t i = begin; i < end; ++i) q[i] = encode_8bit(code, finite ? x[i] * scale : 0.0f);
       absmax[b] = finite ? amax : NAN;
       bad += finite ? 0 : 1;
     }

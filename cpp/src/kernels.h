@@ -10,6 +10,8 @@
 
 namespace nf4lora::detail {
 
+// A block holding NaN or +-Inf is written in one canonical form by every variant: absmax NaN
+// and all its codes the code of 0.0 (so it dequantizes to NaN), counted in the return value.
 // Both work on whole blocks [block_begin, block_end) of an n-element tensor; the last block
 // may be partial. Blocks are at least 32 elements, so every block owns whole packed bytes.
 using Quantize4bitFn = int64_t (*)(const void* x, DType x_dtype, int64_t n, int64_t blocksize,

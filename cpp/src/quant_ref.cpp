@@ -17,14 +17,20 @@ int64_t quantize_4bit_block_ref(const void* x, DType x_dtype, int64_t begin, int
     finite = finite && std::isfinite(v);
     amax = std::max(amax, std::fabs(v));
   }
+  if (!finite) {  // canonical form of a NaN/Inf block: absmax NaN, every code the zero code
+    const uint8_t zero = encode_4bit(qt, 0.0f);
+    for (int64_t i = begin; i < end; i += 2) packed[i / 2] = pack_nibbles(zero, zero);
+    *absmax_out = NAN;
+    return 1;
+  }
   const float scale = block_scale(amax);
   for (int64_t i = begin; i < end; i += 2) {  // begin is even (blocks hold >= 32 elements)
     const uint8_t hi = encode_4bit(qt, load_as_float(x, x_dtype, i) * scale);
     const uint8_t lo = encode_4bit(qt, i + 1 < n ? load_as_float(x, x_dtype, i + 1) * scale : 0.0f);
     packed[i / 2] = pack_nibbles(hi, lo);
   }
-  *absmax_out = finite ? amax : NAN;
-  return finite ? 0 : 1;
+  *absmax_out = amax;
+  return 0;
 }
 
 void dequantize_4bit_range_ref(const uint8_t* packed, float absmax, int64_t begin, int64_t end,

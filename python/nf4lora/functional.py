@@ -27,6 +27,8 @@ def quantize_4bit(A: Tensor, blocksize: int = 64, quant_type: str = "nf4",
     input raises ValueError."""
     if not isinstance(A, Tensor):
         raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
+    _ops.check_blocksize(blocksize)
+    _ops.check_quant_type(quant_type)
     if A.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(A.shape)})")
     if A.requires_grad:

@@ -48,15 +48,17 @@ constexpr float kMinAbsmax = 1e-38f;
       0.7229568362236023f, 1.0f
 
 // FP4 (E2M1 with exponent bias 2, bit 3 = sign) in bit-pattern order, normalized by 12 in fp32.
+// Code 8 is +0.0, not -0.0: bitsandbytes' table spells it as the Python integer -0, which is 0,
+// and that table is what checkpoints carry as quant_map.
 #define NF4LORA_FP4_VALUES                                                                   \
   0.0f / 12.0f, 0.0625f / 12.0f, 8.0f / 12.0f, 12.0f / 12.0f, 4.0f / 12.0f, 6.0f / 12.0f,   \
-      2.0f / 12.0f, 3.0f / 12.0f, -0.0f / 12.0f, -0.0625f / 12.0f, -8.0f / 12.0f,           \
+      2.0f / 12.0f, 3.0f / 12.0f, 0.0f / 12.0f, -0.0625f / 12.0f, -8.0f / 12.0f,            \
       -12.0f / 12.0f, -4.0f / 12.0f, -6.0f / 12.0f, -2.0f / 12.0f, -3.0f / 12.0f
 
-// FP4 codes in ascending value order. +0 (code 0) sorts before -0 (code 8), as torch.argsort
-// orders the table in bitsandbytes' CPU quantizer: a scaled value in (-0.0026, 0] encodes as
-// code 0 and one in (0, 0.0026] as code 8. (bitsandbytes' CUDA kernel sets the sign bit from
-// x < 0 instead; the two differ only in the sign of a zero.)
+// FP4 codes in ascending value order. The two zeros tie; code 0 sorts before code 8, as
+// torch.argsort orders the table in bitsandbytes' CPU quantizer, so a scaled value in
+// (-0.0026, 0] encodes as code 0 and one in (0, 0.0026] as code 8. (bitsandbytes' CUDA kernel
+// sets the sign bit from x < 0 instead: same values, different bytes near zero.)
 #define NF4LORA_FP4_ASCENDING 11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3
 
 // bitsandbytes' signed "dynamic" 8-bit map, create_dynamic_map(signed=True): 256 sorted fp32

@@ -25,8 +25,8 @@ struct AbsmaxSource {
 // ---- CPU (threads: at most num_threads, the caller passes torch.get_num_threads()) ----------
 
 // Quantizes n elements of x (dtype x_dtype) into packed[(n + 1) / 2] and absmax[nblocks].
-// Returns the number of blocks holding NaN or +-Inf; those blocks get absmax = NaN (so they
-// dequantize to NaN). An odd n pads the last low nibble with the code of 0.
+// Returns the number of blocks holding NaN or +-Inf; those blocks get absmax = NaN and all codes
+// set to the code of 0.0 (so they dequantize to NaN). An odd n pads the last low nibble with the code of 0.
 int64_t quantize_4bit_cpu(const void* x, DType x_dtype, int64_t n, int64_t blocksize,
                           QuantType qt, uint8_t* packed, float* absmax, int num_threads);
 

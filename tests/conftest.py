@@ -1,0 +1,16 @@
+"""Shared fixtures: every CPU kernel variant this machine supports, so each test that takes
+`cpu_variant` runs once per variant (forced through nf4lora.use_cpu_variant)."""
+import pytest
+
+import nf4lora
+
+
+def pytest_generate_tests(metafunc):
+    if "cpu_variant" in metafunc.fixturenames:
+        metafunc.parametrize("cpu_variant", nf4lora.cpu_variants(supported_only=True))
+
+
+@pytest.fixture(autouse=True)
+def _restore_cpu_variant():
+    yield
+    nf4lora.set_cpu_variant(None)
