@@ -204,6 +204,8 @@ int64_t quantize_8bit_blockwise_cpu(const float* x, int64_t n, int64_t blocksize
   check_ptr(code, "code");
   check_ptr(q, "q");
   check_ptr(absmax, "absmax");
+  float mids[255];
+  for (int j = 0; j < 255; ++j) mids[j] = midpoint_8bit(code, j);
   std::atomic<int64_t> nonfinite{0};
   detail::parallel_for(num_blocks(n, blocksize), grain_blocks(blocksize), num_threads,
                        [&](int64_t b0, int64_t b1) {
@@ -218,7 +220,7 @@ int64_t quantize_8bit_blockwise_cpu(const float* x, int64_t n, int64_t blocksize
       }
       // A NaN/Inf block: absmax NaN and every code the one of 0.0, as in the 4-bit kernels.
       const float scale = finite ? block_scale(amax) : 0.0f;
-      for (int64_t i = begin; i < end; ++i) q[i] = encode_8bit(code, finite ? x[i] * scale : 0.0f);
+      for (int64_t i = begin; i < end; ++i) q[i] = encode_8bit_mids(mids, finite ? x[i] * scale : 0.0f);
       absmax[b] = finite ? amax : NAN;
       bad += finite ? 0 : 1;
     }

@@ -34,8 +34,9 @@ def quantize_4bit(A: Tensor, blocksize: int = 64, quant_type: str = "nf4",
     if A.requires_grad:
         A = A.detach()
     packed, absmax = torch.ops.nf4lora.quantize_4bit(A, blocksize, quant_type)
-    bad = ~torch.isfinite(absmax)
-    if not allow_nonfinite and bool(bad.any()):
+    # Blocks with NaN/Inf come back with absmax NaN, and max() propagates NaN: one reduction.
+    if not allow_nonfinite and bool(torch.isnan(absmax.max())):
+        bad = torch.isnan(absmax)
         first = int(bad.nonzero()[0, 0])
         raise ValueError(
             f"input contains NaN or Inf in {int(bad.sum())} of {absmax.numel()} blocks (first: "

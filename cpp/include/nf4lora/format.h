@@ -282,14 +282,25 @@ NF4LORA_HD float decode_nested_absmax(float map_value, float nested_absmax, floa
 #endif
 }
 
+// Decision threshold between entries j and j + 1 of a sorted 256-value map: their fp32 midpoint.
+NF4LORA_HD float midpoint_8bit(const float* sorted_code, int j) {
+  return (sorted_code[j] + sorted_code[j + 1]) / 2.0f;
+}
+
 // Nearest entry of a sorted 256-value map (ties to the lower index), by binary search over the
-// fp32 midpoints (code[j] + code[j+1]) / 2; NaN maps to index 0.
+// 255 midpoints (mids[j] = midpoint_8bit(code, j)); NaN maps to index 0. Branch-free steps.
+NF4LORA_HD uint8_t encode_8bit_mids(const float* mids, float scaled) {
+  int lo = 0;
+  for (int step = 128; step >= 1; step >>= 1)  // lo + step - 1 <= 254
+    lo += scaled > mids[lo + step - 1] ? step : 0;
+  return (uint8_t)lo;
+}
+
+// The same, computing each midpoint on the fly from the map itself.
 NF4LORA_HD uint8_t encode_8bit(const float* sorted_code, float scaled) {
   int lo = 0;
-  for (int step = 128; step >= 1; step >>= 1) {
-    const int j = lo + step - 1;  // threshold between code[j] and code[j + 1]; j <= 254
-    if (scaled > (sorted_code[j] + sorted_code[j + 1]) / 2.0f) lo += step;
-  }
+  for (int step = 128; step >= 1; step >>= 1)
+    lo += scaled > midpoint_8bit(sorted_code, lo + step - 1) ? step : 0;
   return (uint8_t)lo;
 }
 
