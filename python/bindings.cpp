@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "nf4lora/format.h"
+#include "nf4lora/memory.h"
 #include "nf4lora/quantize.h"
 
 namespace py = pybind11;
@@ -89,6 +90,9 @@ PYBIND11_MODULE(_C, m) {
     if (name.is_none()) reset_cpu_variant();
     else force_cpu_variant(variant_from_name(name.cast<std::string>()));
   }, py::arg("name"), "Force a CPU variant by name for later calls; None restores automatic choice");
+  m.def("advise_huge_pages", [](uintptr_t address, int64_t nbytes) {
+    return advise_huge_pages(ptr<void>(address), nbytes);
+  }, "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior of a fresh host buffer");
   m.def("has_cuda", &cuda_compiled, "True when the CUDA kernels were compiled into this build");
 
   m.def("quantize_4bit_cpu",

@@ -83,6 +83,19 @@ def _ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+_HUGE_PAGE_MIN_BYTES = 4 << 20
+
+
+def empty_cpu(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """torch.empty on the CPU; a large buffer is advised onto transparent huge pages before its
+    first touch, so that filling it does not cost thousands of 4 KiB page faults."""
+    out = torch.empty(tuple(shape), dtype=dtype)
+    nbytes = out.numel() * out.element_size()
+    if nbytes >= _HUGE_PAGE_MIN_BYTES:
+        _C.advise_huge_pages(out.data_ptr(), nbytes)
+    return out
+
+
 def _cuda_stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
@@ -121,7 +134,7 @@ def _(A, blocksize, quant_type):
 @quantize_4bit.register_kernel("cpu")
 def _(A, blocksize, quant_type):
     n, nb = _quantize_4bit_check(A, blocksize, quant_type)
-    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8)
+    packed = empty_cpu(((n + 1) // 2, 1), torch.uint8)
     absmax = torch.empty((nb,), dtype=torch.float32)
     _C.quantize_4bit_cpu(A.data_ptr(), dtype_code(A.dtype), n, blocksize,
                          quant_type_code(quant_type), packed.data_ptr(), absmax.data_ptr(),
@@ -213,7 +226,8 @@ def _register_dequant(device: str, impl) -> None:
           nested_blocksize):
         n = _check_dequant_args(packed, absmax, blocksize, quant_type, shape, dtype,
                                 nested_absmax, nested_code, offset, nested_blocksize)
-        out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
+        out = (empty_cpu(shape, dtype) if device == "cpu"
+               else torch.empty(tuple(shape), dtype=dtype, device=packed.device))
         if n:
             impl(packed, absmax, blocksize, quant_type, nested_absmax, nested_code, offset,
                  nested_blocksize, out, n)
