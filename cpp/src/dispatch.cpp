@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "checks.h"
 #include "kernels.h"
 #include "parallel.h"
 
@@ -17,6 +18,8 @@
 
 namespace nf4lora {
 namespace {
+
+using namespace detail;  // the argument checks of checks.h
 
 constexpr int64_t kGrainElements = int64_t{1} << 16;  // below this per thread, use fewer threads
 
@@ -68,30 +71,6 @@ const detail::QuantKernels& kernels_for(CpuVariant v) {
 
 const detail::QuantKernels& active_kernels() { return kernels_for(active_cpu_variant()); }
 
-void check_blocksize_4bit(int64_t blocksize) {
-  if (!valid_blocksize(blocksize))
-    throw std::invalid_argument("blocksize must be a power of two in [32, 4096], got " +
-                                std::to_string(blocksize));
-}
-void check_blocksize_8bit(int64_t blocksize) {
-  if (!is_pow2(blocksize) || blocksize < 16 || blocksize > 4096)
-    throw std::invalid_argument("8-bit blocksize must be a power of two in [16, 4096], got " +
-                                std::to_string(blocksize));
-}
-void check_n(int64_t n) {
-  if (n < 0) throw std::invalid_argument("element count n must be >= 0, got " + std::to_string(n));
-}
-void check_ptr(const void* p, const char* name) {
-  if (p == nullptr) throw std::invalid_argument(std::string(name) + " must not be null");
-}
-void check_qt(QuantType qt) {
-  if (qt != QuantType::NF4 && qt != QuantType::FP4)
-    throw std::invalid_argument("quant_type must be NF4 (2) or FP4 (1)");
-}
-void check_dtype(DType dt, const char* name) {
-  if (dt != DType::F32 && dt != DType::F16 && dt != DType::BF16)
-    throw std::invalid_argument(std::string(name) + " must be float32, float16 or bfloat16");
-}
 int64_t grain_blocks(int64_t blocksize) { return std::max<int64_t>(1, kGrainElements / blocksize); }
 
 }  // namespace

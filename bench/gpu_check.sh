@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# gpu_check.sh — the one script to run on a fresh GPU machine (H100/H200 class, < 8 minutes):
+# builds + installs nf4lora with CUDA for the local GPU's arch only, runs the CUDA tests (and the
+# fast CPU tests if time allows), a short compute-sanitizer pass, and bench/bench_cuda.py, then
+# writes ${OUT:-bench/out}/gpu_report.md and prints it. Every step runs under `timeout`; a failed
+# step is recorded and the rest still run; the exit status is nonzero if anything failed.
+# Usage (from anywhere): bash bench/gpu_check.sh     Needs: python3 with torch (CUDA), nvcc,
+# cmake, ninja, pybind11, scikit-build-core, pytest preinstalled; no network access is used.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/out}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+PY="${PYTHON:-python3}"
+START=$(date +%s)
+DEADLINE=$((START + ${BUDGET_S:-450}))  # stay under 8 minutes with margin
+REPORT="$OUT/gpu_report.md"
+FAILED=()
+declare -A STATUS=()
+
+left() { echo $((DEADLINE - $(date +%s))); }
+
+# step NAME TIMEOUT_S LOG CMD...: runs CMD under timeout, output to LOG; records the outcome.
+# OPTIONAL=1 step ...: a timeout is recorded but does not count as a failure.
+step() {
+  local name=$1 limit=$2 log=$3 optional=${OPTIONAL:-0}
+  shift 3
+  local t0=$(date +%s) rc=0
+  echo "== $name (timeout ${limit}s)"
+  if timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1; then rc=0; else rc=$?; fi
+  local dt=$(($(date +%s) - t0))
+  if [ "$rc" -eq 0 ]; then
+    STATUS[$name]="ok (${dt}s)"
+  elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    STATUS[$name]="TIMEOUT after ${limit}s"
+    if [ "$optional" = 1 ]; then STATUS[$name]+=" (optional: not counted)"; else FAILED+=("$name"); fi
+  else
+    STATUS[$name]="FAILED (exit $rc, ${dt}s)"
+    FAILED+=("$name")
+  fi
+  echo "   ${STATUS[$name]}"
+  return 0
+}
+
+skip() {
+  STATUS[$1]="skipped: $2"
+  echo "== $1: skipped ($2)"
+}
+
+# ---- the machine --------------------------------------------------------------------------
+GPU_INFO="$(nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv,noheader 2>&1 | head -1 || true)"
+CC="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .' || true)"
+NVCC="$(nvcc --version 2>/dev/null | grep -o 'release [0-9.]*' || echo 'nvcc not found')"
+TORCH="$("$PY" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)' 2>&1 | tail -1 || true)"
+echo "GPU: $GPU_INFO; compute capability: ${CC:-?}; $NVCC; torch $TORCH"
+if ! [[ "$CC" =~ ^[0-9]+$ ]]; then
+  echo "cannot read the compute capability from nvidia-smi; building for 90"
+  CC=90
+  FAILED+=("nvidia-smi")
+  STATUS[nvidia-smi]="FAILED: no compute capability ($GPU_INFO)"
+fi
+
+# ---- build + install (CUDA forced on, this GPU's arch only) -----------------------------------
+BUILD_CMD=(env NF4LORA_CUDA=ON CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=$CC" "$PY" -m pip install
+           --no-index --no-build-isolation --no-deps -v
+           "--config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES=$CC" .)
+step build 300 "$OUT/build.log" "${BUILD_CMD[@]}"
+BUILD_INFO="$("$PY" -c 'import nf4lora; print(nf4lora.BUILD_INFO, "| has_cuda:", nf4lora.has_cuda())' 2>&1 | tail -1 || true)"
+echo "   $BUILD_INFO"
+BUILT=0
+if [ "${STATUS[build]}" != "${STATUS[build]#ok}" ] && [[ "$BUILD_INFO" == *"has_cuda: True"* ]]; then
+  BUILT=1
+elif [ "${STATUS[build]}" != "${STATUS[build]#ok}" ]; then
+  STATUS[build]="FAILED: installed, but no CUDA kernels in it ($BUILD_INFO)"
+  FAILED+=("build")
+fi
+
+# ---- tests -----------------------------------------------------------------------------------
+# The tests import the installed package (the repository's python/ is not on sys.path).
+if [ "$BUILT" = 1 ]; then
+  step "cuda tests" "$(( $(left) > 240 ? 240 : ($(left) > 60 ? $(left) - 30 : 30) ))" "$OUT/pytest_cuda.log" \
+    "$PY" -m pytest -m cuda tests -q -rfEs -p no:cacheprovider
+else
+  skip "cuda tests" "no CUDA build"
+fi
+
+# compute-sanitizer: out-of-bounds accesses (memcheck) and shared-memory races (racecheck) in
+# every kernel, on small awkward sizes and misaligned views. Optional: only with time to spare.
+SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
+SAN_PY="$OUT/sanitize_case.py"
+cat >"$SAN_PY" <<'EOF'
+import torch, nf4lora
+code = nf4lora.dynamic_map().cuda()
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for n, bs in ((1, 64), (65, 32), (4097, 64), (5000, 1024), (9001, 4096)):
+        base = torch.randn(n + 1, device="cuda").to(dtype)
+        for x in (base[:n], base[1:]):  # aligned and misaligned
+            p, s = nf4lora.quantize_4bit(x, bs, "nf4", double_quant=True)
+            out = torch.empty(n + 1, dtype=dtype, device="cuda")
+            nf4lora.dequantize_4bit(p, s, out=out[1:])
+            nf4lora.dequantize_4bit(p, s, out=out[:n])
+            q, a = torch.ops.nf4lora.quantize_blockwise_8bit(x.float().contiguous(), code, 256)
+            torch.ops.nf4lora.dequantize_blockwise_8bit(q, a, code, 256)
+torch.cuda.synchronize()
+print("sanitizer case done")
+EOF
+for tool in memcheck racecheck; do
+  if [ "$BUILT" != 1 ]; then
+    skip "sanitizer $tool" "no CUDA build"
+  elif [ -z "$SANITIZER" ]; then
+    skip "sanitizer $tool" "compute-sanitizer not found"
+  elif [ "$(left)" -lt 200 ]; then
+    skip "sanitizer $tool" "not enough time left ($(left)s)"
+  else
+    OPTIONAL=1 step "sanitizer $tool" 90 "$OUT/sanitizer_$tool.log" "$SANITIZER" --tool "$tool" "$PY" "$SAN_PY"
+    # Only reports that name our kernels count: torch's own probing may log harmless API errors.
+    if grep -q "nf4lora::" "$OUT/sanitizer_$tool.log"; then
+      STATUS["sanitizer $tool"]="FAILED: $(grep -c 'nf4lora::' "$OUT/sanitizer_$tool.log") report line(s) in nf4lora kernels"
+      FAILED+=("sanitizer $tool")
+    fi
+  fi
+done
+
+if [ "$BUILT" = 1 ] && [ "$(left)" -gt 150 ]; then
+  step "cpu tests" "$(( $(left) - 100 ))" "$OUT/pytest_cpu.log" \
+    "$PY" -m pytest tests -q -m "not cuda and not slow" -p no:cacheprovider -x
+elif [ "$BUILT" = 1 ]; then
+  skip "cpu tests" "not enough time left ($(left)s)"
+else
+  skip "cpu tests" "no build"
+fi
+
+# ---- benchmark -------------------------------------------------------------------------------
+if [ "$BUILT" = 1 ]; then
+  step bench "$(( $(left) > 120 ? 120 : 60 ))" "$OUT/bench_cuda.txt" \
+    "$PY" bench/bench_cuda.py --json "$OUT/bench_cuda.json"
+else
+  skip bench "no CUDA build"
+fi
+
+# ---- report ----------------------------------------------------------------------------------
+summary() {  # the last pytest summary line of a log, or a note
+  if [ -f "$1" ]; then grep -E '(passed|failed|error|skipped|no tests ran)' "$1" | tail -1 || echo "(no summary line)"; else echo "(not run)"; fi
+}
+{
+  echo "# nf4lora GPU check"
+  echo
+  echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'), total $(( $(date +%s) - START ))s"
+  echo "- GPU: $GPU_INFO (built for sm_$CC)"
+  echo "- toolchain: $NVCC; torch $TORCH; $("$PY" --version 2>&1)"
+  echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' + local changes')"
+  echo "- build: \`NF4LORA_CUDA=ON CMAKE_ARGS=-DCMAKE_CUDA_ARCHITECTURES=$CC pip install --no-index --no-build-isolation --no-deps -v --config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES=$CC .\`"
+  echo "- build info: $BUILD_INFO"
+  echo
+  echo "## Steps"
+  echo
+  for name in nvidia-smi build "cuda tests" "sanitizer memcheck" "sanitizer racecheck" "cpu tests" bench; do
+    [ -n "${STATUS[$name]+x}" ] && echo "- $name: ${STATUS[$name]}"
+  done
+  echo
+  echo "## Tests"
+  echo
+  echo "- CUDA tests: $(summary "$OUT/pytest_cuda.log")"
+  echo "- CPU tests: $(summary "$OUT/pytest_cpu.log")"
+  if [ -f "$OUT/pytest_cuda.log" ] && grep -qE '^(FAILED|ERROR)' "$OUT/pytest_cuda.log"; then
+    echo
+    echo '```'
+    grep -E '^(FAILED|ERROR)' "$OUT/pytest_cuda.log" | head -40
+    echo '```'
+  fi
+  for tool in memcheck racecheck; do
+    if [ -f "$OUT/sanitizer_$tool.log" ]; then
+      echo "- compute-sanitizer $tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|sanitizer case done' "$OUT/sanitizer_$tool.log" | tr '\n' ' ' || echo '(no summary)')"
+      grep -m 12 -B2 -A6 "nf4lora::" "$OUT/sanitizer_$tool.log" | sed 's/^/      /' || true
+    fi
+  done
+  echo
+  echo "## Benchmark (bench/bench_cuda.py)"
+  echo
+  echo '```'
+  if [ -f "$OUT/bench_cuda.txt" ]; then cat "$OUT/bench_cuda.txt"; else echo "(not run)"; fi
+  echo '```'
+  if [ "${#FAILED[@]}" -gt 0 ]; then
+    echo
+    echo "## Failed: ${FAILED[*]}"
+    echo
+    if [[ " ${FAILED[*]} " == *" build "* ]] && [ -f "$OUT/build.log" ]; then
+      echo '```'
+      grep -iE 'error|warning' "$OUT/build.log" | head -30 || true
+      tail -20 "$OUT/build.log"
+      echo '```'
+    fi
+    if [ -f "$OUT/pytest_cuda.log" ] && [[ " ${FAILED[*]} " == *" cuda tests "* ]]; then
+      echo '```'
+      tail -60 "$OUT/pytest_cuda.log"
+      echo '```'
+    fi
+  fi
+} >"$REPORT"
+
+echo
+cat "$REPORT"
+[ "${#FAILED[@]}" -eq 0 ]
