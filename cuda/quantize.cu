@@ -492,14 +492,7 @@ bool cuda_compiled() { return true; }
 
 void quantize_4bit_cuda(const void* x, DType x_dtype, int64_t n, int64_t blocksize, QuantType qt,
                         uint8_t* packed, float* absmax, int32_t* nonfinite, void* stream) {
-  check_n(n);
-  check_blocksize_4bit(blocksize);
-  check_qt(qt);
-  check_dtype(x_dtype, "x_dtype");
-  if (n == 0) return;
-  check_ptr(x, "x");
-  check_ptr(packed, "packed");
-  check_ptr(absmax, "absmax");
+  if (!check_quantize_4bit_args(x, x_dtype, n, blocksize, qt, packed, absmax)) return;
   const Codebook4 cb = make_codebook(qt);
   const int lg_bs = log2_exact(blocksize);
   const auto s = static_cast<cudaStream_t>(stream);
@@ -514,25 +507,11 @@ void quantize_4bit_cuda(const void* x, DType x_dtype, int64_t n, int64_t blocksi
 void dequantize_4bit_cuda(const uint8_t* packed, const AbsmaxSource& absmax, int64_t n,
                           int64_t blocksize, QuantType qt, void* out, DType out_dtype,
                           void* stream) {
-  check_n(n);
-  check_blocksize_4bit(blocksize);
-  check_qt(qt);
-  check_dtype(out_dtype, "out_dtype");
-  if (n == 0) return;
-  check_ptr(packed, "packed");
-  check_ptr(out, "out");
+  if (!check_dequantize_4bit_args(packed, absmax, n, blocksize, qt, out, out_dtype)) return;
   AbsmaxArgs a{absmax.absmax, absmax.qabsmax, absmax.nested_absmax, absmax.nested_code,
                absmax.offset, 0};
   const bool nested = absmax.nested();
-  if (nested) {
-    check_ptr(absmax.nested_absmax, "nested_absmax");
-    check_ptr(absmax.nested_code, "nested_code");
-    check_ptr(absmax.offset, "offset");
-    check_blocksize_8bit(absmax.nested_blocksize);
-    a.lg_nested = log2_exact(absmax.nested_blocksize);
-  } else {
-    check_ptr(absmax.absmax, "absmax");
-  }
+  if (nested) a.lg_nested = log2_exact(absmax.nested_blocksize);
   const Codebook4 cb = make_codebook(qt);
   const int lg_bs = log2_exact(blocksize);
   const auto s = static_cast<cudaStream_t>(stream);
@@ -546,13 +525,7 @@ void dequantize_4bit_cuda(const uint8_t* packed, const AbsmaxSource& absmax, int
 
 void quantize_8bit_blockwise_cuda(const float* x, int64_t n, int64_t blocksize, const float* code,
                                   uint8_t* q, float* absmax, int32_t* nonfinite, void* stream) {
-  check_n(n);
-  check_blocksize_8bit(blocksize);
-  if (n == 0) return;
-  check_ptr(x, "x");
-  check_ptr(code, "code");
-  check_ptr(q, "q");
-  check_ptr(absmax, "absmax");
+  if (!check_blockwise_8bit_args(x, "x", n, blocksize, code, q, absmax)) return;
   const int64_t nblocks = num_blocks(n, blocksize);
   const int grid = resident_grid<quantize_8bit_kernel>((nblocks + kWarps - 1) / kWarps,
                                                        "quantize_8bit_blockwise_cuda");
@@ -563,13 +536,7 @@ void quantize_8bit_blockwise_cuda(const float* x, int64_t n, int64_t blocksize, 
 
 void dequantize_8bit_blockwise_cuda(const uint8_t* q, const float* absmax, const float* code,
                                     int64_t n, int64_t blocksize, float* out, void* stream) {
-  check_n(n);
-  check_blocksize_8bit(blocksize);
-  if (n == 0) return;
-  check_ptr(q, "q");
-  check_ptr(absmax, "absmax");
-  check_ptr(code, "code");
-  check_ptr(out, "out");
+  if (!check_blockwise_8bit_args(out, "out", n, blocksize, code, q, absmax)) return;
   const bool vector_ok = aligned_to(q, 4) && aligned_to(out, 16);
   const int64_t units = (n + 3) >> 2;
   const int grid = resident_grid<dequantize_8bit_kernel>((units + kThreads - 1) / kThreads,

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "nf4lora/format.h"
+#include "nf4lora/quantize.h"
 
 namespace nf4lora::detail {
 
@@ -34,6 +35,56 @@ inline void check_qt(QuantType qt) {
 inline void check_dtype(DType dt, const char* name) {
   if (dt != DType::F32 && dt != DType::F16 && dt != DType::BF16)
     throw std::invalid_argument(std::string(name) + " must be float32, float16 or bfloat16");
+}
+
+// The checks of each public entry point, CPU and CUDA alike. Each returns false when n == 0
+// (nothing to do; null pointers are then allowed) and throws on anything invalid.
+inline bool check_quantize_4bit_args(const void* x, DType x_dtype, int64_t n, int64_t blocksize,
+                                     QuantType qt, const void* packed, const void* absmax) {
+  check_n(n);
+  check_blocksize_4bit(blocksize);
+  check_qt(qt);
+  check_dtype(x_dtype, "x_dtype");
+  if (n == 0) return false;
+  check_ptr(x, "x");
+  check_ptr(packed, "packed");
+  check_ptr(absmax, "absmax");
+  return true;
+}
+
+inline bool check_dequantize_4bit_args(const void* packed, const AbsmaxSource& absmax, int64_t n,
+                                       int64_t blocksize, QuantType qt, const void* out,
+                                       DType out_dtype) {
+  check_n(n);
+  check_blocksize_4bit(blocksize);
+  check_qt(qt);
+  check_dtype(out_dtype, "out_dtype");
+  if (n == 0) return false;
+  check_ptr(packed, "packed");
+  check_ptr(out, "out");
+  if (absmax.nested()) {
+    check_ptr(absmax.nested_absmax, "nested_absmax");
+    check_ptr(absmax.nested_code, "nested_code");
+    check_ptr(absmax.offset, "offset");
+    check_blocksize_8bit(absmax.nested_blocksize);
+  } else {
+    check_ptr(absmax.absmax, "absmax");
+  }
+  return true;
+}
+
+// Both directions of the 8-bit path: `floats` is x when quantizing and out when dequantizing.
+inline bool check_blockwise_8bit_args(const void* floats, const char* floats_name, int64_t n,
+                                      int64_t blocksize, const void* code, const void* q,
+                                      const void* absmax) {
+  check_n(n);
+  check_blocksize_8bit(blocksize);
+  if (n == 0) return false;
+  check_ptr(floats, floats_name);
+  check_ptr(code, "code");
+  check_ptr(q, "q");
+  check_ptr(absmax, "absmax");
+  return true;
 }
 
 }  // namespace nf4lora::detail

@@ -131,14 +131,7 @@ CpuVariant active_cpu_variant() {
 
 int64_t quantize_4bit_cpu(const void* x, DType x_dtype, int64_t n, int64_t blocksize,
                           QuantType qt, uint8_t* packed, float* absmax, int num_threads) {
-  check_n(n);
-  check_blocksize_4bit(blocksize);
-  check_qt(qt);
-  check_dtype(x_dtype, "x_dtype");
-  if (n == 0) return 0;
-  check_ptr(x, "x");
-  check_ptr(packed, "packed");
-  check_ptr(absmax, "absmax");
+  if (!check_quantize_4bit_args(x, x_dtype, n, blocksize, qt, packed, absmax)) return 0;
   const auto& k = active_kernels();
   std::atomic<int64_t> nonfinite{0};
   detail::parallel_for(num_blocks(n, blocksize), grain_blocks(blocksize), num_threads,
@@ -151,21 +144,7 @@ int64_t quantize_4bit_cpu(const void* x, DType x_dtype, int64_t n, int64_t block
 void dequantize_4bit_cpu(const uint8_t* packed, const AbsmaxSource& absmax, int64_t n,
                          int64_t blocksize, QuantType qt, void* out, DType out_dtype,
                          int num_threads) {
-  check_n(n);
-  check_blocksize_4bit(blocksize);
-  check_qt(qt);
-  check_dtype(out_dtype, "out_dtype");
-  if (n == 0) return;
-  check_ptr(packed, "packed");
-  check_ptr(out, "out");
-  if (absmax.nested()) {
-    check_ptr(absmax.nested_absmax, "nested_absmax");
-    check_ptr(absmax.nested_code, "nested_code");
-    check_ptr(absmax.offset, "offset");
-    check_blocksize_8bit(absmax.nested_blocksize);
-  } else {
-    check_ptr(absmax.absmax, "absmax");
-  }
+  if (!check_dequantize_4bit_args(packed, absmax, n, blocksize, qt, out, out_dtype)) return;
   const auto& k = active_kernels();
   detail::parallel_for(num_blocks(n, blocksize), grain_blocks(blocksize), num_threads,
                        [&](int64_t b0, int64_t b1) {
@@ -176,13 +155,7 @@ void dequantize_4bit_cpu(const uint8_t* packed, const AbsmaxSource& absmax, int6
 int64_t quantize_8bit_blockwise_cpu(const float* x, int64_t n, int64_t blocksize,
                                     const float* code, uint8_t* q, float* absmax,
                                     int num_threads) {
-  check_n(n);
-  check_blocksize_8bit(blocksize);
-  if (n == 0) return 0;
-  check_ptr(x, "x");
-  check_ptr(code, "code");
-  check_ptr(q, "q");
-  check_ptr(absmax, "absmax");
+  if (!check_blockwise_8bit_args(x, "x", n, blocksize, code, q, absmax)) return 0;
   float mids[255];
   for (int j = 0; j < 255; ++j) mids[j] = midpoint_8bit(code, j);
   std::atomic<int64_t> nonfinite{0};
@@ -210,13 +183,7 @@ int64_t quantize_8bit_blockwise_cpu(const float* x, int64_t n, int64_t blocksize
 
 void dequantize_8bit_blockwise_cpu(const uint8_t* q, const float* absmax, const float* code,
                                    int64_t n, int64_t blocksize, float* out, int num_threads) {
-  check_n(n);
-  check_blocksize_8bit(blocksize);
-  if (n == 0) return;
-  check_ptr(q, "q");
-  check_ptr(absmax, "absmax");
-  check_ptr(code, "code");
-  check_ptr(out, "out");
+  if (!check_blockwise_8bit_args(out, "out", n, blocksize, code, q, absmax)) return;
   detail::parallel_for(num_blocks(n, blocksize), grain_blocks(blocksize), num_threads,
                        [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {

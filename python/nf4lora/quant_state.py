@@ -37,7 +37,7 @@ def dynamic_map(signed: bool = True, device: Union[str, torch.device, None] = No
     return torch.tensor(_C.dynamic_map(signed), dtype=torch.float32, device=device)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # tensors have no single truth value: compare fields yourself
 class QuantState:
     """Metadata of one quantized tensor (the packed data itself is kept by the caller).
 
