@@ -6,6 +6,7 @@ from . import _ops  # noqa: F401  (registers the nf4lora:: custom ops)
 from ._native import (BUILD_INFO, active_cpu_variant, cpu_variants, has_cuda, set_cpu_variant,
                       use_cpu_variant)
 from .functional import dequantize_4bit, quantize_4bit
+from .matmul import matmul_4bit
 from .quant_state import QuantState, codebook, dynamic_map
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ __all__ = [
     "cpu_variants",
     "dequantize_4bit",
     "dynamic_map",
+    "matmul_4bit",
     "has_cuda",
     "quantize_4bit",
     "set_cpu_variant",

@@ -1,0 +1,140 @@
+"""matmul_4bit: y = x @ W.T (+ bias) with W a packed 4-bit weight, differentiable in x (and
+bias); the frozen base weight never gets a gradient, and backward keeps nothing but references
+to the packed weight and its QuantState (no dequantized weight, no activation).
+
+    forward:   y = x W^T + b            W = dequantize(packed, state)   [N, K]
+    backward:  dL/dx = dL/dy W          (from the packed weight again)
+               dL/db = sum over all leading dims of dL/dy
+               dL/dW: none (frozen)
+
+CPU: dequantize into a per-thread scratch buffer, then a dense torch GEMM in x's dtype (the
+fused small-M kernel replaces this for decode shapes). CUDA: the same through the CUDA dequant
+kernel. Under torch.autocast, x is first cast to the autocast dtype.
+Tested by tests/test_matmul.py (float64 reference, finite differences, torch.compile)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _ops
+from .functional import _packed_bytes
+from .quant_state import QuantState
+
+_SCRATCH: dict[tuple, Tensor] = {}
+
+
+def _scratch(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A reused dequantization buffer per (shape, dtype, device): a fresh 32 MB weight costs
+    more in page faults than the whole dequantization."""
+    key = (tuple(shape), dtype, device)
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        if len(_SCRATCH) > 16:
+            _SCRATCH.clear()
+        buf = (_ops.empty_cpu(shape, dtype) if device.type == "cpu"
+               else torch.empty(tuple(shape), dtype=dtype, device=device))
+        _SCRATCH[key] = buf
+    return buf
+
+
+def _check_matmul(x: Tensor, packed: Tensor, absmax: Tensor, shape: Sequence[int],
+                  bias: Optional[Tensor]) -> tuple[int, int]:
+    if len(shape) != 2:
+        raise ValueError(f"the 4-bit weight must be 2-D [N, K], its QuantState shape is {list(shape)}")
+    N, K = int(shape[0]), int(shape[1])
+    _ops.check_float_dtype(x.dtype, "x.dtype")
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x has shape {tuple(x.shape)} but the weight is [{N}, {K}]: x.shape[-1] must be {K}")
+    if x.device != packed.device or absmax.device != packed.device:
+        raise ValueError(f"x is on {x.device}, the packed weight on {packed.device} and its absmax on "
+                         f"{absmax.device}: they must be on one device")
+    if bias is not None:
+        if bias.shape != (N,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({N},)")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from x dtype {x.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+    return N, K
+
+
+@torch.library.custom_op("nf4lora::matmul_4bit", mutates_args=())
+def matmul_4bit_op(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, quant_type: str,
+                   shape: Sequence[int], nested_absmax: Optional[Tensor],
+                   nested_code: Optional[Tensor], offset: Optional[Tensor], nested_blocksize: int,
+                   bias: Optional[Tensor]) -> Tensor:
+    """x [..., K] @ W[N, K].T (+ bias) in x's dtype; W given by its packed codes and state."""
+    N, K = _check_matmul(x, packed, absmax, shape, bias)
+    w = _scratch((N, K), x.dtype, x.device)
+    torch.ops.nf4lora.dequantize_4bit_out(packed, absmax, blocksize, quant_type, nested_absmax,
+                                          nested_code, offset, nested_blocksize, w)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+@matmul_4bit_op.register_fake
+def _(x, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset,
+      nested_blocksize, bias):
+    N, _ = _check_matmul(x, packed, absmax, shape, bias)
+    return x.new_empty((*x.shape[:-1], N))
+
+
+@torch.library.custom_op("nf4lora::matmul_4bit_grad_input", mutates_args=())
+def matmul_4bit_grad_input(grad_y: Tensor, packed: Tensor, absmax: Tensor, blocksize: int,
+                           quant_type: str, shape: Sequence[int], nested_absmax: Optional[Tensor],
+                           nested_code: Optional[Tensor], offset: Optional[Tensor],
+                           nested_blocksize: int) -> Tensor:
+    """grad_y [..., N] @ W [N, K] -> [..., K], in grad_y's dtype."""
+    N, K = int(shape[0]), int(shape[1])
+    w = _scratch((N, K), grad_y.dtype, grad_y.device)
+    torch.ops.nf4lora.dequantize_4bit_out(packed, absmax, blocksize, quant_type, nested_absmax,
+                                          nested_code, offset, nested_blocksize, w)
+    return grad_y @ w
+
+
+@matmul_4bit_grad_input.register_fake
+def _(grad_y, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset,
+      nested_blocksize):
+    return grad_y.new_empty((*grad_y.shape[:-1], int(shape[1])))
+
+
+def _setup_context(ctx, inputs, output):
+    (x, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset,
+     nested_blocksize, bias) = inputs
+    ctx.weight_args = (packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code,
+                       offset, nested_blocksize)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_y):
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.nf4lora.matmul_4bit_grad_input(grad_y, *ctx.weight_args)
+    if ctx.has_bias and ctx.needs_input_grad[10]:
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+    return grad_x, None, None, None, None, None, None, None, None, None, grad_bias
+
+
+torch.library.register_autograd("nf4lora::matmul_4bit", _backward, setup_context=_setup_context)
+
+
+def matmul_4bit(x: Tensor, packed: Tensor, state: QuantState, bias: Optional[Tensor] = None) -> Tensor:
+    """x [..., K] @ W.T (+ bias) for the 4-bit weight (packed, state) of shape [N, K].
+
+    Computes in x's dtype (the autocast dtype inside torch.autocast); differentiable in x and
+    bias only. Raises ValueError/TypeError for mismatched shapes, dtypes or devices."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
+    autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+    if autocast and x.is_floating_point():
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x = x.to(dtype)
+        if bias is not None:
+            bias = bias.to(dtype)
+    flat = _packed_bytes(packed, state)
+    nested = (state.nested_absmax, state.nested_code, state.offset) if state.nested else (None, None, None)
+    return torch.ops.nf4lora.matmul_4bit(x, flat, state.absmax, state.blocksize, state.quant_type,
+                                         list(state.shape), *nested, state.nested_blocksize, bias)
