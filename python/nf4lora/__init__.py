@@ -7,12 +7,14 @@ from ._native import (BUILD_INFO, active_cpu_variant, cpu_variants, has_cuda, se
                       use_cpu_variant)
 from .functional import dequantize_4bit, quantize_4bit
 from .matmul import matmul_4bit
+from .nn import Linear4bit, quantize_model
 from .quant_state import QuantState, codebook, dynamic_map
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BUILD_INFO",
+    "Linear4bit",
     "QuantState",
     "active_cpu_variant",
     "codebook",
@@ -22,6 +24,7 @@ __all__ = [
     "matmul_4bit",
     "has_cuda",
     "quantize_4bit",
+    "quantize_model",
     "set_cpu_variant",
     "use_cpu_variant",
 ]
