@@ -1,0 +1,88 @@
+"""4-bit matmul benchmark on LLaMA-7B layer shapes, one process, one run: nf4lora.matmul_4bit
+forward (and backward = grad_x) against dense bf16 torch.nn.functional.linear on the same shape
+and, when installed, bitsandbytes.matmul_4bit; time, TFLOP/s, GB/s of weight bytes, ratios.
+
+    python bench/bench_matmul.py [--m 1 8 64 512] [--dtype bf16] [--iters 10] [--backward] [--json F]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import nf4lora
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N = out_features, K = in_features)
+
+
+def median_ms(fn, iters, warmup=2):
+    for _ in range(warmup):
+        fn()
+    t = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        t.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 8, 64, 512])
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--backward", action="store_true", help="also time grad_x = grad_y @ W")
+    ap.add_argument("--shapes", type=int, nargs="+", help="N K pairs (default: LLaMA-7B)")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
+    shapes = list(zip(args.shapes[::2], args.shapes[1::2])) if args.shapes else SHAPES
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as F
+    except ImportError:
+        bnb = None
+    print(f"nf4lora {nf4lora.__version__}; CPU variant {nf4lora.active_cpu_variant()}; "
+          f"{torch.get_num_threads()} thread(s); {args.dtype}; NF4 block 64 + double quant; median of {args.iters}")
+    print(f"{'N x K':>12s} {'M':>4s} {'pass':>4s} {'nf4lora ms':>10s} {'TFLOP/s':>8s} {'W GB/s':>7s} "
+          f"{'dense ms':>9s} {'vs dense':>8s} {'bnb ms':>8s} {'vs bnb':>7s}")
+    rows = []
+    for N, K in shapes:
+        w = torch.randn(N, K, dtype=dtype) * 0.02
+        packed, state = nf4lora.quantize_4bit(w, 64, "nf4", double_quant=True)
+        w_dense = nf4lora.dequantize_4bit(packed, state, dtype=dtype)
+        if bnb is not None:
+            pb, sb = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        wbytes = state.nbytes
+        for M in args.m:
+            x = torch.randn(M, K, dtype=dtype)
+            passes = [("fwd", lambda: nf4lora.matmul_4bit(x, packed, state),
+                       lambda: torch.nn.functional.linear(x, w_dense),
+                       (lambda: bnb.matmul_4bit(x, pb.t(), quant_state=sb)) if bnb is not None else None)]
+            if args.backward:
+                gy = torch.randn(M, N, dtype=dtype)
+                passes.append(("bwd", lambda: torch.ops.nf4lora.matmul_4bit_grad_input(
+                    gy, packed.view(-1), state.absmax, 64, "nf4", [N, K], state.nested_absmax,
+                    state.nested_code, state.offset, 256),
+                    lambda: gy @ w_dense,
+                    (lambda: gy @ F.dequantize_4bit(pb, sb).to(dtype)) if bnb is not None else None))
+            for name, ours, dense, theirs in passes:
+                t = median_ms(ours, args.iters)
+                td = median_ms(dense, args.iters)
+                tb = median_ms(theirs, args.iters) if theirs is not None else float("nan")
+                flops = 2 * M * N * K
+                row = dict(N=N, K=K, M=M, pass_=name, ms=t, dense_ms=td, bnb_ms=tb,
+                           tflops=flops / t / 1e9, weight_gbs=wbytes / t / 1e6)
+                rows.append(row)
+                print(f"{f'{N}x{K}':>12s} {M:>4d} {name:>4s} {t:10.3f} {row['tflops']:8.3f} {row['weight_gbs']:7.1f} "
+                      f"{td:9.3f} {t / td:7.2f}x {tb:8.3f} {t / tb:6.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
