@@ -88,3 +88,35 @@ inline bool check_blockwise_8bit_args(const void* floats, const char* floats_nam
 }
 
 }  // namespace nf4lora::detail
+
+namespace nf4lora::detail {
+
+// gemm_4bit_cpu (and a future CUDA twin): returns false when there is nothing to compute
+// (M == 0 or N == 0; null pointers are then allowed) and throws on anything invalid. With
+// K == 0 the result is bias (or 0), so x and packed may be null.
+inline bool check_gemm_4bit_args(const void* x, DType dtype, int64_t M, int64_t K,
+                                 const void* packed, const AbsmaxSource& absmax, int64_t N,
+                                 int64_t blocksize, QuantType qt, const void* y) {
+  if (M < 0) throw std::invalid_argument("M must be >= 0, got " + std::to_string(M));
+  if (K < 0) throw std::invalid_argument("K must be >= 0, got " + std::to_string(K));
+  if (N < 0) throw std::invalid_argument("N must be >= 0, got " + std::to_string(N));
+  check_blocksize_4bit(blocksize);
+  check_qt(qt);
+  check_dtype(dtype, "dtype");
+  if (M == 0 || N == 0) return false;
+  check_ptr(y, "y");
+  if (K == 0) return true;
+  check_ptr(x, "x");
+  check_ptr(packed, "packed");
+  if (absmax.nested()) {
+    check_ptr(absmax.nested_absmax, "nested_absmax");
+    check_ptr(absmax.nested_code, "nested_code");
+    check_ptr(absmax.offset, "offset");
+    check_blocksize_8bit(absmax.nested_blocksize);
+  } else {
+    check_ptr(absmax.absmax, "absmax");
+  }
+  return true;
+}
+
+}  // namespace nf4lora::detail

@@ -1,0 +1,41 @@
+// gemv_ref.cpp — scalar reference of gemm_4bit_cpu, the spec the SIMD variants are tested
+// against: W[n, k] = codebook[code(n*K + k)] * absmax(block of n*K + k) in fp32, y[m, n] =
+// (sum over k of x[m, k] * W[n, k] in fp32) + bias[n], rounded once to dtype. The sum runs in
+// 16 interleaved partial sums (lane k % 16) reduced pairwise, as a SIMD dot product or a dense
+// GEMM does: a single running sum loses ~K/16 times more accuracy and would miss the "within 2x
+// of dense torch" error rule at K in the thousands.
+// Any K (blocks may span rows, rows may start mid-byte). Tested by tests/cpp/test_matmul.cpp.
+#include "gemv_kernels.h"
+
+namespace nf4lora::detail {
+namespace {
+
+void gemv_rows_ref(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    for (int64_t m = 0; m < a.M; ++m) {
+      float lanes[16] = {};
+      int64_t cached_block = -1;
+      float amax = 0.0f;
+      for (int64_t k = 0; k < a.K; ++k) {
+        const int64_t i = n * a.K + k;
+        const int64_t b = i / a.blocksize;
+        if (b != cached_block) amax = block_absmax(*a.absmax, b), cached_block = b;
+        const uint8_t byte = a.packed[i / 2];
+        const int code = (i % 2 == 0) ? high_nibble(byte) : low_nibble(byte);
+        // Separate multiply and add (the target builds with -ffp-contract=off): the plain
+        // fp32 dot product a dense matmul would form from the dequantized weight.
+        const float w = decode_4bit(a.qt, code, amax);
+        lanes[k % 16] += load_as_float(a.x, a.dtype, m * a.K + k) * w;
+      }
+      for (int width = 8; width >= 1; width /= 2)
+        for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+      store_gemv_output(a, m, n, lanes[0]);
+    }
+  }
+}
+
+}  // namespace
+
+const GemvKernels kGemvRefKernels = {0, gemv_rows_ref};
+
+}  // namespace nf4lora::detail

@@ -1,0 +1,358 @@
+// test_matmul.cpp — C++ tests of gemm_4bit_cpu (matmul.h), no framework: every CPU variant this
+// machine supports is forced in turn and compared with the scalar reference (gemv_ref.cpp) and
+// with a float64 product of the dequantized fp32 weight, under the error bound derived at
+// `tolerance` below; over awkward M/N/K, blocksizes, NF4/FP4, plain and double-quantized absmax,
+// fp32/fp16/bf16, bias, threads; plus NaN propagation, no-op sizes and argument validation.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "nf4lora/format.h"
+#include "nf4lora/matmul.h"
+#include "nf4lora/quantize.h"
+
+using namespace nf4lora;
+
+namespace {
+
+int g_passed = 0, g_failed = 0;
+
+void check(bool ok, const std::string& what) {
+  if (ok) {
+    ++g_passed;
+    return;
+  }
+  if (++g_failed <= 30) std::printf("FAIL: %s\n", what.c_str());
+}
+
+const char* dtype_name(DType d) { return d == DType::F32 ? "f32" : d == DType::F16 ? "f16" : "bf16"; }
+size_t dtype_bytes(DType d) { return d == DType::F32 ? 4 : 2; }
+constexpr DType kDTypes[] = {DType::F32, DType::F16, DType::BF16};
+constexpr QuantType kQTypes[] = {QuantType::NF4, QuantType::FP4};
+constexpr uint8_t kCanary = 0xA5;
+constexpr size_t kGuardBytes = 64;
+
+// Unit roundoff of the output dtype, and the largest absolute rounding error in its subnormal
+// range (half its smallest subnormal).
+double unit_roundoff(DType d) { return d == DType::F32 ? 0x1p-24 : d == DType::F16 ? 0x1p-11 : 0x1p-8; }
+double subnormal_error(DType d) { return d == DType::F32 ? 0x1p-150 : d == DType::F16 ? 0x1p-25 : 0x1p-134; }
+
+// Error bound for one output, against y64 = bias + sum_k x_k w_k in float64 (x_k, w_k, bias exact
+// fp32 values, so y64 is exact up to K * 2^-53 * S, negligible). With S = sum_k |x_k w_k| and
+// u = 2^-24: any fp32 summation order of K (rounded or fused) products is within gamma_K * S,
+// gamma_K = K u / (1 - K u) (Higham, Accuracy and Stability, 3.1; the bound does not depend on the
+// order, so it covers the SIMD lanes + horizontal reduction as well as the reference loop).
+// Adding the bias in fp32 costs u * |acc + bias| <= u * (|y64| + gamma_K * S), and the final
+// rounding to dtype u_out * |value| + (a subnormal absolute error). Summed with 1% slack for the
+// second-order terms:  tol = u_out |y64| + 1.01 (1 + u_out) (K + 2) u (S + |bias|) + sub_out.
+double tolerance(DType d, int64_t K, double y64, double S, double bias) {
+  const double u = 0x1p-24, uo = unit_roundoff(d);
+  return uo * std::fabs(y64) + 1.01 * (1 + uo) * double(K + 2) * u * (S + std::fabs(bias)) + subnormal_error(d);
+}
+
+uint16_t to_bits(DType d, float v) { return d == DType::F16 ? float_to_half_bits(v) : float_to_bf16_bits(v); }
+float from_bits(DType d, uint16_t b) { return d == DType::F16 ? half_bits_to_float(b) : bf16_bits_to_float(b); }
+
+// A tensor in dtype plus the exact fp32 value of each element.
+struct Tensor {
+  DType dtype;
+  std::vector<uint8_t> bytes;
+  std::vector<float> values;
+  Tensor(DType d, const std::vector<float>& v) : dtype(d), bytes(v.size() * dtype_bytes(d) + kGuardBytes, kCanary), values(v.size()) {
+    for (size_t i = 0; i < v.size(); ++i) set(i, v[i]);
+  }
+  void set(size_t i, float v) {
+    if (dtype == DType::F32) {
+      std::memcpy(bytes.data() + 4 * i, &v, 4);
+      values[i] = v;
+    } else {
+      const uint16_t b = to_bits(dtype, v);
+      std::memcpy(bytes.data() + 2 * i, &b, 2);
+      values[i] = from_bits(dtype, b);
+    }
+  }
+};
+
+float read_out(DType d, const std::vector<uint8_t>& y, size_t i) {
+  if (d == DType::F32) {
+    float f;
+    std::memcpy(&f, y.data() + 4 * i, 4);
+    return f;
+  }
+  uint16_t b;
+  std::memcpy(&b, y.data() + 2 * i, 2);
+  return from_bits(d, b);
+}
+
+bool guard_intact(const std::vector<uint8_t>& y, size_t payload) {
+  for (size_t i = payload; i < y.size(); ++i)
+    if (y[i] != kCanary) return false;
+  return true;
+}
+
+// A quantized weight W [N, K] with plain or double-quantized absmax, and its dequantized fp32 values.
+struct QWeight {
+  int64_t N, K, blocksize;
+  QuantType qt;
+  bool dq;
+  std::vector<uint8_t> packed, qabsmax;
+  std::vector<float> absmax, nested_absmax, w;
+  float offset = 0.0f;
+
+  QWeight(const std::vector<float>& src, int64_t N_, int64_t K_, int64_t bs, QuantType q, bool dq_)
+      : N(N_), K(K_), blocksize(bs), qt(q), dq(dq_) {
+    const int64_t n = N * K, nb = num_blocks(n, bs);
+    packed.assign(packed_bytes(n), 0);
+    absmax.assign(nb, 0.0f);
+    quantize_4bit_cpu(src.data(), DType::F32, n, bs, qt, packed.data(), absmax.data(), 1);
+    if (dq) {
+      double sum = 0.0;
+      for (float a : absmax) sum += std::isfinite(a) ? a : 0.0f;
+      offset = float(sum / nb);
+      std::vector<float> centered(nb);
+      for (int64_t i = 0; i < nb; ++i) centered[i] = absmax[i] - offset;
+      qabsmax.assign(nb, 0);
+      nested_absmax.assign(num_blocks(nb, 256), 0.0f);
+      quantize_8bit_blockwise_cpu(centered.data(), nb, 256, kDynamicSigned, qabsmax.data(), nested_absmax.data(), 1);
+    }
+    w.assign(n, 0.0f);
+    dequantize_4bit_cpu(packed.data(), source(), n, bs, qt, w.data(), DType::F32, 1);
+  }
+  AbsmaxSource source() const {
+    AbsmaxSource a;
+    if (dq) {
+      a.qabsmax = qabsmax.data();
+      a.nested_absmax = nested_absmax.data();
+      a.nested_code = kDynamicSigned;
+      a.offset = &offset;
+    } else {
+      a.absmax = absmax.data();
+    }
+    return a;
+  }
+};
+
+std::vector<CpuVariant> supported_variants() {
+  std::vector<CpuVariant> v;
+  for (int i = 0; i < kNumCpuVariants; ++i)
+    if (cpu_variant_supported(static_cast<CpuVariant>(i))) v.push_back(static_cast<CpuVariant>(i));
+  return v;
+}
+
+std::vector<uint8_t> run(CpuVariant v, const Tensor& x, int64_t M, const QWeight& W, const Tensor* bias, int threads) {
+  force_cpu_variant(v);
+  std::vector<uint8_t> y(M * W.N * dtype_bytes(x.dtype) + kGuardBytes, kCanary);
+  const AbsmaxSource src = W.source();
+  gemm_4bit_cpu(x.bytes.data(), x.dtype, M, W.K, W.packed.data(), src, W.N, W.blocksize, W.qt,
+                bias ? bias->bytes.data() : nullptr, y.data(), threads);
+  reset_cpu_variant();
+  return y;
+}
+
+std::mt19937 g_rng(1234);
+std::vector<float> randn(size_t n, float scale) {
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(n);
+  for (auto& f : v) f = d(g_rng);
+  return v;
+}
+
+// Every variant, against float64 and against the reference, for one weight, dtype and M.
+void check_case(const QWeight& W, DType dt, int64_t M, const std::vector<CpuVariant>& variants) {
+  const int64_t N = W.N, K = W.K;
+  const Tensor x(dt, randn(M * K, 1.0f)), bias(dt, randn(N, 1.0f));
+  std::vector<double> dot(M * N), S(M * N);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double s = 0.0, a = 0.0;
+      for (int64_t k = 0; k < K; ++k) {
+        const double p = double(x.values[m * K + k]) * double(W.w[n * K + k]);
+        s += p, a += std::fabs(p);
+      }
+      dot[m * N + n] = s, S[m * N + n] = a;
+    }
+  const size_t payload = M * N * dtype_bytes(dt);
+  struct Combo { int threads; bool bias; };
+  for (const Combo c : {Combo{1, false}, Combo{1, true}, Combo{2, true}, Combo{2, false}}) {
+    const Tensor* b = c.bias ? &bias : nullptr;
+    const std::vector<uint8_t> yref = run(CpuVariant::Ref, x, M, W, b, c.threads);
+    for (CpuVariant v : variants) {
+      const std::vector<uint8_t> y = v == CpuVariant::Ref ? yref : run(v, x, M, W, b, c.threads);
+      const std::string what = std::string(cpu_variant_name(v)) + " M=" + std::to_string(M) + " N=" +
+                               std::to_string(N) + " K=" + std::to_string(K) + " bs=" + std::to_string(W.blocksize) +
+                               (W.qt == QuantType::NF4 ? " nf4" : " fp4") + (W.dq ? " dq " : " ") + dtype_name(dt) +
+                               (c.bias ? " bias" : "") + " threads=" + std::to_string(c.threads);
+      bool ok64 = true, okref = true;
+      double worst = 0.0;
+      for (int64_t i = 0; i < M * N; ++i) {
+        const double bv = c.bias ? double(bias.values[i % N]) : 0.0;
+        const double y64 = dot[i] + bv;
+        const double tol = tolerance(dt, K, y64, S[i], bv);
+        const double got = read_out(dt, y, i), want_ref = read_out(dt, yref, i);
+        if (!(std::fabs(got - y64) <= tol)) ok64 = false;
+        if (!(std::fabs(got - want_ref) <= 2 * tol)) okref = false;
+        if (tol > 0) worst = std::max(worst, std::fabs(got - y64) / tol);
+      }
+      check(ok64, what + " vs float64 (worst err/tol " + std::to_string(worst) + ")");
+      check(okref, what + " vs ref");
+      check(guard_intact(y, payload), what + " writes past y");
+    }
+  }
+}
+
+void test_shapes() {
+  const auto variants = supported_variants();
+  struct Shape { int64_t N, K; };
+  // K % 32 == 0 shapes take the SIMD paths; the last ones (K % blocksize != 0, odd K, rows that
+  // start mid-byte, blocks spanning rows) take the reference path whatever the variant.
+  const Shape shapes[] = {{1, 32}, {3, 64}, {17, 96}, {64, 128}, {100, 4096}, {33, 4160},
+                          {5, 100}, {7, 33}, {3, 1000}, {9, 4095}};
+  const int64_t Ms[] = {1, 2, 3, 8, 17};
+  const int64_t blocksizes[] = {32, 64, 128, 4096};
+  for (const Shape s : shapes) {
+    const std::vector<float> src = randn(s.N * s.K, 1.0f);
+    for (const int64_t bs : blocksizes) {
+      const bool divides = s.K % bs == 0;
+      // Aligned shapes: every blocksize that divides K. Others: 64 and 128 (blocks span rows).
+      if (s.K % 32 == 0 ? !divides : (bs != 64 && bs != 128)) continue;
+      const bool big = s.N * s.K > 100000;
+      for (const QuantType qt : kQTypes)
+        for (const bool dq : {false, true}) {
+          const QWeight W(src, s.N, s.K, bs, qt, dq);
+          for (const DType dt : kDTypes)
+            for (const int64_t M : Ms) {
+              if (big && M != 1 && M != 3 && M != 17 && dt != DType::BF16) continue;  // keeps the run short
+              check_case(W, dt, M, variants);
+            }
+        }
+    }
+  }
+}
+
+// NaN in x poisons its own row of y only; NaN in W (a non-finite block) its own columns only.
+void test_nan() {
+  const int64_t M = 3, N = 16, K = 128, bs = 64;
+  for (CpuVariant v : supported_variants())
+    for (const DType dt : kDTypes) {
+      std::vector<float> src = randn(N * K, 1.0f);
+      const QWeight W(src, N, K, bs, QuantType::NF4, false);
+      Tensor x(dt, randn(M * K, 1.0f));
+      const std::vector<uint8_t> clean = run(v, x, M, W, nullptr, 1);
+      x.set(1 * K + 77, NAN);
+      const std::vector<uint8_t> y = run(v, x, M, W, nullptr, 2);
+      bool ok = true;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          const float got = read_out(dt, y, m * N + n), want = read_out(dt, clean, m * N + n);
+          ok = ok && (m == 1 ? std::isnan(got) : got == want);
+        }
+      check(ok, std::string("NaN in x row ") + cpu_variant_name(v) + " " + dtype_name(dt));
+
+      // Row 5's first block gets absmax NaN. Plain absmax: double quantization would spread the
+      // NaN over its whole nested block of 256 absmax values, i.e. every row here.
+      src[5 * K + 10] = INFINITY;
+      const QWeight Wn(src, N, K, bs, QuantType::NF4, false);
+      Tensor x2(dt, randn(M * K, 1.0f));
+      const std::vector<uint8_t> y2 = run(v, x2, M, Wn, nullptr, 1);
+      ok = true;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          const float got = read_out(dt, y2, m * N + n);
+          ok = ok && (n == 5 ? std::isnan(got) : std::isfinite(got));
+        }
+      check(ok, std::string("non-finite W block ") + cpu_variant_name(v) + " " + dtype_name(dt));
+    }
+}
+
+void test_noop_and_k0() {
+  const AbsmaxSource none;
+  std::vector<uint8_t> y(64, kCanary);
+  // M == 0 or N == 0: nothing written, null inputs allowed.
+  gemm_4bit_cpu(nullptr, DType::F32, 0, 64, nullptr, none, 4, 64, QuantType::NF4, nullptr, y.data(), 1);
+  gemm_4bit_cpu(nullptr, DType::F32, 4, 64, nullptr, none, 0, 64, QuantType::NF4, nullptr, nullptr, 1);
+  check(guard_intact(y, 0), "M == 0 is a no-op");
+  // K == 0: y = bias (or 0).
+  const Tensor bias(DType::BF16, {1.5f, -2.0f, 0.25f});
+  std::vector<uint8_t> y2(2 * 3 * 2 + kGuardBytes, kCanary);
+  gemm_4bit_cpu(nullptr, DType::BF16, 2, 0, nullptr, none, 3, 64, QuantType::NF4, bias.bytes.data(), y2.data(), 2);
+  bool ok = guard_intact(y2, 12);
+  for (int i = 0; i < 6; ++i) ok = ok && read_out(DType::BF16, y2, i) == bias.values[i % 3];
+  check(ok, "K == 0 gives bias");
+}
+
+template <class F>
+void expect_invalid(const char* what, F&& f) {
+  bool threw = false;
+  try {
+    f();
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  } catch (...) {
+  }
+  check(threw, std::string("invalid argument rejected: ") + what);
+}
+
+void test_invalid_args() {
+  const int64_t N = 4, K = 64;
+  std::vector<float> x(2 * K, 1.0f), y(2 * N), absmax(num_blocks(N * K, 64), 1.0f);
+  std::vector<uint8_t> packed(N * K / 2, 0x77), q(absmax.size(), 0);
+  const float offset = 0.0f, nested = 1.0f;
+  AbsmaxSource plain;
+  plain.absmax = absmax.data();
+  AbsmaxSource dq;
+  dq.qabsmax = q.data(), dq.nested_absmax = &nested, dq.nested_code = kDynamicSigned, dq.offset = &offset;
+  auto call = [&](const void* xp, DType dt, int64_t M, int64_t k, const uint8_t* p, const AbsmaxSource& a,
+                  int64_t n, int64_t bs, QuantType qt, void* yp) {
+    return [=, &a] { gemm_4bit_cpu(xp, dt, M, k, p, a, n, bs, qt, nullptr, yp, 1); };
+  };
+  const auto nf4 = QuantType::NF4;
+  expect_invalid("M < 0", call(x.data(), DType::F32, -1, K, packed.data(), plain, N, 64, nf4, y.data()));
+  expect_invalid("K < 0", call(x.data(), DType::F32, 2, -1, packed.data(), plain, N, 64, nf4, y.data()));
+  expect_invalid("N < 0", call(x.data(), DType::F32, 2, K, packed.data(), plain, -4, 64, nf4, y.data()));
+  expect_invalid("blocksize 48", call(x.data(), DType::F32, 2, K, packed.data(), plain, N, 48, nf4, y.data()));
+  expect_invalid("blocksize 16", call(x.data(), DType::F32, 2, K, packed.data(), plain, N, 16, nf4, y.data()));
+  expect_invalid("quant type 3", call(x.data(), DType::F32, 2, K, packed.data(), plain, N, 64, QuantType(3), y.data()));
+  expect_invalid("dtype 7", call(x.data(), DType(7), 2, K, packed.data(), plain, N, 64, nf4, y.data()));
+  expect_invalid("null x", call(nullptr, DType::F32, 2, K, packed.data(), plain, N, 64, nf4, y.data()));
+  expect_invalid("null packed", call(x.data(), DType::F32, 2, K, nullptr, plain, N, 64, nf4, y.data()));
+  expect_invalid("null y", call(x.data(), DType::F32, 2, K, packed.data(), plain, N, 64, nf4, nullptr));
+  const AbsmaxSource none;
+  expect_invalid("null absmax", call(x.data(), DType::F32, 2, K, packed.data(), none, N, 64, nf4, y.data()));
+  AbsmaxSource no_code = dq;
+  no_code.nested_code = nullptr;
+  expect_invalid("null nested_code", call(x.data(), DType::F32, 2, K, packed.data(), no_code, N, 64, nf4, y.data()));
+  AbsmaxSource no_offset = dq;
+  no_offset.offset = nullptr;
+  expect_invalid("null offset", call(x.data(), DType::F32, 2, K, packed.data(), no_offset, N, 64, nf4, y.data()));
+  AbsmaxSource bad_nested = dq;
+  bad_nested.nested_blocksize = 100;
+  expect_invalid("nested_blocksize 100", call(x.data(), DType::F32, 2, K, packed.data(), bad_nested, N, 64, nf4, y.data()));
+  // And the same valid call does not throw.
+  bool threw = false;
+  try {
+    call(x.data(), DType::F32, 2, K, packed.data(), dq, N, 64, nf4, y.data())();
+  } catch (...) {
+    threw = true;
+  }
+  check(!threw, "valid double-quant call accepted");
+}
+
+}  // namespace
+
+int main() {
+  std::printf("variants:");
+  for (CpuVariant v : supported_variants()) std::printf(" %s", cpu_variant_name(v));
+  std::printf("\n");
+  test_invalid_args();
+  test_noop_and_k0();
+  test_nan();
+  test_shapes();
+  std::printf("test_matmul: %d passed, %d failed\n", g_passed, g_failed);
+  return g_failed == 0 ? 0 : 1;
+}
