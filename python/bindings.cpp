@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "nf4lora/format.h"
+#include "nf4lora/matmul.h"
 #include "nf4lora/memory.h"
 #include "nf4lora/quantize.h"
 
@@ -111,6 +112,17 @@ PYBIND11_MODULE(_C, m) {
                                             nested_blocksize),
                               n, blocksize, quant_type(qt), ptr<void>(out), dtype(out_dtype),
                               num_threads);
+        }, gil());
+  m.def("gemm_4bit_cpu",
+        [](uintptr_t x, int x_dtype, int64_t M, int64_t K, uintptr_t packed, uintptr_t absmax,
+           uintptr_t qabsmax, uintptr_t nested_absmax, uintptr_t nested_code, uintptr_t offset,
+           int64_t nested_blocksize, int64_t N, int64_t blocksize, int qt, uintptr_t bias,
+           uintptr_t y, int num_threads) {
+          gemm_4bit_cpu(ptr<const void>(x), dtype(x_dtype), M, K, ptr<const uint8_t>(packed),
+                        absmax_source(absmax, qabsmax, nested_absmax, nested_code, offset,
+                                      nested_blocksize),
+                        N, blocksize, quant_type(qt), ptr<const void>(bias), ptr<void>(y),
+                        num_threads);
         }, gil());
   m.def("quantize_8bit_blockwise_cpu",
         [](uintptr_t x, int64_t n, int64_t blocksize, uintptr_t code, uintptr_t q,
