@@ -17,61 +17,13 @@
 #include "nf4lora/matmul.h"
 #include "nf4lora/quantize.h"
 #include "../cpp/src/parallel.h"
+#include "bench_util.h"
 
 using namespace nf4lora;
+using namespace nf4lora::bench;
 using Clock = std::chrono::steady_clock;
 
 namespace {
-
-template <class F>
-double median_ms(int iters, F&& f) {
-  f();  // warm-up: page faults, caches
-  std::vector<double> t;
-  for (int i = 0; i < iters; ++i) {
-    auto t0 = Clock::now();
-    f();
-    t.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
-
-struct Quantized {
-  std::vector<uint8_t> packed, qabsmax;
-  std::vector<float> absmax, nested_absmax;
-  float offset = 0.0f;
-  AbsmaxSource source() const {
-    AbsmaxSource a;
-    a.qabsmax = qabsmax.data();
-    a.nested_absmax = nested_absmax.data();
-    a.nested_code = kDynamicSigned;
-    a.offset = &offset;
-    return a;
-  }
-};
-
-// NF4 + double quantization, as nf4lora.quantize_4bit(double_quant=True) does it.
-void quantize_dq(const std::vector<uint16_t>& w, int64_t n, int threads, Quantized& q) {
-  const int64_t nb = num_blocks(n, 64);
-  q.packed.assign(packed_bytes(n), 0);
-  q.absmax.assign(nb, 0.0f);
-  q.qabsmax.assign(nb, 0);
-  q.nested_absmax.assign(num_blocks(nb, 256), 0.0f);
-  quantize_4bit_cpu(w.data(), DType::BF16, n, 64, QuantType::NF4, q.packed.data(), q.absmax.data(), threads);
-  double sum = 0.0;
-  for (float a : q.absmax) sum += a;
-  q.offset = float(sum / nb);
-  std::vector<float> centered(nb);
-  for (int64_t i = 0; i < nb; ++i) centered[i] = q.absmax[i] - q.offset;
-  quantize_8bit_blockwise_cpu(centered.data(), nb, 256, kDynamicSigned, q.qabsmax.data(), q.nested_absmax.data(), threads);
-}
-
-std::vector<uint16_t> random_bf16(int64_t n, float scale, std::mt19937& rng) {
-  std::normal_distribution<float> d(0.0f, scale);
-  std::vector<uint16_t> v(n);
-  for (auto& b : v) b = float_to_bf16_bits(d(rng));
-  return v;
-}
 
 }  // namespace
 

@@ -16,53 +16,11 @@
 
 #include "nf4lora/quantize.h"
 #include "../cpp/src/parallel.h"
+#include "bench_util.h"
 
 using namespace nf4lora;
-using Clock = std::chrono::steady_clock;
+using namespace nf4lora::bench;
 
-namespace {
-
-template <class F>
-double median_ms(int iters, F&& f) {
-  f();  // warm-up: page faults, caches
-  std::vector<double> t;
-  for (int i = 0; i < iters; ++i) {
-    auto t0 = Clock::now();
-    f();
-    t.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
-
-struct Quantized {
-  std::vector<uint8_t> packed, qabsmax;
-  std::vector<float> absmax, nested_absmax;
-  float offset = 0.0f;
-};
-
-// NF4 + double quantization, as nf4lora.quantize_4bit(double_quant=True) does it.
-void quantize_dq(const std::vector<uint16_t>& w, int64_t n, int threads, Quantized& q) {
-  quantize_4bit_cpu(w.data(), DType::BF16, n, 64, QuantType::NF4, q.packed.data(), q.absmax.data(), threads);
-  double sum = 0.0;
-  for (float a : q.absmax) sum += a;
-  q.offset = float(sum / q.absmax.size());
-  std::vector<float> centered(q.absmax.size());
-  for (size_t i = 0; i < centered.size(); ++i) centered[i] = q.absmax[i] - q.offset;
-  quantize_8bit_blockwise_cpu(centered.data(), centered.size(), 256, kDynamicSigned, q.qabsmax.data(),
-                              q.nested_absmax.data(), threads);
-}
-
-AbsmaxSource dq_source(const Quantized& q) {
-  AbsmaxSource a;
-  a.qabsmax = q.qabsmax.data();
-  a.nested_absmax = q.nested_absmax.data();
-  a.nested_code = kDynamicSigned;
-  a.offset = &q.offset;
-  return a;
-}
-
-}  // namespace
 
 int main(int argc, char** argv) {
   int64_t N = 4096, K = 4096;
@@ -82,19 +40,13 @@ int main(int argc, char** argv) {
   const int64_t n = N * K, nb = num_blocks(n, 64);
 
   std::mt19937 rng(0);
-  std::normal_distribution<float> dist(0.0f, 0.02f);
-  std::vector<uint16_t> w(n);
-  for (auto& v : w) v = float_to_bf16_bits(dist(rng));
+  const std::vector<uint16_t> w = random_bf16(n, 0.02f, rng);
 
   Quantized ref;
-  ref.packed.resize(packed_bytes(n));
-  ref.absmax.resize(nb);
-  ref.qabsmax.resize(nb);
-  ref.nested_absmax.resize(num_blocks(nb, 256));
   force_cpu_variant(CpuVariant::Ref);
   quantize_dq(w, n, threads, ref);
   std::vector<uint16_t> ref_out(n), out(n), copy_src(n, 0x3f80);
-  dequantize_4bit_cpu(ref.packed.data(), dq_source(ref), n, 64, QuantType::NF4, ref_out.data(), DType::BF16, threads);
+  dequantize_4bit_cpu(ref.packed.data(), ref.source(), n, 64, QuantType::NF4, ref_out.data(), DType::BF16, threads);
 
   const double out_bytes = double(n) * 2, in_bytes = double(packed_bytes(n)) + nb;
   const double copy_ms = median_ms(iters, [&] {
@@ -115,7 +67,7 @@ int main(int argc, char** argv) {
     Quantized q = ref;
     quantize_dq(w, n, threads, q);
     std::fill(out.begin(), out.end(), 0);
-    dequantize_4bit_cpu(q.packed.data(), dq_source(q), n, 64, QuantType::NF4, out.data(), DType::BF16, threads);
+    dequantize_4bit_cpu(q.packed.data(), q.source(), n, 64, QuantType::NF4, out.data(), DType::BF16, threads);
     const bool same = q.packed == ref.packed && q.qabsmax == ref.qabsmax && out == ref_out;
     if (!same) {
       std::printf("%s: MISMATCH against the reference\n", cpu_variant_name(cv));
@@ -124,7 +76,7 @@ int main(int argc, char** argv) {
     }
     const double qms = median_ms(iters, [&] { quantize_dq(w, n, threads, q); });
     const double dms = median_ms(iters, [&] {
-      dequantize_4bit_cpu(q.packed.data(), dq_source(q), n, 64, QuantType::NF4, out.data(), DType::BF16, threads);
+      dequantize_4bit_cpu(q.packed.data(), q.source(), n, 64, QuantType::NF4, out.data(), DType::BF16, threads);
     });
     std::string name = std::string("quantize  [") + cpu_variant_name(cv) + "]";
     std::printf("%-28s %10.3f %10.1f %12s\n", name.c_str(), qms, (out_bytes + in_bytes) / qms / 1e6, "-");

@@ -37,6 +37,18 @@ inline void check_dtype(DType dt, const char* name) {
     throw std::invalid_argument(std::string(name) + " must be float32, float16 or bfloat16");
 }
 
+// Where a 4-bit weight's block scales come from: plain fp32, or the double-quantized triple.
+inline void check_absmax_source(const AbsmaxSource& absmax) {
+  if (absmax.nested()) {
+    check_ptr(absmax.nested_absmax, "nested_absmax");
+    check_ptr(absmax.nested_code, "nested_code");
+    check_ptr(absmax.offset, "offset");
+    check_blocksize_8bit(absmax.nested_blocksize);
+  } else {
+    check_ptr(absmax.absmax, "absmax");
+  }
+}
+
 // The checks of each public entry point, CPU and CUDA alike. Each returns false when n == 0
 // (nothing to do; null pointers are then allowed) and throws on anything invalid.
 inline bool check_quantize_4bit_args(const void* x, DType x_dtype, int64_t n, int64_t blocksize,
@@ -62,14 +74,7 @@ inline bool check_dequantize_4bit_args(const void* packed, const AbsmaxSource& a
   if (n == 0) return false;
   check_ptr(packed, "packed");
   check_ptr(out, "out");
-  if (absmax.nested()) {
-    check_ptr(absmax.nested_absmax, "nested_absmax");
-    check_ptr(absmax.nested_code, "nested_code");
-    check_ptr(absmax.offset, "offset");
-    check_blocksize_8bit(absmax.nested_blocksize);
-  } else {
-    check_ptr(absmax.absmax, "absmax");
-  }
+  check_absmax_source(absmax);
   return true;
 }
 
@@ -87,9 +92,6 @@ inline bool check_blockwise_8bit_args(const void* floats, const char* floats_nam
   return true;
 }
 
-}  // namespace nf4lora::detail
-
-namespace nf4lora::detail {
 
 // gemm_4bit_cpu (and a future CUDA twin): returns false when there is nothing to compute
 // (M == 0 or N == 0; null pointers are then allowed) and throws on anything invalid. With
@@ -108,14 +110,7 @@ inline bool check_gemm_4bit_args(const void* x, DType dtype, int64_t M, int64_t 
   if (K == 0) return true;
   check_ptr(x, "x");
   check_ptr(packed, "packed");
-  if (absmax.nested()) {
-    check_ptr(absmax.nested_absmax, "nested_absmax");
-    check_ptr(absmax.nested_code, "nested_code");
-    check_ptr(absmax.offset, "offset");
-    check_blocksize_8bit(absmax.nested_blocksize);
-  } else {
-    check_ptr(absmax.absmax, "absmax");
-  }
+  check_absmax_source(absmax);
   return true;
 }
 

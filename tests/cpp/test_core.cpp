@@ -17,6 +17,7 @@
 
 #include "nf4lora/format.h"
 #include "nf4lora/quantize.h"
+#include "test_util.h"
 
 #if defined(__SSE2__)
 #include <xmmintrin.h>
@@ -24,25 +25,10 @@
 #endif
 
 using namespace nf4lora;
+using namespace nf4lora::test;
 
 namespace {
 
-int g_passed = 0, g_failed = 0;
-
-void check(bool ok, const std::string& what) {
-  if (ok) {
-    ++g_passed;
-    return;
-  }
-  if (++g_failed <= 30) std::printf("FAIL: %s\n", what.c_str());
-}
-
-const char* dtype_name(DType d) { return d == DType::F32 ? "f32" : d == DType::F16 ? "f16" : "bf16"; }
-const char* qt_name(QuantType q) { return q == QuantType::NF4 ? "nf4" : "fp4"; }
-size_t dtype_bytes(DType d) { return d == DType::F32 ? 4 : 2; }
-
-constexpr DType kDTypes[] = {DType::F32, DType::F16, DType::BF16};
-constexpr QuantType kQTypes[] = {QuantType::NF4, QuantType::FP4};
 
 // A byte buffer whose payload starts at a chosen alignment (64 B, or 64 B + skew) and is
 // followed by a canary region, so that out-of-bounds writes are caught.

@@ -16,25 +16,13 @@
 #include "nf4lora/format.h"
 #include "nf4lora/matmul.h"
 #include "nf4lora/quantize.h"
+#include "test_util.h"
 
 using namespace nf4lora;
+using namespace nf4lora::test;
 
 namespace {
 
-int g_passed = 0, g_failed = 0;
-
-void check(bool ok, const std::string& what) {
-  if (ok) {
-    ++g_passed;
-    return;
-  }
-  if (++g_failed <= 30) std::printf("FAIL: %s\n", what.c_str());
-}
-
-const char* dtype_name(DType d) { return d == DType::F32 ? "f32" : d == DType::F16 ? "f16" : "bf16"; }
-size_t dtype_bytes(DType d) { return d == DType::F32 ? 4 : 2; }
-constexpr DType kDTypes[] = {DType::F32, DType::F16, DType::BF16};
-constexpr QuantType kQTypes[] = {QuantType::NF4, QuantType::FP4};
 constexpr uint8_t kCanary = 0xA5;
 constexpr size_t kGuardBytes = 64;
 
