@@ -178,3 +178,22 @@ def test_bad_input():
         matmul_4bit(torch.randn(2, 96), nf4lora.quantize_4bit(torch.randn(96))[0], flat_state)
     with pytest.raises(TypeError, match="state must be a QuantState"):
         matmul_4bit(torch.randn(2, 96), packed, None)
+
+
+def test_concurrent_forwards_do_not_share_scratch():
+    import threading
+    packed, state = weight(64, 128)
+    xs = [torch.randn(32, 128, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    want = [matmul_4bit(x, packed, state) for x in xs]
+    got = [None] * 4
+
+    def run(i):
+        for _ in range(20):
+            got[i] = matmul_4bit(xs[i], packed, state)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(g, w) for g, w in zip(got, want))

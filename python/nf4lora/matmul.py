@@ -8,11 +8,13 @@ to the packed weight and its QuantState (no dequantized weight, no activation).
                dL/dW: none (frozen)
 
 CPU: for up to GEMV_MAX_M rows of x, the fused native kernel (the weight is dequantized in
-registers, never materialized); above that, dequantize into a reused scratch buffer and run a
-dense torch GEMM in x's dtype. Backward (grad_y @ W) and CUDA use the scratch path for now. Under torch.autocast, x is first cast to the autocast dtype.
+registers, never materialized); above that, dequantize into a reused per-thread scratch buffer
+and run a dense torch GEMM in x's dtype. Backward (grad_y @ W) and CUDA use the scratch path
+for now. Under torch.autocast, x is first cast to the autocast dtype.
 Tested by tests/test_matmul.py (float64 reference, finite differences, torch.compile)."""
 from __future__ import annotations
 
+import threading
 from typing import Optional, Sequence
 
 import torch
@@ -23,7 +25,7 @@ from ._native import _C, dtype_code, num_threads, quant_type_code
 from .functional import _packed_bytes
 from .quant_state import QuantState
 
-_SCRATCH: dict[tuple, Tensor] = {}
+_SCRATCH = threading.local()  # per thread: concurrent forwards must not share a buffer
 # Rows of x up to which the fused CPU kernel beats dequantize + dense GEMM. Measured with
 # bench/bench_matmul.py, 4096x4096 bf16, 2 threads: M=1 1.4 ms fused vs ~5 ms; M=8 4.4 vs ~4.9;
 # M=16 7.2 vs ~5.2.
@@ -33,14 +35,17 @@ GEMV_MAX_M = 8
 def _scratch(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
     """A reused dequantization buffer per (shape, dtype, device): a fresh 32 MB weight costs
     more in page faults than the whole dequantization."""
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
     key = (tuple(shape), dtype, device)
-    buf = _SCRATCH.get(key)
+    buf = buffers.get(key)
     if buf is None:
-        if len(_SCRATCH) > 16:
-            _SCRATCH.clear()
+        if len(buffers) > 16:
+            buffers.clear()
         buf = (_ops.empty_cpu(shape, dtype) if device.type == "cpu"
                else torch.empty(tuple(shape), dtype=dtype, device=device))
-        _SCRATCH[key] = buf
+        buffers[key] = buf
     return buf
 
 
@@ -112,6 +117,9 @@ def matmul_4bit_grad_input(grad_y: Tensor, packed: Tensor, absmax: Tensor, block
                            nested_blocksize: int) -> Tensor:
     """grad_y [..., N] @ W [N, K] -> [..., K], in grad_y's dtype."""
     N, K = int(shape[0]), int(shape[1])
+    _ops.check_float_dtype(grad_y.dtype, "grad_y.dtype")
+    if grad_y.dim() < 1 or grad_y.shape[-1] != N:
+        raise ValueError(f"grad_y has shape {tuple(grad_y.shape)}, its last dimension must be {N}")
     w = _scratch((N, K), grad_y.dtype, grad_y.device)
     torch.ops.nf4lora.dequantize_4bit_out(packed, absmax, blocksize, quant_type, nested_absmax,
                                           nested_code, offset, nested_blocksize, w)
