@@ -117,6 +117,16 @@ def test_to_meta_device_moves_everything():
                                                   q.nested_quant_map, q.quant_offset, q.bias])
 
 
+def test_construct_on_meta_then_load():
+    q = Linear4bit(96, 40, device="meta", compute_dtype=None)  # how loaders build models before reading weights
+    assert q.weight.device.type == "meta" and q.weight.shape == (96 * 40 // 2, 1)
+    src = Linear4bit.from_linear(dense(), compute_dtype=None)
+    q = q.to_empty(device="cpu")
+    q.load_state_dict(src.state_dict())
+    x = torch.randn(2, 96)
+    assert torch.equal(q(x), src(x))
+
+
 def test_quantize_model_replaces_linears_except_skipped():
     model = nn.ModuleDict({"body": nn.Sequential(dense(), nn.GELU(), dense(40, 40, seed=2)),
                            "lm_head": dense(40, 10, seed=3)})

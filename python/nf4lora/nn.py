@@ -121,9 +121,11 @@ class Linear4bit(nn.Module):
         try:
             super()._apply(fn, recurse)
         finally:
-            device = self.weight.device  # uint8: moved, never cast
             for name, t in kept.items():
-                self._buffers[name] = None if t is None else t.to(device)
+                if t is None:
+                    continue
+                moved = fn(t)  # a move (or to_empty) applies as is; a dtype cast is undone
+                self._buffers[name] = moved if moved.dtype == t.dtype else t.to(moved.device)
         return self
 
     # ---- bitsandbytes state-dict format ----------------------------------------------------
