@@ -8,25 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
 import nf4lora
+from timing import median_ms  # bench/timing.py (this script's folder is on sys.path)
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N = out_features, K = in_features)
-
-
-def median_ms(fn, iters, warmup=2):
-    for _ in range(warmup):
-        fn()
-    t = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        t.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(t)
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 // bench_util.h — shared pieces of the C++ benchmarks: median timing after a warm-up, random bf16
-// data, and NF4 + double quantization exactly as nf4lora.quantize_4bit(double_quant=True) does it.
+// data, and NF4 + double quantization as nf4lora.quantize_4bit(double_quant=True) does it.
 #pragma once
 
 #include <algorithm>
@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "nf4lora/quantize.h"
+#include "../tests/cpp/double_quant.h"
 
 namespace nf4lora::bench {
 
@@ -32,37 +33,22 @@ inline std::vector<uint16_t> random_bf16(int64_t n, float scale, std::mt19937& r
   return v;
 }
 
+// NF4, block 64, plus double quantization of a bf16 tensor, as nf4lora.quantize_4bit does it.
 struct Quantized {
-  std::vector<uint8_t> packed, qabsmax;
-  std::vector<float> absmax, nested_absmax;
-  float offset = 0.0f;
+  std::vector<uint8_t> packed;
+  std::vector<float> absmax;
+  test::DoubleQuant dq;
 
-  AbsmaxSource source() const {
-    AbsmaxSource a;
-    a.qabsmax = qabsmax.data();
-    a.nested_absmax = nested_absmax.data();
-    a.nested_code = kDynamicSigned;
-    a.offset = &offset;
-    return a;
-  }
+  AbsmaxSource source() const { return dq.source(); }
 };
 
-// NF4, block 64, + double quantization of a bf16 tensor. Sizes the buffers on first use only, so
-// that timing it in a loop measures the quantization, not allocation.
+// Sizes the buffers on first use only, so that timing it in a loop measures quantization.
 inline void quantize_dq(const std::vector<uint16_t>& w, int64_t n, int threads, Quantized& q) {
   const int64_t nb = num_blocks(n, 64);
   q.packed.resize(packed_bytes(n));
   q.absmax.resize(nb);
-  q.qabsmax.resize(nb);
-  q.nested_absmax.resize(num_blocks(nb, 256));
   quantize_4bit_cpu(w.data(), DType::BF16, n, 64, QuantType::NF4, q.packed.data(), q.absmax.data(), threads);
-  double sum = 0.0;
-  for (float a : q.absmax) sum += a;
-  q.offset = float(sum / nb);
-  std::vector<float> centered(nb);
-  for (int64_t i = 0; i < nb; ++i) centered[i] = q.absmax[i] - q.offset;
-  quantize_8bit_blockwise_cpu(centered.data(), nb, 256, kDynamicSigned, q.qabsmax.data(),
-                              q.nested_absmax.data(), threads);
+  q.dq.build(q.absmax.data(), nb, threads);
 }
 
 }  // namespace nf4lora::bench

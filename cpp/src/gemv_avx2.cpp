@@ -3,7 +3,7 @@
 // two 8-entry vpermps picked by bit 3) used for every row of x before the next chunk is read.
 // Reference: gemv_ref.cpp (same fp32 weights; fp32 FMA accumulation in another order, so not
 // bit-exact). Tested by tests/cpp/test_matmul.cpp against Ref and a float64 product.
-#include <immintrin.h>
+#include "simd.h"
 
 #include <cstdint>
 

@@ -4,15 +4,7 @@
 // Reference: gemv_ref.cpp (same fp32 weights; fp32 FMA accumulation in another order, so not
 // bit-exact). Tested by tests/cpp/test_matmul.cpp against Ref and a float64 product.
 
-// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own temporaries (GCC bug 105593).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-#else
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 #include <cstdint>
 

@@ -3,7 +3,7 @@
 // values); non-finite and partial blocks are handed to the reference helpers.
 // Tested by tests/cpp/test_core.cpp, which forces this variant and compares it with Ref.
 
-#include <immintrin.h>
+#include "simd.h"
 
 #include <algorithm>
 #include <cstdint>

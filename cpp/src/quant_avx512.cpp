@@ -3,16 +3,7 @@
 // values); non-finite and partial blocks are handed to the reference helpers.
 // Tested by tests/cpp/test_core.cpp, which forces this variant and compares it with Ref.
 
-// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm*_undefined_*() temporaries
-// (GCC bug 105593); the warning points into the header, so silence it only there.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-#else
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 #include <algorithm>
 #include <cstdint>

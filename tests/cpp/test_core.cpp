@@ -17,6 +17,7 @@
 
 #include "nf4lora/format.h"
 #include "nf4lora/quantize.h"
+#include "double_quant.h"
 #include "test_util.h"
 
 #if defined(__SSE2__)
@@ -163,35 +164,9 @@ struct QuantResult {
       : packed(static_cast<size_t>(packed_bytes(n))), absmax(static_cast<size_t>(num_blocks(n, bs)) * 4) {}
 };
 
-// Double quantization of a block-absmax vector, as the Python layer builds it.
-struct Nested {
-  std::vector<uint8_t> q;
-  std::vector<float> nested_absmax;
-  float offset = 0.0f;
-  AbsmaxSource source() const {
-    AbsmaxSource s;
-    s.qabsmax = q.data();
-    s.nested_absmax = nested_absmax.data();
-    s.nested_code = kDynamicSigned;
-    s.offset = &offset;
-    s.nested_blocksize = kNestedBlocksize;
-    return s;
-  }
-};
-
-Nested make_nested(const float* absmax, int64_t nblocks) {
-  Nested r;
-  double sum = 0.0;
-  int64_t finite = 0;
-  for (int64_t i = 0; i < nblocks; ++i)
-    if (std::isfinite(absmax[i])) sum += absmax[i], ++finite;
-  r.offset = finite ? static_cast<float>(sum / finite) : 0.0f;
-  std::vector<float> centered(static_cast<size_t>(nblocks));
-  for (int64_t i = 0; i < nblocks; ++i) centered[i] = absmax[i] - r.offset;
-  r.q.resize(static_cast<size_t>(nblocks));
-  r.nested_absmax.resize(static_cast<size_t>(num_blocks(nblocks, kNestedBlocksize)));
-  quantize_8bit_blockwise_cpu(centered.data(), nblocks, kNestedBlocksize, kDynamicSigned, r.q.data(),
-                              r.nested_absmax.data(), 1);
+DoubleQuant make_nested(const float* absmax, int64_t nblocks) {
+  DoubleQuant r;
+  r.build(absmax, nblocks, 1);
   return r;
 }
 
@@ -259,7 +234,7 @@ void run_case(const Case& c, const std::vector<CpuVariant>& variants) {
       ref.nonfinite = quantize_4bit_cpu(x.data(), in_dt, c.n, c.bs, qt, ref.packed.data(),
                                         reinterpret_cast<float*>(ref.absmax.data()), 1);
       const float* ref_absmax = reinterpret_cast<const float*>(ref.absmax.data());
-      const Nested nested = make_nested(ref_absmax, nblocks);
+      const DoubleQuant nested = make_nested(ref_absmax, nblocks);
       AbsmaxSource plain;
       plain.absmax = ref_absmax;
 

@@ -16,6 +16,7 @@
 #include "nf4lora/format.h"
 #include "nf4lora/matmul.h"
 #include "nf4lora/quantize.h"
+#include "double_quant.h"
 #include "test_util.h"
 
 using namespace nf4lora;
@@ -89,9 +90,9 @@ struct QWeight {
   int64_t N, K, blocksize;
   QuantType qt;
   bool dq;
-  std::vector<uint8_t> packed, qabsmax;
-  std::vector<float> absmax, nested_absmax, w;
-  float offset = 0.0f;
+  std::vector<uint8_t> packed;
+  std::vector<float> absmax, w;
+  DoubleQuant nested;
 
   QWeight(const std::vector<float>& src, int64_t N_, int64_t K_, int64_t bs, QuantType q, bool dq_)
       : N(N_), K(K_), blocksize(bs), qt(q), dq(dq_) {
@@ -99,29 +100,14 @@ struct QWeight {
     packed.assign(packed_bytes(n), 0);
     absmax.assign(nb, 0.0f);
     quantize_4bit_cpu(src.data(), DType::F32, n, bs, qt, packed.data(), absmax.data(), 1);
-    if (dq) {
-      double sum = 0.0;
-      for (float a : absmax) sum += std::isfinite(a) ? a : 0.0f;
-      offset = float(sum / nb);
-      std::vector<float> centered(nb);
-      for (int64_t i = 0; i < nb; ++i) centered[i] = absmax[i] - offset;
-      qabsmax.assign(nb, 0);
-      nested_absmax.assign(num_blocks(nb, 256), 0.0f);
-      quantize_8bit_blockwise_cpu(centered.data(), nb, 256, kDynamicSigned, qabsmax.data(), nested_absmax.data(), 1);
-    }
+    if (dq) nested.build(absmax.data(), nb, 1);
     w.assign(n, 0.0f);
     dequantize_4bit_cpu(packed.data(), source(), n, bs, qt, w.data(), DType::F32, 1);
   }
   AbsmaxSource source() const {
+    if (dq) return nested.source();
     AbsmaxSource a;
-    if (dq) {
-      a.qabsmax = qabsmax.data();
-      a.nested_absmax = nested_absmax.data();
-      a.nested_code = kDynamicSigned;
-      a.offset = &offset;
-    } else {
-      a.absmax = absmax.data();
-    }
+    a.absmax = absmax.data();
     return a;
   }
 };
