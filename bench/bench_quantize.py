@@ -27,7 +27,6 @@ def main() -> None:
     torch.manual_seed(0)
     w = torch.randn(*args.shape, dtype=torch.bfloat16) * 0.02
     out_bytes = w.numel() * w.element_size()
-    rows: list[tuple[str, float, str]] = []
     results: dict[str, float] = {}
 
     src, dst = torch.empty_like(w).fill_(1.0), torch.empty_like(w)

@@ -15,7 +15,6 @@ import torch
 import nf4lora
 from nf4lora import QuantState
 
-from . import reference as ref
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed (pip install .[test])")
 F = pytest.importorskip("bitsandbytes.functional")

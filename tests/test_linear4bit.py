@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-import nf4lora
 from nf4lora import Linear4bit, quantize_model
 
 
