@@ -9,8 +9,9 @@ to the packed weight and its QuantState (no dequantized weight, no activation).
 
 CPU: for up to GEMV_MAX_M rows of x, the fused native kernel (the weight is dequantized in
 registers, never materialized); above that, dequantize into a reused per-thread scratch buffer
-and run a dense torch GEMM in x's dtype. Backward (grad_y @ W) and CUDA use the scratch path
-for now. Under torch.autocast, x is first cast to the autocast dtype.
+and run a dense torch GEMM in x's dtype; backward (grad_y @ W) uses the scratch path for now.
+CUDA: matmul_cuda.py picks the fused GEMV / tensor-core kernels or the scratch path. Under
+torch.autocast, x is first cast to the autocast dtype.
 Tested by tests/test_matmul.py (float64 reference, finite differences, torch.compile)."""
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import _ops, matmul_cuda
 from ._native import _C, dtype_code, num_threads, quant_type_code
 from .functional import _packed_bytes
 from .quant_state import QuantState
@@ -78,13 +79,25 @@ def matmul_4bit_op(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, qu
     """x [..., K] @ W[N, K].T (+ bias) in x's dtype; W given by its packed codes and state."""
     N, K = _check_matmul(x, packed, absmax, shape, bias)
     rows = x.numel() // K if K else 0
+    weight = (packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
+              nested_blocksize)
+    if x.device.type == "cuda":
+        return matmul_cuda.forward(
+            x, *weight, bias,
+            lambda x_: torch.nn.functional.linear(x_, _dequantized(*weight, x.dtype, x.device), bias))
     if x.device.type == "cpu" and 0 < rows <= GEMV_MAX_M:
         return _gemm_cpu(x, packed, absmax, blocksize, quant_type, N, K, nested_absmax,
                          nested_code, offset, nested_blocksize, bias)
-    w = _scratch((N, K), x.dtype, x.device)
+    return torch.nn.functional.linear(x, _dequantized(*weight, x.dtype, x.device), bias)
+
+
+def _dequantized(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
+                 nested_blocksize, dtype, device) -> Tensor:
+    """W [N, K] in dtype, in this thread's reused scratch buffer."""
+    w = _scratch((N, K), dtype, device)
     torch.ops.nf4lora.dequantize_4bit_out(packed, absmax, blocksize, quant_type, nested_absmax,
                                           nested_code, offset, nested_blocksize, w)
-    return torch.nn.functional.linear(x, w, bias)
+    return w
 
 
 def _gemm_cpu(x, packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
@@ -120,10 +133,12 @@ def matmul_4bit_grad_input(grad_y: Tensor, packed: Tensor, absmax: Tensor, block
     _ops.check_float_dtype(grad_y.dtype, "grad_y.dtype")
     if grad_y.dim() < 1 or grad_y.shape[-1] != N:
         raise ValueError(f"grad_y has shape {tuple(grad_y.shape)}, its last dimension must be {N}")
-    w = _scratch((N, K), grad_y.dtype, grad_y.device)
-    torch.ops.nf4lora.dequantize_4bit_out(packed, absmax, blocksize, quant_type, nested_absmax,
-                                          nested_code, offset, nested_blocksize, w)
-    return grad_y @ w
+    weight = (packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
+              nested_blocksize)
+    if grad_y.device.type == "cuda":
+        return matmul_cuda.grad_input(
+            grad_y, *weight, lambda g: g @ _dequantized(*weight, grad_y.dtype, grad_y.device))
+    return grad_y @ _dequantized(*weight, grad_y.dtype, grad_y.device)
 
 
 @matmul_4bit_grad_input.register_fake
