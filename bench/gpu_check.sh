@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # gpu_check.sh — the one script to run on a fresh GPU machine (H100/H200 class, < 8 minutes):
-# builds + installs nf4lora with CUDA for the local GPU's arch only, runs the CUDA tests (and the
-# fast CPU tests if time allows), a short compute-sanitizer pass, and bench/bench_cuda.py, then
-# writes ${OUT:-bench/out}/gpu_report.md and prints it. Every step runs under `timeout`; a failed
+# builds + installs nf4lora with CUDA for the local GPU's arch only, runs the CUDA tests, the GPU
+# benchmarks (bench/bench_cuda_matmul.py, bench/bench_cuda.py), then, with time to spare, a short
+# compute-sanitizer pass and the fast CPU tests; writes ${OUT:-bench/out}/gpu_report.md and prints it. Every step runs under `timeout`; a failed
 # step is recorded and the rest still run; the exit status is nonzero if anything failed.
 # Usage (from anywhere): bash bench/gpu_check.sh     Needs: python3 with torch (CUDA), nvcc,
 # cmake, ninja, pybind11, scikit-build-core, pytest preinstalled; no network access is used.
@@ -113,12 +113,28 @@ for N, K in ((72, 40), (96, 256), (64, 136)):
 torch.cuda.synchronize()
 print("sanitizer case done")
 EOF
+# ---- benchmark -------------------------------------------------------------------------------
+if [ "$BUILT" = 1 ] && [ "$(left)" -gt 60 ]; then
+  OPTIONAL=1 step "bench matmul" "$(( $(left) > 200 ? 150 : $(left) - 40 ))" "$OUT/bench_cuda_matmul.txt" \
+    "$PY" bench/bench_cuda_matmul.py --json "$OUT/bench_cuda_matmul.json"
+else
+  skip "bench matmul" "no CUDA build or not enough time left ($(left)s)"
+fi
+
+if [ "$BUILT" = 1 ]; then
+  OPTIONAL=1 step bench "$(( $(left) > 120 ? 90 : 60 ))" "$OUT/bench_cuda.txt" \
+    "$PY" bench/bench_cuda.py --json "$OUT/bench_cuda.json"
+else
+  skip bench "no CUDA build"
+fi
+
+# compute-sanitizer over the case written above: after the benchmarks, with time to spare.
 for tool in memcheck racecheck; do
   if [ "$BUILT" != 1 ]; then
     skip "sanitizer $tool" "no CUDA build"
   elif [ -z "$SANITIZER" ]; then
     skip "sanitizer $tool" "compute-sanitizer not found"
-  elif [ "$(left)" -lt 200 ]; then
+  elif [ "$(left)" -lt 120 ]; then
     skip "sanitizer $tool" "not enough time left ($(left)s)"
   else
     OPTIONAL=1 step "sanitizer $tool" 90 "$OUT/sanitizer_$tool.log" "$SANITIZER" --tool "$tool" "$PY" "$SAN_PY"
@@ -129,21 +145,6 @@ for tool in memcheck racecheck; do
     fi
   fi
 done
-
-# ---- benchmark -------------------------------------------------------------------------------
-if [ "$BUILT" = 1 ]; then
-  step bench "$(( $(left) > 120 ? 120 : 60 ))" "$OUT/bench_cuda.txt" \
-    "$PY" bench/bench_cuda.py --json "$OUT/bench_cuda.json"
-else
-  skip bench "no CUDA build"
-fi
-
-if [ "$BUILT" = 1 ] && [ "$(left)" -gt 60 ]; then
-  OPTIONAL=1 step "bench matmul" "$(( $(left) > 200 ? 150 : $(left) - 40 ))" "$OUT/bench_cuda_matmul.txt" \
-    "$PY" bench/bench_cuda_matmul.py --json "$OUT/bench_cuda_matmul.json"
-else
-  skip "bench matmul" "no CUDA build or not enough time left ($(left)s)"
-fi
 
 if [ "$BUILT" = 1 ] && [ "$(left)" -gt 60 ]; then
   OPTIONAL=1 step "cpu tests" "$(( $(left) - 15 ))" "$OUT/pytest_cpu.log" \
