@@ -3,7 +3,7 @@ each CUDA path — the fused GEMV (M <= 8), the tensor-core GEMM with on-the-fly
 dequantize + cuBLAS — next to dense bf16 torch.nn.functional.linear on the dequantized weight,
 all in one process: GPU time from CUDA events (graph replays of back-to-back calls over rotating
 weights larger than L2), TFLOP/s, weight GB/s, and the ratio to dense. The fastest path per row
-tells matmul_cuda.py's TC_MAX_M.
+tells matmul_cuda.py's GEMV_MAX_M, GEMV_T_MAX_M and TC_MAX_M.
 
     python bench/bench_cuda_matmul.py [--shapes 4096x4096 ...] [--ms 1 8 64 512] [--json out.json]
 """
@@ -24,7 +24,8 @@ from nf4lora.functional import _packed_bytes
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cuda import ROTATE, gpu_ms  # noqa: E402  (same timing method as the dequant benchmark)
 
-PATHS = {"gemv": (8, 0), "tensor cores": (0, 1 << 30), "dequant+cuBLAS": (0, 0)}
+PATHS = {"gemv": (8, 8, 0), "tensor cores": (0, 0, 1 << 30), "dequant+cuBLAS": (0, 0, 0)}
+KNOBS = ("GEMV_MAX_M", "GEMV_T_MAX_M", "TC_MAX_M")
 
 
 def bench(N: int, K: int, M: int, iters: int, warmup: int) -> dict:
@@ -39,12 +40,13 @@ def bench(N: int, K: int, M: int, iters: int, warmup: int) -> dict:
                             "weight_bytes": qs[0][1].nbytes}
     r["dense_fwd_ms"] = gpu_ms(lambda i: torch.nn.functional.linear(xs[i], dense[i]), iters, warmup, True)[0]
     r["dense_bwd_ms"] = gpu_ms(lambda i: gs[i] @ dense[i], iters, warmup, True)[0]
-    saved = matmul_cuda.GEMV_MAX_M, matmul_cuda.TC_MAX_M
+    saved = [getattr(matmul_cuda, k) for k in KNOBS]
     try:
-        for name, (gemv, tc) in PATHS.items():
+        for name, knobs in PATHS.items():
             if name == "gemv" and M > 8:
                 continue
-            matmul_cuda.GEMV_MAX_M, matmul_cuda.TC_MAX_M = gemv, tc
+            for k, v in zip(KNOBS, knobs):
+                setattr(matmul_cuda, k, v)
             op = torch.ops.nf4lora.matmul_4bit_grad_input
 
             def fwd(i):
@@ -57,7 +59,8 @@ def bench(N: int, K: int, M: int, iters: int, warmup: int) -> dict:
             r[name + "_fwd_ms"] = gpu_ms(fwd, iters, warmup, True)[0]
             r[name + "_bwd_ms"] = gpu_ms(bwd, iters, warmup, True)[0]
     finally:
-        matmul_cuda.GEMV_MAX_M, matmul_cuda.TC_MAX_M = saved
+        for k, v in zip(KNOBS, saved):
+            setattr(matmul_cuda, k, v)
     return r
 
 
@@ -80,7 +83,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["4096x4096", "11008x4096", "4096x11008"],
                     help="weight shapes NxK = OUTxIN (default: LLaMA-7B attention, MLP up, MLP down)")
-    ap.add_argument("--ms", nargs="+", type=int, default=[1, 8, 64, 512, 2048])
+    ap.add_argument("--ms", nargs="+", type=int, default=[1, 2, 4, 8, 64, 512, 2048])
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json")

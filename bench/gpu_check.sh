@@ -107,7 +107,8 @@ for N, K in ((72, 40), (96, 256), (64, 136)):
     p, s = nf4lora.quantize_4bit(torch.randn(N, K, device="cuda"), 64, "nf4", double_quant=True)
     for M in (1, 3, 17, 70):
         for gemv, tc in ((8, 0), (0, 1 << 30)):
-            matmul_cuda.GEMV_MAX_M, matmul_cuda.TC_MAX_M = gemv, tc
+            matmul_cuda.GEMV_MAX_M = matmul_cuda.GEMV_T_MAX_M = gemv
+            matmul_cuda.TC_MAX_M = tc
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             nf4lora.matmul_4bit(x, p, s).float().sum().backward()
 torch.cuda.synchronize()

@@ -90,9 +90,9 @@ __device__ __forceinline__ void store_one(void* y, int64_t i, float v) {
 // and, blocks being >= 32 elements, never straddles blocks: the scale is applied once per word.
 
 constexpr int kGemvThreads = 256;
-constexpr int kGemvUnroll = 4;
+constexpr int kGemvUnroll = 8;
 
-template <DType D, bool kNested>
+template <DType D, bool kNested, int kMaxM>  // kMaxM: 1 (decode: fewer registers) or kGemmSmallMaxM
 __global__ void __launch_bounds__(kGemvThreads)
 gemv_4bit_kernel(const void* __restrict__ x, int M, int64_t K, const uint8_t* __restrict__ packed,
                  AbsmaxArgs a, int lg_bs, Codebook4 cb, int64_t N, const void* __restrict__ bias,
@@ -105,24 +105,29 @@ gemv_4bit_kernel(const void* __restrict__ x, int M, int64_t K, const uint8_t* __
   const int64_t n = static_cast<int64_t>(blockIdx.x) * (kGemvThreads / 32) + (threadIdx.x >> 5);
   if (n >= N) return;  // whole warps only, after the block's only barrier
 
-  float acc[kGemmSmallMaxM];
+  float acc[kMaxM];
 #pragma unroll
-  for (int m = 0; m < kGemmSmallMaxM; ++m) acc[m] = 0.0f;
+  for (int m = 0; m < kMaxM; ++m) acc[m] = 0.0f;
   const int64_t words = K >> 3;
   const uint32_t* row = reinterpret_cast<const uint32_t*>(packed) + n * words;
   for (int64_t w0 = lane; w0 < words; w0 += 32 * kGemvUnroll) {
     uint32_t q[kGemvUnroll];
+    float scale[kGemvUnroll];
 #pragma unroll
-    for (int u = 0; u < kGemvUnroll; ++u) q[u] = w0 + 32 * u < words ? __ldg(row + w0 + 32 * u) : 0u;
+    for (int u = 0; u < kGemvUnroll; ++u) {  // every load of the trip first, then the math
+      const int64_t w = w0 + 32 * u;
+      q[u] = w < words ? __ldg(row + w) : 0u;
+      scale[u] = w < words ? scale_of<kNested>(a, t, offset, (n * K + 8 * w) >> lg_bs) : 0.0f;
+    }
 #pragma unroll
     for (int u = 0; u < kGemvUnroll; ++u) {
       const int64_t w = w0 + 32 * u;
       if (w >= words) break;
-      const float am = scale_of<kNested>(a, t, offset, (n * K + 8 * w) >> lg_bs);
+      const float am = scale[u];
       float wv[8];
       decode_word(q[u], t.value, wv);
 #pragma unroll
-      for (int m = 0; m < kGemmSmallMaxM; ++m) {
+      for (int m = 0; m < kMaxM; ++m) {
         if (m >= M) break;
         float xv[8];
         load8<D>(x, m * K + 8 * w, xv);
@@ -134,7 +139,7 @@ gemv_4bit_kernel(const void* __restrict__ x, int M, int64_t K, const uint8_t* __
     }
   }
 #pragma unroll
-  for (int m = 0; m < kGemmSmallMaxM; ++m) {
+  for (int m = 0; m < kMaxM; ++m) {
     if (m >= M) break;
     float v = acc[m];
 #pragma unroll
@@ -153,8 +158,9 @@ gemv_4bit_kernel(const void* __restrict__ x, int M, int64_t K, const uint8_t* __
 
 constexpr int kGemvTThreads = 128;
 constexpr int kGemvTRows = 32;
+constexpr int kGemvTUnroll = 8;  // rows of W whose loads are in flight together
 
-template <DType D, bool kNested>
+template <DType D, bool kNested, int kMaxM>
 __global__ void __launch_bounds__(kGemvTThreads)
 gemv_t_4bit_kernel(const void* __restrict__ g, int M, int64_t N, const uint8_t* __restrict__ packed,
                    AbsmaxArgs a, int lg_bs, Codebook4 cb, int64_t K, float* __restrict__ out) {
@@ -167,29 +173,40 @@ gemv_t_4bit_kernel(const void* __restrict__ g, int M, int64_t N, const uint8_t* 
   if (w >= words) return;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kGemvTRows;
   const int64_t n1 = min(N, n0 + kGemvTRows);
-  float acc[kGemmSmallMaxM][8];
+  float acc[kMaxM][8];
 #pragma unroll
-  for (int m = 0; m < kGemmSmallMaxM; ++m)
+  for (int m = 0; m < kMaxM; ++m)
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[m][i] = 0.0f;
   const uint32_t* words_of = reinterpret_cast<const uint32_t*>(packed);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint32_t q = __ldg(words_of + n * words + w);
-    const float am = scale_of<kNested>(a, t, offset, (n * K + 8 * w) >> lg_bs);
-    float wv[8];
-    decode_word(q, t.value, wv);
+  for (int64_t nb = n0; nb < n1; nb += kGemvTUnroll) {
+    uint32_t q[kGemvTUnroll];
+    float scale[kGemvTUnroll];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) wv[i] *= am;
+    for (int u = 0; u < kGemvTUnroll; ++u) {  // every load of the trip first, then the math
+      const int64_t n = nb + u;
+      q[u] = n < n1 ? __ldg(words_of + n * words + w) : 0u;
+      scale[u] = n < n1 ? scale_of<kNested>(a, t, offset, (n * K + 8 * w) >> lg_bs) : 0.0f;
+    }
 #pragma unroll
-    for (int m = 0; m < kGemmSmallMaxM; ++m) {
-      if (m >= M) break;
-      const float gm = load_scalar<D>(g, m * N + n);
+    for (int u = 0; u < kGemvTUnroll; ++u) {
+      const int64_t n = nb + u;
+      if (n >= n1) break;
+      float wv[8];
+      decode_word(q[u], t.value, wv);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) acc[m][i] = fmaf(gm, wv[i], acc[m][i]);
+      for (int i = 0; i < 8; ++i) wv[i] *= scale[u];
+#pragma unroll
+      for (int m = 0; m < kMaxM; ++m) {
+        if (m >= M) break;
+        const float gm = load_scalar<D>(g, m * N + n);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[m][i] = fmaf(gm, wv[i], acc[m][i]);
+      }
     }
   }
 #pragma unroll
-  for (int m = 0; m < kGemmSmallMaxM; ++m) {
+  for (int m = 0; m < kMaxM; ++m) {
     if (m >= M) break;
 #pragma unroll
     for (int i = 0; i < 8; ++i) atomicAdd(out + m * K + 8 * w + i, acc[m][i]);
@@ -360,8 +377,9 @@ struct LaunchGemv {
   static void run(const void* x, int64_t M, int64_t K, const uint8_t* packed, const AbsmaxArgs& a,
                   int lg_bs, const Codebook4& cb, int64_t N, const void* bias, void* y, cudaStream_t s) {
     const int64_t grid = (N + kGemvThreads / 32 - 1) / (kGemvThreads / 32);
-    gemv_4bit_kernel<D, kNested><<<static_cast<unsigned>(grid), kGemvThreads, 0, s>>>(
-        x, static_cast<int>(M), K, packed, a, lg_bs, cb, N, bias, y);
+    const auto kernel = M == 1 ? gemv_4bit_kernel<D, kNested, 1> : gemv_4bit_kernel<D, kNested, kGemmSmallMaxM>;
+    kernel<<<static_cast<unsigned>(grid), kGemvThreads, 0, s>>>(x, static_cast<int>(M), K, packed, a, lg_bs,
+                                                                cb, N, bias, y);
   }
 };
 
@@ -371,8 +389,8 @@ struct LaunchGemvT {
                   int lg_bs, const Codebook4& cb, int64_t K, float* out, cudaStream_t s) {
     const dim3 grid(static_cast<unsigned>(((K >> 3) + kGemvTThreads - 1) / kGemvTThreads),
                     static_cast<unsigned>((N + kGemvTRows - 1) / kGemvTRows));
-    gemv_t_4bit_kernel<D, kNested><<<grid, kGemvTThreads, 0, s>>>(g, static_cast<int>(M), N, packed, a,
-                                                                  lg_bs, cb, K, out);
+    const auto kernel = M == 1 ? gemv_t_4bit_kernel<D, kNested, 1> : gemv_t_4bit_kernel<D, kNested, kGemmSmallMaxM>;
+    kernel<<<grid, kGemvTThreads, 0, s>>>(g, static_cast<int>(M), N, packed, a, lg_bs, cb, K, out);
   }
 };
 

@@ -20,18 +20,17 @@ MS = [1, 2, 3, 8, 17, 64, 118]
 # (N, K): tensor cores both ways; forward only; backward only (K % 16 == 8); GEMV only; K odd
 # (every path falls back to dequantize + cuBLAS).
 SHAPES = [(96, 256), (136, 320), (64, 136), (72, 40), (33, 99)]
-PATHS = {  # (GEMV_MAX_M, TC_MAX_M) that force each path where the shape allows it
-    "gemv": (8, 0),
-    "tc": (0, 1 << 30),
-    "dequant": (0, 0),
+PATHS = {  # (GEMV_MAX_M, GEMV_T_MAX_M, TC_MAX_M) that force each path where the shape allows it
+    "gemv": (8, 8, 0),
+    "tc": (0, 0, 1 << 30),
+    "dequant": (0, 0, 0),
 }
 
 
 @pytest.fixture
 def path(request, monkeypatch):
-    gemv, tc = PATHS[request.param]
-    monkeypatch.setattr(matmul_cuda, "GEMV_MAX_M", gemv)
-    monkeypatch.setattr(matmul_cuda, "TC_MAX_M", tc)
+    for name, value in zip(("GEMV_MAX_M", "GEMV_T_MAX_M", "TC_MAX_M"), PATHS[request.param]):
+        monkeypatch.setattr(matmul_cuda, name, value)
     return request.param
 
 
@@ -85,7 +84,8 @@ def test_formats_and_blocksizes(path, qt, dq, blocksize):
         within_rule(x.grad, gy @ w_same, gy.double().cpu() @ w64)
 
 
-def test_gemv_matches_cpu_kernel():
+@pytest.mark.parametrize("path", ["gemv"], indirect=True)
+def test_gemv_matches_cpu_kernel(path):
     packed, state, _ = weight(300, 512, seed=2)
     x = torch.randn(5, 512)
     y_gpu = nf4lora.matmul_4bit(x.cuda(), packed, state).cpu()

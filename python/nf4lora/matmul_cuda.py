@@ -4,7 +4,7 @@ shape, or falls back to dequantize-into-scratch + cuBLAS (always correct, any sh
     forward  y = x W^T:  M <= GEMV_MAX_M and K % 8 == 0         -> gemv_4bit_cuda
                          fp16/bf16, K % 32 == 0, M <= TC_MAX_M  -> gemm_4bit_tc_cuda (tensor cores)
                          otherwise                              -> dequantize + F.linear
-    backward g W:        M <= GEMV_MAX_M and K % 8 == 0         -> gemv_4bit_t_cuda (fp32 atomics)
+    backward g W:        M <= GEMV_T_MAX_M and K % 8 == 0       -> gemv_4bit_t_cuda (fp32 atomics)
                          fp16/bf16, N % 32 == 0, K % 8 == 0, M <= TC_MAX_M -> gemm_4bit_tc_cuda
                          otherwise                              -> dequantize + matmul
 
@@ -20,10 +20,15 @@ from torch import Tensor
 from ._native import _C, dtype_code, quant_type_code
 from ._ops import _ptr, _require_cuda_build, _cuda_stream
 
-GEMV_MAX_M = 8  # the GEMV kernels' limit (kGemmSmallMaxM in nf4lora/matmul.h)
-# Rows up to which the tensor-core kernel runs instead of dequantize + cuBLAS. Set from
-# bench/bench_cuda.py on an H200 (see the README's GPU figures); 0 disables it.
-TC_MAX_M = 1 << 30
+# Rows of x (of grad_y) up to which each fused kernel runs instead of dequantize + cuBLAS; the
+# kernels take up to 8 (kGemmSmallMaxM in nf4lora/matmul.h). Chosen from bench/bench_cuda_matmul.py
+# on an H200 (LLaMA-7B shapes, bf16; figures in the README): the forward GEMV beats dequantize +
+# cuBLAS up to M = 3 (M=1 4096x4096: 9.8 us vs 25.4, dense bf16 12.9); the transposed GEMV only
+# ties it at M = 1; the tensor-core GEMM (a simple single-buffered WMMA kernel) runs 7-10x slower
+# than dequantize + cuBLAS at every M, so it is off until it is rewritten.
+GEMV_MAX_M = 3
+GEMV_T_MAX_M = 1
+TC_MAX_M = 0
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -74,7 +79,7 @@ def grad_input(grad_y: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, q
     M = grad_y.numel() // N if N else 0
     words_ok = K % 8 == 0 and K > 0 and N > 0 and _aligned(packed, 4)
     g2 = grad_y.reshape(M, N).contiguous() if words_ok and M else grad_y
-    use_gemv = 0 < M <= GEMV_MAX_M and words_ok
+    use_gemv = 0 < M <= GEMV_T_MAX_M and words_ok
     use_tc = (not use_gemv and 0 < M <= TC_MAX_M and grad_y.dtype in _HALF and N % 32 == 0
               and words_ok and _aligned(g2))
     if not (use_gemv or use_tc):
