@@ -22,7 +22,7 @@ _UNSUPPORTED = {
     "use_dora": False, "lora_bias": False, "fan_in_fan_out": False, "layers_to_transform": None,
     "layers_pattern": None, "layer_replication": None, "use_qalora": False,
     "trainable_token_indices": None, "target_parameters": None, "alora_invocation_tokens": None,
-    "use_bdlora": False,
+    "use_bdlora": None,
 }
 _EMPTY = (None, [], {}, "")
 
