@@ -77,14 +77,11 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str):
             for entry in spec:
                 if not any(name_matches(n, [entry]) for n in names):
                     raise _unknown(entry, names, "target_modules")
-        # A regex or a suffix may also hit containers (e.g. 'mlp'): only linears are targets,
-        # but a name that hits nothing but non-linears is an error.
-        linear = [(n, m) for n, m in targets if _is_linear(m)]
-        if not linear:
-            kinds = sorted({type(m).__name__ for _, m in targets})
-            raise ValueError(f"target_modules {spec!r} match only {kinds} modules; LoRA supports nn.Linear "
-                             "and Linear4bit")
-        targets = linear
+        # PEFT refuses to adapt a module type it has no layer for; so do we, naming it.
+        other = [(n, type(m).__name__) for n, m in targets if not _is_linear(m)]
+        if other:
+            raise ValueError(f"target_modules {spec!r} match {len(other)} modules that are not linear, e.g. "
+                             f"{other[:3]}; LoRA supports nn.Linear and Linear4bit")
     if config.exclude_modules is not None:
         if not isinstance(config.exclude_modules, str):
             for entry in config.exclude_modules:
@@ -479,7 +476,9 @@ def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = torch.bflo
 
 
 def _dense(w: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype) -> nn.Linear:
-    layer = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=dtype)
+    # built on the meta device: no random init of a weight that is overwritten at once
+    layer = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta", dtype=dtype)
+    layer = layer.to_empty(device=w.device)
     layer.weight.copy_(w)
     if bias is not None:
         layer.bias.copy_(bias)
