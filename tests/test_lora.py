@@ -225,6 +225,9 @@ def test_merge_unmerge_float_base_is_exact():
     with nl.disable_adapters(model):  # unmerged inside, merged again after
         assert torch.equal(model.up.base_layer.weight, before["up.base_layer.weight"])
     assert torch.allclose(model(x), y, atol=1e-5)
+    with pytest.raises(ValueError, match="unmerge_adapter"):
+        nl.add_adapter(model, "other", LoraConfig(r=2, target_modules=["up"]))
+    assert nl.adapter_names(model) == ["default"] and list(model.up.lora_A) == ["default"]
     nl.unmerge_adapter(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert torch.equal(model(x), y)

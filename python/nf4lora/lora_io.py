@@ -19,8 +19,8 @@ from torch import nn
 
 from .lora import LoraLinear, ModulesToSave
 from .lora_config import ALL_LINEAR, LoraConfig
-from .lora_model import (_ACTIVE, _ADAPTERS, _QuantOptions, _adapters, _inject, _is_trainable, _plan,
-                         _walk, delete_adapter, set_adapter)
+from .lora_model import (_ACTIVE, _ADAPTERS, _QuantOptions, _adapters, _check_not_merged, _inject,
+                         _is_trainable, _plan, _walk, delete_adapter, set_adapter)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -192,6 +192,7 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], adapter_n
     configs = getattr(model, _ADAPTERS, None) or {}
     if adapter_name in configs:
         raise ValueError(f"the model already has an adapter named {adapter_name!r}")
+    _check_not_merged(model)
     config, tensors = read_adapter(directory)
     config = dataclasses.replace(config, init="kaiming")  # the weights come from the file
     targets, saves = _plan(model, config, adapter_name)

@@ -263,12 +263,18 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig,
     if config.init in ("loftq", "pissa"):
         raise ValueError(f"init={config.init!r} rewrites the base weight, which other adapters share: "
                          "only the first adapter (get_lora_model) may use it")
+    _check_not_merged(model)
     targets, saves = _plan(model, config, adapter_name)
     trainable = _is_trainable(model)
     _inject(model, config, adapter_name, targets, saves, _QuantOptions(None, None, 64, True), adapter_dtype)
     configs[adapter_name] = config
     set_adapter(model, getattr(model, _ACTIVE), trainable=trainable)
     return model
+
+
+def _check_not_merged(model: nn.Module) -> None:
+    if any(layer.merged_adapters for _, layer in _lora_layers(model)):
+        raise ValueError("an adapter is merged into the base: unmerge_adapter(model) first")
 
 
 def _is_trainable(model: nn.Module) -> bool:
@@ -281,8 +287,7 @@ def set_adapter(model: nn.Module, adapter_name: str, trainable: bool = True) -> 
     configs = _adapters(model)
     if adapter_name not in configs:
         raise ValueError(f"unknown adapter {adapter_name!r}; this model has {sorted(configs)}")
-    if any(layer.merged_adapters for _, layer in _lora_layers(model)):
-        raise ValueError("unmerge_adapter(model) before switching adapters")
+    _check_not_merged(model)
     for _, m in _walk(model):
         if isinstance(m, (LoraLinear, ModulesToSave)):
             has = adapter_name in (m.lora_A if isinstance(m, LoraLinear) else m.modules_to_save)
