@@ -449,6 +449,8 @@ def test_bad_input_is_refused_and_the_model_left_unchanged():
             nl.get_lora_model(model, cfg)
         after = snapshot(model)
         assert after[0] == before[0] and all(torch.equal(v, before[1][k]) for k, v in after[1].items())
+    with pytest.raises(ValueError, match="adapter_name must be a non-empty string without dots"):
+        nl.get_lora_model(model, LoraConfig(), adapter_name="a.b")
     with pytest.raises(ValueError, match="quantize must be"):
         nl.get_lora_model(model, LoraConfig(), quantize="int8")
     with pytest.raises(TypeError, match="must be a LoraConfig"):

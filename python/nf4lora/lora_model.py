@@ -61,6 +61,8 @@ def _unknown(entry: str, names: list[str], what: str) -> ValueError:
 
 def _plan(model: nn.Module, config: LoraConfig, adapter_name: str):
     """(targets [(name, module)], modules_to_save [(name, module)]) or ValueError; touches nothing."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
     modules = list(_walk(model))
     names = [n for n, _ in modules]
     heads = _output_heads(model)
