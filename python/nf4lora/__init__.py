@@ -9,6 +9,7 @@ from .functional import dequantize_4bit, quantize_4bit
 from .matmul import matmul_4bit
 from .nn import Linear4bit, quantize_model
 from .quant_state import QuantState, codebook, dynamic_map
+from . import optim
 
 __version__ = "0.1.0"
 
@@ -27,4 +28,5 @@ __all__ = [
     "quantize_model",
     "set_cpu_variant",
     "use_cpu_variant",
+    "optim",
 ]
