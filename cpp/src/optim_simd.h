@@ -1,6 +1,6 @@
 // optim_simd.h — the fused AdamW block kernels written once over a small vector-ISA interface V
-// (F: a vector of V::W floats; arithmetic, loads/stores per param dtype, map gathers, the 8-bit
-// encoder). Included only by optim_avx2.cpp and optim_avx512.cpp, each compiled with its own ISA
+// (F: a vector of V::W floats; arithmetic, loads/stores per param dtype; V::Codec, built once per
+// call from one 8-bit map, decodes W codes and encodes W scaled values). Included only by optim_avx2.cpp and optim_avx512.cpp, each compiled with its own ISA
 // flags, which define V. Same operations in the same order as optim_ref.cpp (no FMA), so equal to
 // it bit for bit on finite data; tested by tests/cpp/test_optim.cpp.
 #pragma once
@@ -83,6 +83,8 @@ template <class V, DType D>
 int64_t adamw_8bit_blocks(const AdamWArgs& a, int64_t b0, int64_t b1) {
   const Scalars<V> s(a.s);
   const Optim8bitTables& t = *a.tables;
+  const typename V::Codec codec_m(kDynamicSigned, t.mids_m, t.lut_m);
+  const typename V::Codec codec_v(kDynamicUnsigned, t.mids_v, t.lut_v);
   alignas(64) float mb[kOptimBlock], vb[kOptimBlock];
   int64_t skipped = 0;
   for (int64_t b = b0; b < b1; ++b) {
@@ -97,8 +99,8 @@ int64_t adamw_8bit_blocks(const AdamWArgs& a, int64_t b0, int64_t b1) {
     int64_t i = begin;
     for (; i + V::W <= end; i += V::W) {
       typename V::F p = load_elems<V, D>(a.param, i);
-      typename V::F m = V::mul(V::decode(kDynamicSigned, a.qm + i), am);
-      typename V::F v = V::mul(V::decode(kDynamicUnsigned, a.qv + i), av);
+      typename V::F m = V::mul(codec_m.decode(a.qm + i), am);
+      typename V::F v = V::mul(codec_v.decode(a.qv + i), av);
       update<V>(p, m, v, load_elems<V, D>(a.grad, i), s);
       store_elems<V, D>(a.param, i, p);
       V::store_f32(mb + (i - begin), m);
@@ -113,8 +115,8 @@ int64_t adamw_8bit_blocks(const AdamWArgs& a, int64_t b0, int64_t b1) {
     const typename V::F vsm = V::set1(sm), vsv = V::set1(sv);
     int64_t j = begin;
     for (; j + V::W <= end; j += V::W) {
-      V::encode(t.lut_m, t.mids_m, V::mul(V::load_f32(mb + (j - begin)), vsm), a.qm + j);
-      V::encode(t.lut_v, t.mids_v, V::mul(V::load_f32(vb + (j - begin)), vsv), a.qv + j);
+      codec_m.encode(V::mul(V::load_f32(mb + (j - begin)), vsm), a.qm + j);
+      codec_v.encode(V::mul(V::load_f32(vb + (j - begin)), vsv), a.qv + j);
     }
     for (; j < end; ++j) {
       a.qm[j] = encode_8bit_mids(t.mids_m, mb[j - begin] * sm);
