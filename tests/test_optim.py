@@ -43,7 +43,7 @@ def _f32(x):
 
 def _scalars(lr, beta1, beta2, eps, wd, step):
     return dict(decay=_f32(1 - lr * wd), omb1=_f32(1 - beta1), beta2=_f32(beta2), omb2=_f32(1 - beta2),
-                eps=_f32(eps), step_size=_f32(lr / (1 - beta1 ** step)), bc2=_f32((1 - beta2 ** step) ** 0.5))
+                eps=_f32(eps), step_size=_f32(lr / (1 - beta1 ** step)), inv_bc2=_f32(1 / (1 - beta2 ** step) ** 0.5))
 
 
 def _update(p, m, v, g, s):
@@ -52,7 +52,7 @@ def _update(p, m, v, g, s):
     p = r(p * s["decay"])
     m = r(m + r(s["omb1"] * r(g - m)))
     v = r(r(v * s["beta2"]) + r(r(s["omb2"] * g) * g))
-    denom = r(r(r(torch.sqrt(v)) / s["bc2"]) + s["eps"])
+    denom = r(r(r(torch.sqrt(v)) * s["inv_bc2"]) + s["eps"])
     p = r(p - r(r(s["step_size"] * m) / denom))
     return p.float(), m.float(), v.float()
 

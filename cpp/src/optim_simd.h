@@ -28,11 +28,11 @@ void store_elems(void* p, int64_t i, typename V::F x) {
 
 template <class V>
 struct Scalars {
-  typename V::F decay, omb1, beta2, omb2, eps, step_size, bc2_sqrt;
+  typename V::F decay, omb1, beta2, omb2, eps, step_size, inv_bc2_sqrt;
   explicit Scalars(const AdamWScalars& s)
       : decay(V::set1(s.decay)), omb1(V::set1(s.one_minus_beta1)), beta2(V::set1(s.beta2)),
         omb2(V::set1(s.one_minus_beta2)), eps(V::set1(s.eps)), step_size(V::set1(s.step_size)),
-        bc2_sqrt(V::set1(s.bc2_sqrt)) {}
+        inv_bc2_sqrt(V::set1(s.inv_bc2_sqrt)) {}
 };
 
 // optim.h's adamw_update, lane-wise, the same operations in the same order.
@@ -42,7 +42,7 @@ inline void update(typename V::F& p, typename V::F& m, typename V::F& v, typenam
   p = V::mul(p, s.decay);
   m = V::add(m, V::mul(s.omb1, V::sub(g, m)));
   v = V::add(V::mul(v, s.beta2), V::mul(V::mul(s.omb2, g), g));
-  const typename V::F denom = V::add(V::div(V::sqrt(v), s.bc2_sqrt), s.eps);
+  const typename V::F denom = V::add(V::mul(V::sqrt(v), s.inv_bc2_sqrt), s.eps);
   p = V::sub(p, V::div(V::mul(s.step_size, m), denom));
 }
 
