@@ -159,35 +159,33 @@ def test_small_tensors_keep_fp32_state_in_8bit():
 
 # ---- 8-bit: trains like 32-bit; same format and update as bitsandbytes ---------------------------
 
-def _train(optim_bits, steps=40):
+def _problem():
+    """A small MLP regression (8.4K params; the 64x128 layer has 8-bit state)."""
     torch.manual_seed(0)
     x = torch.randn(512, 64)
     y = torch.sin(x @ torch.randn(64, 1)) + 0.1 * torch.randn(512, 1)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 1))
+    return x, y, model
+
+
+def _train(optim_bits, steps=40):
+    x, y, model = _problem()
     o = optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, optim_bits=optim_bits)
-    assert any("state1" in s for s in o.state.values()) or o.state == {} or optim_bits == 32
     for _ in range(steps):
         o.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
+        torch.nn.functional.mse_loss(model(x), y).backward()
         o.step()
     return torch.nn.functional.mse_loss(model(x), y).item(), o
 
 
 def test_8bit_trains_to_the_same_loss():
+    x, y, model = _problem()
+    initial = torch.nn.functional.mse_loss(model(x), y).item()
     loss32, _ = _train(32)
     loss8, o8 = _train(8)
     assert any("state1" in s for s in o8.state.values()), "the 8-bit path was not exercised"
-    assert loss32 < 0.5 * _initial_loss()
+    assert loss32 < 0.2 * initial, (loss32, initial)
     assert abs(loss8 - loss32) <= 0.02 * loss32, (loss8, loss32)
-
-
-def _initial_loss():
-    torch.manual_seed(0)
-    x = torch.randn(512, 64)
-    y = torch.sin(x @ torch.randn(64, 1)) + 0.1 * torch.randn(512, 1)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 1))
-    return torch.nn.functional.mse_loss(model(x), y).item()
 
 
 def test_8bit_state_within_documented_tolerance_of_fp32():
@@ -309,7 +307,7 @@ def test_paged_cpu_equals_unpaged_and_cleans_up(bits_, tmp_path):
         assert torch.equal(bits(a), bits(b))
     key = "state1" if bits_ == 8 else "exp_avg"
     paged_state = paged.state[pa[0]][key]
-    with open(files[0 if key in ("state1", "exp_avg") else 1], "rb") as f:  # the tensor IS the file
+    with open(files[0], "rb") as f:  # the tensor IS the file (state1 / exp_avg is created first)
         on_disk = torch.frombuffer(bytearray(f.read()), dtype=paged_state.dtype)
     assert torch.equal(on_disk, paged_state)
     del paged, paged_state
