@@ -9,6 +9,7 @@ import errno
 import gc
 import io
 import os
+import pickle
 import warnings
 
 import pytest
@@ -268,6 +269,22 @@ def test_state_dict_resume_is_bit_exact(bits_, tmp_path):
         assert torch.equal(bits(a), bits(b))
     for k, v in o.state[ps[0]].items():
         assert torch.equal(bits(v), bits(o2.state[resumed[0]][k])) if torch.is_tensor(v) else v == o2.state[resumed[0]][k]
+
+
+def test_deepcopy_and_pickle_give_an_independent_optimizer(tmp_path):
+    p = torch.randn(100_000, generator=torch.Generator().manual_seed(4)).requires_grad_()
+    o = optim.PagedAdamW([p], lr=1e-2, optim_bits=8, page_dir=str(tmp_path))
+    p.grad = torch.ones_like(p)
+    o.step()
+    for twin in (copy.deepcopy(o), pickle.loads(pickle.dumps(o))):
+        q = twin.param_groups[0]["params"][0]
+        assert twin.optim_bits == 8 and twin.paged and twin.page_dir != o.page_dir
+        q.grad = torch.ones_like(q)
+        twin.step()
+        assert not torch.equal(q, p) and o.state[p]["step"] == 1 and twin.state[q]["step"] == 2
+        del twin
+    gc.collect()
+    assert len(os.listdir(tmp_path)) == 2  # only the original's files
 
 
 def test_load_state_dict_rejects_another_layout():
