@@ -1,8 +1,9 @@
 // optim_avx512.cpp — AVX-512 (F/BW/VL/DQ) fused AdamW: 16 lanes of optim_simd.h's kernels. The
-// 8-bit maps live in registers and are read with vpermi2ps/vpermps, not gathers (which microcode
-// mitigations for "Downfall" make ~10x slower on many Intel CPUs): decoding is a 256-entry table
-// lookup, encoding format.h's 8-step binary search over the midpoints, one tree level at a time. Reference: optim_ref.cpp, bit for bit on
-// finite data (fp16 NaN payloads may differ); tested by tests/cpp/test_optim.cpp.
+// 8-bit maps live in registers and are read with vpermi2ps/vpermps rather than gathers (slowed by
+// microcode mitigations on many Intel CPUs; the gather version of this file was ~1.4x slower here):
+// decoding is a 256-entry table lookup, encoding format.h's 8-step binary search over the
+// midpoints, one tree level at a time. Reference: optim_ref.cpp, bit for bit on finite data (fp16
+// NaN payloads may differ); tested by tests/cpp/test_optim.cpp.
 #include "simd.h"
 
 #include <cstdint>
