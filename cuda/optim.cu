@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common.cuh"
 #include "nf4lora/optim.h"
 #include "../cpp/src/checks.h"
 
@@ -23,25 +24,11 @@ using namespace detail;
 
 constexpr int kThreads = static_cast<int>(kOptimBlock);  // one thread per element of a block
 static_assert(kThreads % 32 == 0, "whole warps");
-constexpr int kMaxDevices = 64;
-
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
-}
-
+using cuda_common::check_cuda;
 // Enough CTAs to fill the GPU (grid-stride over blocks beyond that), cached per device.
+template <auto Kernel>
 int grid_for(int64_t nblocks, const char* what) {
-  static std::atomic<int> cached[kMaxDevices];
-  int dev = 0;
-  check_cuda(cudaGetDevice(&dev), what);
-  int ctas = dev >= 0 && dev < kMaxDevices ? cached[dev].load(std::memory_order_relaxed) : 0;
-  if (ctas == 0) {
-    int sms = 0;
-    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), what);
-    ctas = std::max(1, sms * (2048 / kThreads));
-    if (dev >= 0 && dev < kMaxDevices) cached[dev].store(ctas, std::memory_order_relaxed);
-  }
-  return static_cast<int>(std::min<int64_t>(nblocks, ctas));
+  return cuda_common::resident_grid<Kernel, kThreads>(nblocks, what);
 }
 
 // Param elements through format.h's converters (the same roundings and NaN patterns as the CPU).
@@ -156,13 +143,13 @@ void adamw_32bit_cuda(void* param, DType dtype, const void* grad, float* m, floa
   const int64_t nblocks = optim_num_blocks(n);
   switch (dtype) {
     case DType::F32:
-      adamw_32bit_kernel<DType::F32><<<grid_for(nblocks, "adamw_32bit_cuda"), kThreads, 0, st>>>(param, grad, m, v, n, s, skipped);
+      adamw_32bit_kernel<DType::F32><<<grid_for<adamw_32bit_kernel<DType::F32>>(nblocks, "adamw_32bit_cuda"), kThreads, 0, st>>>(param, grad, m, v, n, s, skipped);
       break;
     case DType::BF16:
-      adamw_32bit_kernel<DType::BF16><<<grid_for(nblocks, "adamw_32bit_cuda"), kThreads, 0, st>>>(param, grad, m, v, n, s, skipped);
+      adamw_32bit_kernel<DType::BF16><<<grid_for<adamw_32bit_kernel<DType::BF16>>(nblocks, "adamw_32bit_cuda"), kThreads, 0, st>>>(param, grad, m, v, n, s, skipped);
       break;
     default:
-      adamw_32bit_kernel<DType::F16><<<grid_for(nblocks, "adamw_32bit_cuda"), kThreads, 0, st>>>(param, grad, m, v, n, s, skipped);
+      adamw_32bit_kernel<DType::F16><<<grid_for<adamw_32bit_kernel<DType::F16>>(nblocks, "adamw_32bit_cuda"), kThreads, 0, st>>>(param, grad, m, v, n, s, skipped);
   }
   check_cuda(cudaGetLastError(), "adamw_32bit_cuda");
 }
@@ -186,16 +173,16 @@ void adamw_8bit_cuda(void* param, DType dtype, const void* grad, uint8_t* qm, ui
     maps.v[j] = kDynamicUnsigned[j];
   }
   const auto st = static_cast<cudaStream_t>(stream);
-  const int grid = grid_for(optim_num_blocks(n), "adamw_8bit_cuda");
+  const int64_t nblocks = optim_num_blocks(n);
   switch (dtype) {
     case DType::F32:
-      adamw_8bit_kernel<DType::F32><<<grid, kThreads, 0, st>>>(param, grad, qm, qv, absmax_m, absmax_v, n, s, maps, skipped);
+      adamw_8bit_kernel<DType::F32><<<grid_for<adamw_8bit_kernel<DType::F32>>(nblocks, "adamw_8bit_cuda"), kThreads, 0, st>>>(param, grad, qm, qv, absmax_m, absmax_v, n, s, maps, skipped);
       break;
     case DType::BF16:
-      adamw_8bit_kernel<DType::BF16><<<grid, kThreads, 0, st>>>(param, grad, qm, qv, absmax_m, absmax_v, n, s, maps, skipped);
+      adamw_8bit_kernel<DType::BF16><<<grid_for<adamw_8bit_kernel<DType::BF16>>(nblocks, "adamw_8bit_cuda"), kThreads, 0, st>>>(param, grad, qm, qv, absmax_m, absmax_v, n, s, maps, skipped);
       break;
     default:
-      adamw_8bit_kernel<DType::F16><<<grid, kThreads, 0, st>>>(param, grad, qm, qv, absmax_m, absmax_v, n, s, maps, skipped);
+      adamw_8bit_kernel<DType::F16><<<grid_for<adamw_8bit_kernel<DType::F16>>(nblocks, "adamw_8bit_cuda"), kThreads, 0, st>>>(param, grad, qm, qv, absmax_m, absmax_v, n, s, maps, skipped);
   }
   check_cuda(cudaGetLastError(), "adamw_8bit_cuda");
 }
