@@ -110,6 +110,10 @@ def save_adapter(model: nn.Module, save_directory: Union[str, os.PathLike],
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    # Temp files of earlier saves that were killed mid-write (tests/test_crash_safety.py).
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        for stale in directory.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     return directory
 
 
