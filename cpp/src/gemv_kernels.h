@@ -1,6 +1,7 @@
-// gemv_kernels.h — the per-ISA kernel table of the fused 4-bit GEMV / small-M GEMM (internal).
-// gemv_ref.cpp is the spec; gemv_avx2.cpp and gemv_avx512.cpp fill the same table and
-// gemv_dispatch.cpp picks one by active_cpu_variant() and splits the rows of W over threads.
+// gemv_kernels.h — the per-ISA kernel table of the fused 4-bit GEMV / small-M GEMM and of its
+// transposed product (grad_x = grad_y @ W) (internal). gemv_ref.cpp is the spec; gemv_avx2.cpp,
+// gemv_avx512.cpp and gemv_bf16.cpp fill the same table and gemv_dispatch.cpp picks one by
+// active_cpu_variant() and splits rows (forward) or columns (transposed) of W over threads.
 // Tested by tests/cpp/test_matmul.cpp (every supported variant against Ref and a float64 product).
 #pragma once
 
@@ -26,6 +27,24 @@ struct GemvArgs {
 // Computes y[m, n] for all m < M and n in [n_begin, n_end).
 using GemvRowsFn = void (*)(const GemvArgs& a, int64_t n_begin, int64_t n_end);
 
+// The transposed product out[M, K] = g[M, N] @ W[N, K] (the input gradient of y = x W^T).
+struct GemvTArgs {
+  const void* g;       // [M, N] in dtype (what the reference reads)
+  const float* gf;     // g in fp32, same layout (null for the reference)
+  DType dtype;         // of g and out
+  int64_t M, K, N;
+  const uint8_t* packed;
+  const AbsmaxSource* absmax;
+  int64_t blocksize;
+  QuantType qt;
+  void* out;           // [M, K]
+};
+
+// Computes out[m, k] for all m < M and k in [k_begin, k_end). For the SIMD kernels k_begin and
+// k_end are multiples of kTColUnit (or k_end == K), and K % blocksize == 0.
+using GemvColsFn = void (*)(const GemvTArgs& a, int64_t k_begin, int64_t k_end);
+constexpr int64_t kTColUnit = 128;  // 64 packed bytes: one cache line of each W row per tile
+
 struct GemvKernels {
   // 0: the kernel reads x itself. G > 0: the kernel wants xf, where every run of 2G elements of
   // a row of x holds its G even-index elements, then its G odd-index ones. That is the order in
@@ -34,6 +53,11 @@ struct GemvKernels {
   // K % blocksize == 0 (then K % 32 == 0 too); the dispatcher routes other shapes to the reference.
   int x_group;
   GemvRowsFn rows;
+  GemvColsFn cols;  // the transposed product
+  bool cols_read_gf;  // cols wants g in fp32 (gf); the reference reads g itself
+  // Set for a variant whose `rows` handles bf16 x only (the AVX512-BF16 dot products read x as
+  // it is, x_group 0): fp32/fp16 x go to this table instead (they would lose their precision).
+  const GemvKernels* other_dtypes = nullptr;
 };
 
 extern const GemvKernels kGemvRefKernels;
@@ -42,6 +66,12 @@ extern const GemvKernels kGemvAvx2Kernels;
 #endif
 #if defined(NF4LORA_HAVE_AVX512)
 extern const GemvKernels kGemvAvx512Kernels;
+#endif
+#if defined(NF4LORA_HAVE_AVX512)
+void gemv_cols_avx512(const GemvTArgs& a, int64_t k_begin, int64_t k_end);  // shared with BF16
+#endif
+#if defined(NF4LORA_HAVE_AVX512BF16)
+extern const GemvKernels kGemvBf16Kernels;
 #endif
 
 // block_absmax() with the nested block index taken by a shift (nested_blocksize is a validated
@@ -69,6 +99,18 @@ inline void group_x_f32(const void* x, DType dt, int64_t K, int64_t m_begin, int
         xf[m * K + k0 + i] = load_as_float(x, dt, m * K + k0 + 2 * i);
         xf[m * K + k0 + group + i] = load_as_float(x, dt, m * K + k0 + 2 * i + 1);
       }
+}
+
+// Inverse of group_x_f32 for one run of `count` (a multiple of 2G) outputs: `grouped` holds
+// each 2G-run's G even-index values, then its G odd-index ones; they are rounded to dtype and
+// stored at out[offset ...] in natural order.
+inline void store_grouped(const float* grouped, int group, int64_t count, void* out, DType dt,
+                          int64_t offset) {
+  for (int64_t k0 = 0; k0 < count; k0 += 2 * group)
+    for (int i = 0; i < group; ++i) {
+      store_from_float(out, dt, offset + k0 + 2 * i, grouped[k0 + i]);
+      store_from_float(out, dt, offset + k0 + 2 * i + 1, grouped[k0 + group + i]);
+    }
 }
 
 // The epilogue every variant shares: one fp32 addition of the bias, one rounding to dtype.

@@ -7,10 +7,11 @@ to the packed weight and its QuantState (no dequantized weight, no activation).
                dL/db = sum over all leading dims of dL/dy
                dL/dW: none (frozen)
 
-CPU: for up to GEMV_MAX_M rows of x, the fused native kernel (the weight is dequantized in
-registers, never materialized); above that, dequantize into a reused per-thread scratch buffer
-and run a dense torch GEMM in x's dtype. Backward (grad_y @ W) and CUDA use the scratch path
-for now. Under torch.autocast, x is first cast to the autocast dtype.
+CPU (_forward_cpu, _grad_input_cpu): for up to GEMV_MAX_M (GRAD_INPUT_MAX_M) rows of x
+(grad_y), the fused native kernels (the weight is dequantized in registers, never
+materialized); above that, dequantize into a reused per-thread scratch buffer and run a dense
+torch GEMM in x's dtype. Other devices use the scratch path. Under torch.autocast, x is first
+cast to the autocast dtype.
 Tested by tests/test_matmul.py (float64 reference, finite differences, torch.compile)."""
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ _SCRATCH = threading.local()  # per thread: concurrent forwards must not share a
 # bench/bench_matmul.py, 4096x4096 bf16, 2 threads: M=1 1.4 ms fused vs ~5 ms; M=8 4.4 vs ~4.9;
 # M=16 7.2 vs ~5.2.
 GEMV_MAX_M = 8
+# The same for the transposed product of backward (grad_y @ W).
+GRAD_INPUT_MAX_M = 8
 
 
 def _scratch(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -77,30 +80,47 @@ def matmul_4bit_op(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, qu
                    bias: Optional[Tensor]) -> Tensor:
     """x [..., K] @ W[N, K].T (+ bias) in x's dtype; W given by its packed codes and state."""
     N, K = _check_matmul(x, packed, absmax, shape, bias)
-    rows = x.numel() // K if K else 0
-    if x.device.type == "cpu" and 0 < rows <= GEMV_MAX_M:
-        return _gemm_cpu(x, packed, absmax, blocksize, quant_type, N, K, nested_absmax,
-                         nested_code, offset, nested_blocksize, bias)
-    w = _scratch((N, K), x.dtype, x.device)
-    torch.ops.nf4lora.dequantize_4bit_out(packed, absmax, blocksize, quant_type, nested_absmax,
-                                          nested_code, offset, nested_blocksize, w)
-    return torch.nn.functional.linear(x, w, bias)
+    weight = (packed, absmax, blocksize, quant_type, nested_absmax, nested_code, offset, nested_blocksize)
+    if x.device.type == "cpu":
+        return _forward_cpu(x, weight, N, K, bias)
+    return torch.nn.functional.linear(x, _dequantize_scratch(weight, N, K, x.dtype, x.device), bias)
 
 
-def _gemm_cpu(x, packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
-              nested_blocksize, bias):
-    _ops._check_dequant_args(packed, absmax, blocksize, quant_type, [N, K], x.dtype, nested_absmax,
-                             nested_code, offset, nested_blocksize)
-    x2 = x.reshape(-1, K).contiguous()
-    b = None if bias is None else bias.contiguous()  # kept alive across the native call
-    y = torch.empty((x2.shape[0], N), dtype=x.dtype)
+def _dequantize_scratch(weight, N, K, dtype, device) -> Tensor:
+    """W [N, K] in dtype, dequantized into this thread's reused scratch buffer."""
+    w = _scratch((N, K), dtype, device)
+    torch.ops.nf4lora.dequantize_4bit_out(*weight, w)
+    return w
+
+
+def _native_cpu(fn, inp, weight, shape, cols_in, cols_out, *extra):
+    """One call of a fused native product: fn(inp [rows, cols_in], W ...) -> [rows, cols_out]."""
+    packed, absmax, blocksize, quant_type, nested_absmax, nested_code, offset, nested_blocksize = weight
+    _ops._check_dequant_args(packed, absmax, blocksize, quant_type, list(shape), inp.dtype,
+                             nested_absmax, nested_code, offset, nested_blocksize)
+    inp2 = inp.reshape(-1, cols_in).contiguous()
+    out = torch.empty((inp2.shape[0], cols_out), dtype=inp.dtype)
     nested = nested_absmax is not None
-    _C.gemm_4bit_cpu(x2.data_ptr(), dtype_code(x.dtype), x2.shape[0], K, packed.data_ptr(),
-                     0 if nested else absmax.data_ptr(), absmax.data_ptr() if nested else 0,
-                     _ops._ptr(nested_absmax), _ops._ptr(nested_code), _ops._ptr(offset),
-                     nested_blocksize, N, blocksize, quant_type_code(quant_type),
-                     _ops._ptr(b), y.data_ptr(), num_threads())
-    return y.reshape(*x.shape[:-1], N)
+    fn(inp2.data_ptr(), dtype_code(inp.dtype), inp2.shape[0], cols_in, packed.data_ptr(),
+       0 if nested else absmax.data_ptr(), absmax.data_ptr() if nested else 0,
+       _ops._ptr(nested_absmax), _ops._ptr(nested_code), _ops._ptr(offset), nested_blocksize,
+       cols_out, blocksize, quant_type_code(quant_type), *extra, out.data_ptr(), num_threads())
+    return out.reshape(*inp.shape[:-1], cols_out)
+
+
+def _forward_cpu(x, weight, N, K, bias):
+    rows = x.numel() // K if K else 0
+    if 0 < rows <= GEMV_MAX_M:
+        b = None if bias is None else bias.contiguous()  # kept alive across the native call
+        return _native_cpu(_C.gemm_4bit_cpu, x, weight, (N, K), K, N, _ops._ptr(b))
+    return torch.nn.functional.linear(x, _dequantize_scratch(weight, N, K, x.dtype, x.device), bias)
+
+
+def _grad_input_cpu(grad_y, weight, N, K):
+    rows = grad_y.numel() // N if N else 0
+    if 0 < rows <= GRAD_INPUT_MAX_M:
+        return _native_cpu(_C.gemm_4bit_grad_input_cpu, grad_y, weight, (N, K), N, K)
+    return grad_y @ _dequantize_scratch(weight, N, K, grad_y.dtype, grad_y.device)
 
 
 @matmul_4bit_op.register_fake
@@ -120,10 +140,10 @@ def matmul_4bit_grad_input(grad_y: Tensor, packed: Tensor, absmax: Tensor, block
     _ops.check_float_dtype(grad_y.dtype, "grad_y.dtype")
     if grad_y.dim() < 1 or grad_y.shape[-1] != N:
         raise ValueError(f"grad_y has shape {tuple(grad_y.shape)}, its last dimension must be {N}")
-    w = _scratch((N, K), grad_y.dtype, grad_y.device)
-    torch.ops.nf4lora.dequantize_4bit_out(packed, absmax, blocksize, quant_type, nested_absmax,
-                                          nested_code, offset, nested_blocksize, w)
-    return grad_y @ w
+    weight = (packed, absmax, blocksize, quant_type, nested_absmax, nested_code, offset, nested_blocksize)
+    if grad_y.device.type == "cpu":
+        return _grad_input_cpu(grad_y, weight, N, K)
+    return grad_y @ _dequantize_scratch(weight, N, K, grad_y.dtype, grad_y.device)
 
 
 @matmul_4bit_grad_input.register_fake
