@@ -4,8 +4,11 @@ reused buffer + one dense GEMM (what matmul_4bit does above GEMV_MAX_M), "panels
 row panels of W (about --panel-kib each, so they stay in L2) and feed each to the dense GEMM
 (oneDNN's AMX/AVX-512 micro-kernels) as it is produced, y[:, panel] = x W[panel]^T. Checks that
 both agree with dense F.linear on the dequantized weight first; prints the ratio panels/scratch.
+With --crossover, instead: the fused kernels against the scratch path, forward and backward, for
+small M, which is how GEMV_MAX_M and GRAD_INPUT_MAX_M in nf4lora/matmul.py were chosen.
 
     python bench/bench_large_m.py [--m 16 64 512] [--iters 5] [--rounds 3] [--panel-kib 1024]
+    python bench/bench_large_m.py --crossover [--m 1 4 8 16 32]
 """
 from __future__ import annotations
 
@@ -47,13 +50,44 @@ def forward_panels(x2, packed, state, panel_bytes, threads=1, wp_cache={}):
     return y
 
 
+def crossover(Ms, iters, rounds) -> None:
+    """Fused native kernel / scratch path time ratios (median over interleaved rounds)."""
+    import nf4lora.matmul as mm
+    print(f"fused/scratch time ratio (< 1: fused wins), bf16, {torch.get_num_threads()} thread(s), "
+          f"variant {nf4lora.active_cpu_variant()}, median of {iters}, {rounds} interleaved rounds")
+    for N, K in SHAPES:
+        w = torch.randn(N, K) * 0.02
+        packed, state = nf4lora.quantize_4bit(w, 64, "nf4", double_quant=True)
+        args = (packed.view(-1), state.absmax, 64, "nf4", [N, K], state.nested_absmax, state.nested_code,
+                state.offset, state.nested_blocksize)
+        for M in Ms:
+            x, gy = torch.randn(M, K, dtype=torch.bfloat16), torch.randn(M, N, dtype=torch.bfloat16)
+            fwd = lambda: nf4lora.matmul_4bit(x, packed, state)
+            bwd = lambda: torch.ops.nf4lora.matmul_4bit_grad_input(gy, *args)
+            out = []
+            for name, fn in (("fwd", fwd), ("bwd", bwd)):
+                t = {"fused": [], "scratch": []}
+                for _ in range(rounds):
+                    for path, limit in (("fused", 1 << 30), ("scratch", 0)):
+                        mm.GEMV_MAX_M = mm.GRAD_INPUT_MAX_M = limit
+                        t[path].append(median_ms(fn, iters))
+                ratios = sorted(f / s for f, s in zip(t["fused"], t["scratch"]))
+                out.append(f"{name} {min(t['fused']):7.2f} / {min(t['scratch']):7.2f} ms = "
+                           f"{ratios[len(ratios) // 2]:5.2f}x")
+            print(f"{f'{N}x{K}':>12s} M={M:<4d} " + "   ".join(out))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", type=int, nargs="+", default=[16, 64, 512])
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--panel-kib", type=int, default=1024)
+    ap.add_argument("--crossover", action="store_true", help="fused kernels vs scratch path for small M")
     args = ap.parse_args()
+    if args.crossover:
+        crossover(args.m if args.m != [16, 64, 512] else [1, 4, 8, 16, 32], args.iters, args.rounds)
+        return
     dtype = torch.bfloat16
     print(f"bf16, NF4 block 64 + double quant, {torch.get_num_threads()} thread(s), median of {args.iters}, "
           f"{args.rounds} interleaved rounds, panels of ~{args.panel_kib} KiB")

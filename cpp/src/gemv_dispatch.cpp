@@ -45,13 +45,18 @@ void gemm_4bit_cpu(const void* x, DType dtype, int64_t M, int64_t K, const uint8
                    const void* bias, void* y, int num_threads) {
   if (!check_gemm_4bit_args(x, dtype, M, K, packed, absmax, N, blocksize, qt, y)) return;
   const GemvKernels* k = &gemv_kernels_for(active_cpu_variant());
-  if (k->other_dtypes != nullptr && dtype != DType::BF16) k = k->other_dtypes;
+  if (k->other_dtypes != nullptr && (dtype != DType::BF16 || blocksize < 64)) k = k->other_dtypes;
   // The SIMD kernels need whole blocks per row (no block spans two rows, rows start on a byte).
   if (K == 0 || K % blocksize != 0) k = &kGemvRefKernels;
 
-  GemvArgs a{x, nullptr, dtype, M, K, N, packed, &absmax, blocksize, qt, bias, y};
+  GemvArgs a{x, nullptr, nullptr, dtype, M, K, N, packed, &absmax, blocksize, qt, bias, y};
   std::vector<float> xf;  // the one allocation: x in fp32, M * K floats (small for small M)
-  if (k->x_group > 0) {
+  std::vector<uint16_t> xb;  // or in bf16
+  if (k->x_bf16) {
+    xb.resize(static_cast<size_t>(M * K));
+    group_x_bf16(x, K, M, k->x_group, xb.data());
+    a.xb = xb.data();
+  } else if (k->x_group > 0) {
     xf.resize(static_cast<size_t>(M * K));
     group_x_f32(x, dtype, K, 0, M, k->x_group, xf.data());
     a.xf = xf.data();

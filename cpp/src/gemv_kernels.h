@@ -14,6 +14,7 @@ namespace nf4lora::detail {
 struct GemvArgs {
   const void* x;       // [M, K] in dtype (what the reference reads)
   const float* xf;     // x in fp32, grouped as GemvKernels::x_group says (null for the reference)
+  const uint16_t* xb;  // or x's bf16 bits, grouped the same way (kernels with x_bf16 set)
   DType dtype;         // of x, bias and y
   int64_t M, K, N;
   const uint8_t* packed;
@@ -55,8 +56,10 @@ struct GemvKernels {
   GemvRowsFn rows;
   GemvColsFn cols;  // the transposed product
   bool cols_read_gf;  // cols wants g in fp32 (gf); the reference reads g itself
-  // Set for a variant whose `rows` handles bf16 x only (the AVX512-BF16 dot products read x as
-  // it is, x_group 0): fp32/fp16 x go to this table instead (they would lose their precision).
+  // Set for a variant whose `rows` handles bf16 x with blocksize >= 64 only (the AVX512-BF16 dot
+  // products read xb): other dtypes (they would lose their precision) and blocksize 32 go to
+  // this table instead.
+  bool x_bf16 = false;
   const GemvKernels* other_dtypes = nullptr;
 };
 
@@ -98,6 +101,17 @@ inline void group_x_f32(const void* x, DType dt, int64_t K, int64_t m_begin, int
       for (int i = 0; i < group; ++i) {
         xf[m * K + k0 + i] = load_as_float(x, dt, m * K + k0 + 2 * i);
         xf[m * K + k0 + group + i] = load_as_float(x, dt, m * K + k0 + 2 * i + 1);
+      }
+}
+
+// As group_x_f32, keeping bf16 x as its bits (dt must be BF16).
+inline void group_x_bf16(const void* x, int64_t K, int64_t M, int group, uint16_t* xb) {
+  const uint16_t* xs = static_cast<const uint16_t*>(x);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k0 = 0; k0 < K; k0 += 2 * group)
+      for (int i = 0; i < group; ++i) {
+        xb[m * K + k0 + i] = xs[m * K + k0 + 2 * i];
+        xb[m * K + k0 + group + i] = xs[m * K + k0 + 2 * i + 1];
       }
 }
 
