@@ -10,8 +10,8 @@ to the packed weight and its QuantState (no dequantized weight, no activation).
 CPU (_forward_cpu, _grad_input_cpu): for up to GEMV_MAX_M (GRAD_INPUT_MAX_M) rows of x
 (grad_y), the fused native kernels (the weight is dequantized in registers, never
 materialized); above that, dequantize into a reused per-thread scratch buffer and run a dense
-torch GEMM in x's dtype. Other devices use the scratch path. Under torch.autocast, x is first
-cast to the autocast dtype.
+torch GEMM in x's dtype. CUDA: matmul_cuda.py picks the fused GEMV / tensor-core kernels or the
+scratch path. Under torch.autocast, x is first cast to the autocast dtype.
 Tested by tests/test_matmul.py (float64 reference, finite differences, torch.compile)."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import _ops, matmul_cuda
 from ._native import _C, dtype_code, num_threads, quant_type_code
 from .functional import _packed_bytes
 from .quant_state import QuantState
@@ -80,23 +80,30 @@ def matmul_4bit_op(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, qu
                    bias: Optional[Tensor]) -> Tensor:
     """x [..., K] @ W[N, K].T (+ bias) in x's dtype; W given by its packed codes and state."""
     N, K = _check_matmul(x, packed, absmax, shape, bias)
-    weight = (packed, absmax, blocksize, quant_type, nested_absmax, nested_code, offset, nested_blocksize)
+    weight = (packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
+              nested_blocksize)
+    if x.device.type == "cuda":
+        return matmul_cuda.forward(
+            x, *weight, bias,
+            lambda x_: torch.nn.functional.linear(x_, _dequantized(*weight, x.dtype, x.device), bias))
     if x.device.type == "cpu":
-        return _forward_cpu(x, weight, N, K, bias)
-    return torch.nn.functional.linear(x, _dequantize_scratch(weight, N, K, x.dtype, x.device), bias)
+        return _forward_cpu(x, weight, bias)
+    return torch.nn.functional.linear(x, _dequantized(*weight, x.dtype, x.device), bias)
 
 
-def _dequantize_scratch(weight, N, K, dtype, device) -> Tensor:
-    """W [N, K] in dtype, dequantized into this thread's reused scratch buffer."""
+def _dequantized(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
+                 nested_blocksize, dtype, device) -> Tensor:
+    """W [N, K] in dtype, in this thread's reused scratch buffer."""
     w = _scratch((N, K), dtype, device)
-    torch.ops.nf4lora.dequantize_4bit_out(*weight, w)
+    torch.ops.nf4lora.dequantize_4bit_out(packed, absmax, blocksize, quant_type, nested_absmax,
+                                          nested_code, offset, nested_blocksize, w)
     return w
 
 
-def _native_cpu(fn, inp, weight, shape, cols_in, cols_out, *extra):
-    """One call of a fused native product: fn(inp [rows, cols_in], W ...) -> [rows, cols_out]."""
-    packed, absmax, blocksize, quant_type, nested_absmax, nested_code, offset, nested_blocksize = weight
-    _ops._check_dequant_args(packed, absmax, blocksize, quant_type, list(shape), inp.dtype,
+def _native_cpu(fn, inp, weight, cols_in, cols_out, *extra):
+    """One call of a fused native product: fn(inp [rows, cols_in], W, *extra) -> [rows, cols_out]."""
+    packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset, nested_blocksize = weight
+    _ops._check_dequant_args(packed, absmax, blocksize, quant_type, [N, K], inp.dtype,
                              nested_absmax, nested_code, offset, nested_blocksize)
     inp2 = inp.reshape(-1, cols_in).contiguous()
     out = torch.empty((inp2.shape[0], cols_out), dtype=inp.dtype)
@@ -108,19 +115,21 @@ def _native_cpu(fn, inp, weight, shape, cols_in, cols_out, *extra):
     return out.reshape(*inp.shape[:-1], cols_out)
 
 
-def _forward_cpu(x, weight, N, K, bias):
+def _forward_cpu(x, weight, bias):
+    N, K = weight[4], weight[5]
     rows = x.numel() // K if K else 0
     if 0 < rows <= GEMV_MAX_M:
         b = None if bias is None else bias.contiguous()  # kept alive across the native call
-        return _native_cpu(_C.gemm_4bit_cpu, x, weight, (N, K), K, N, _ops._ptr(b))
-    return torch.nn.functional.linear(x, _dequantize_scratch(weight, N, K, x.dtype, x.device), bias)
+        return _native_cpu(_C.gemm_4bit_cpu, x, weight, K, N, _ops._ptr(b))
+    return torch.nn.functional.linear(x, _dequantized(*weight, x.dtype, x.device), bias)
 
 
-def _grad_input_cpu(grad_y, weight, N, K):
+def _grad_input_cpu(grad_y, weight):
+    N, K = weight[4], weight[5]
     rows = grad_y.numel() // N if N else 0
     if 0 < rows <= GRAD_INPUT_MAX_M:
-        return _native_cpu(_C.gemm_4bit_grad_input_cpu, grad_y, weight, (N, K), N, K)
-    return grad_y @ _dequantize_scratch(weight, N, K, grad_y.dtype, grad_y.device)
+        return _native_cpu(_C.gemm_4bit_grad_input_cpu, grad_y, weight, N, K)
+    return grad_y @ _dequantized(*weight, grad_y.dtype, grad_y.device)
 
 
 @matmul_4bit_op.register_fake
@@ -140,10 +149,14 @@ def matmul_4bit_grad_input(grad_y: Tensor, packed: Tensor, absmax: Tensor, block
     _ops.check_float_dtype(grad_y.dtype, "grad_y.dtype")
     if grad_y.dim() < 1 or grad_y.shape[-1] != N:
         raise ValueError(f"grad_y has shape {tuple(grad_y.shape)}, its last dimension must be {N}")
-    weight = (packed, absmax, blocksize, quant_type, nested_absmax, nested_code, offset, nested_blocksize)
+    weight = (packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
+              nested_blocksize)
+    if grad_y.device.type == "cuda":
+        return matmul_cuda.grad_input(
+            grad_y, *weight, lambda g: g @ _dequantized(*weight, grad_y.dtype, grad_y.device))
     if grad_y.device.type == "cpu":
-        return _grad_input_cpu(grad_y, weight, N, K)
-    return grad_y @ _dequantize_scratch(weight, N, K, grad_y.dtype, grad_y.device)
+        return _grad_input_cpu(grad_y, weight)
+    return grad_y @ _dequantized(*weight, grad_y.dtype, grad_y.device)
 
 
 @matmul_4bit_grad_input.register_fake
