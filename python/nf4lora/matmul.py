@@ -27,12 +27,19 @@ from .functional import _packed_bytes
 from .quant_state import QuantState
 
 _SCRATCH = threading.local()  # per thread: concurrent forwards must not share a buffer
-# Rows of x up to which the fused CPU kernel beats dequantize + dense GEMM. Measured with
-# bench/bench_matmul.py, 4096x4096 bf16, 2 threads: M=1 1.4 ms fused vs ~5 ms; M=8 4.4 vs ~4.9;
-# M=16 7.2 vs ~5.2.
+# Rows of x (grad_y) up to which the fused CPU kernels beat dequantize + dense GEMM, re-measured
+# with `python bench/bench_large_m.py --crossover --m 8 16 --rounds 3 --iters 3` (bf16, 2 threads,
+# AVX-512, the three LLaMA-7B shapes; the 2-core VM was under load ~9, so ratios only): fused /
+# scratch time forward 0.56-0.61x at M=8, 0.95-1.29x at M=16; backward 0.81-0.91x at M=8,
+# 1.41-1.84x at M=16 (an earlier run: about 0.2x at M=1 and 2.2-3.3x at M=32, both directions).
 GEMV_MAX_M = 8
-# The same for the transposed product of backward (grad_y @ W).
 GRAD_INPUT_MAX_M = 8
+# Above them, one design only: dequantize all of W into the scratch buffer + one dense GEMM
+# (oneDNN, AMX on this machine). Dequantizing L2-sized row panels of W and feeding each to the
+# dense GEMM as it is produced measured 5-11x SLOWER at M = 16 / 64 / 512 on all three shapes
+# (`python bench/bench_large_m.py --rounds 2 --iters 3`, its final form; 1.7-38x for the other
+# forms tried): every panel is a separate oneDNN call with its own setup and thread hand-off.
+# A hand-written AVX-512 micro-kernel was not tried: it cannot approach AMX.
 
 
 def _scratch(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
