@@ -85,6 +85,11 @@ def test_nan_propagates_like_dense():
     x[1, 7] = float("nan")
     y = matmul_4bit(x, packed, state)
     assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2, 3]]).all()
+    gy = torch.randn(4, 17)
+    gy[2, 3] = float("nan")
+    gx = grad_input(gy, packed, state)
+    assert torch.isnan(gx[2]).all() and torch.isfinite(gx[[0, 1, 3]]).all()
+    assert grad_input(torch.randn(0, 17), packed, state).shape == (0, 96)
 
 
 @pytest.mark.parametrize("dq", [False, True])
