@@ -18,7 +18,6 @@ import math
 import torch
 
 import nf4lora
-from nf4lora import _ops
 from nf4lora._native import _C, dtype_code, quant_type_code
 from timing import median_ms  # bench/timing.py
 

@@ -86,11 +86,14 @@ void gemm_4bit_grad_input_cpu(const void* grad_y, DType dtype, int64_t M, int64_
     for (int64_t i = 0; i < M * N; ++i) gf[i] = load_as_float(grad_y, dtype, i);
     a.gf = gf.data();
   }
-  // Column strips of kTColUnit: each is N * 64 bytes of W, plenty per thread wake-up.
+  // Column strips of kTColUnit (N * 64 bytes of W each); as in the forward, a thread should get
+  // at least kGrainBytes of packed weight before another one is woken.
   const int64_t units = (K + kTColUnit - 1) / kTColUnit;
-  parallel_for(units, 1, std::max(1, num_threads), [&](int64_t u0, int64_t u1) {
-    k->cols(a, u0 * kTColUnit, std::min(K, u1 * kTColUnit));
-  });
+  const int64_t unit_bytes = std::max<int64_t>(1, N * kTColUnit / 2);
+  parallel_for(units, std::max<int64_t>(1, kGrainBytes / unit_bytes), std::max(1, num_threads),
+               [&](int64_t u0, int64_t u1) {
+                 k->cols(a, u0 * kTColUnit, std::min(K, u1 * kTColUnit));
+               });
 }
 
 }  // namespace nf4lora

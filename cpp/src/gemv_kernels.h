@@ -47,7 +47,7 @@ using GemvColsFn = void (*)(const GemvTArgs& a, int64_t k_begin, int64_t k_end);
 constexpr int64_t kTColUnit = 128;  // 64 packed bytes: one cache line of each W row per tile
 
 struct GemvKernels {
-  // 0: the kernel reads x itself. G > 0: the kernel wants xf, where every run of 2G elements of
+  // 0: the kernel reads x itself. G > 0: the kernel wants xf (xb if x_bf16), where every run of 2G elements of
   // a row of x holds its G even-index elements, then its G odd-index ones. That is the order in
   // which one vector of packed bytes splits into high nibbles (even elements) and low nibbles
   // (odd elements), so the kernels never interleave dequantized weights. SIMD kernels require
@@ -69,8 +69,6 @@ extern const GemvKernels kGemvAvx2Kernels;
 #endif
 #if defined(NF4LORA_HAVE_AVX512)
 extern const GemvKernels kGemvAvx512Kernels;
-#endif
-#if defined(NF4LORA_HAVE_AVX512)
 void gemv_cols_avx512(const GemvTArgs& a, int64_t k_begin, int64_t k_end);  // shared with BF16
 #endif
 #if defined(NF4LORA_HAVE_AVX512BF16)
