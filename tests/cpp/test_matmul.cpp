@@ -229,7 +229,7 @@ void test_shapes() {
             for (const int64_t M : Ms) {
               if (big && M != 1 && M != 3 && M != 17 && dt != DType::BF16) continue;  // keeps the run short
               check_case(W, dt, M, variants);
-              check_case(W, dt, M, variants, /*transposed=*/true);
+              if (!big || M != 3) check_case(W, dt, M, variants, /*transposed=*/true);
             }
         }
     }
