@@ -2,7 +2,8 @@
 process (interleaved, median of --iters, several rounds): "scratch" = dequantize all of W into a
 reused buffer + one dense GEMM (what matmul_4bit does above GEMV_MAX_M), "panels" = dequantize
 row panels of W (about --panel-kib each, so they stay in L2) and feed each to the dense GEMM
-(oneDNN's AMX/AVX-512 micro-kernels) as it is produced, y[:, panel] = x W[panel]^T. Checks that
+(oneDNN's AMX/AVX-512 micro-kernels) as it is produced, y[:, panel] = x W[panel]^T (panels are
+dequantized on one thread: two std::threads per panel next to oneDNN's OpenMP team were slower). Checks that
 both agree with dense F.linear on the dequantized weight first; prints the ratio panels/scratch.
 With --crossover, instead: the fused kernels against the scratch path, forward and backward, for
 small M, which is how GEMV_MAX_M and GRAD_INPUT_MAX_M in nf4lora/matmul.py were chosen.
@@ -24,7 +25,10 @@ from timing import median_ms  # bench/timing.py
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 
 
-def forward_panels(x2, packed, state, panel_bytes, threads=1, wp_cache={}):
+_PANELS: dict = {}  # (rows, K, dtype) -> the reused panel buffer
+
+
+def forward_panels(x2, packed, state, panel_bytes, threads=1):
     """y = x2 @ W^T through L2-sized row panels of W (blocksize divides K; double quant)."""
     N, K = state.shape
     M, bs, nbs = x2.shape[0], state.blocksize, state.nested_blocksize
@@ -32,9 +36,9 @@ def forward_panels(x2, packed, state, panel_bytes, threads=1, wp_cache={}):
     step = nbs // math.gcd(bpr, nbs)  # panel rows must start on a nested block
     P = max(step, panel_bytes // (K * x2.element_size()) // step * step)
     key = (P, K, x2.dtype)
-    if key not in wp_cache:
-        wp_cache[key] = torch.empty(P, K, dtype=x2.dtype)
-    wp = wp_cache[key]
+    if key not in _PANELS:
+        _PANELS[key] = torch.empty(P, K, dtype=x2.dtype)
+    wp = _PANELS[key]
     y = torch.empty(M, N, dtype=x2.dtype)
     for n0 in range(0, N, P):
         rows = min(P, N - n0)
