@@ -42,7 +42,7 @@ AbsmaxSource absmax_source(uintptr_t absmax, uintptr_t qabsmax, uintptr_t nested
 CpuVariant variant_from_name(const std::string& name) {
   for (int v = 0; v < kNumCpuVariants; ++v)
     if (name == cpu_variant_name(static_cast<CpuVariant>(v))) return static_cast<CpuVariant>(v);
-  throw py::value_error("unknown CPU variant '" + name + "' (expected ref, avx2 or avx512)");
+  throw py::value_error("unknown CPU variant '" + name + "' (expected ref, avx2, avx512 or avx512_bf16)");
 }
 
 template <size_t N>
@@ -206,6 +206,18 @@ PYBIND11_MODULE(_C, m) {
                             ptr<void>(c), ptr<void>(stream));
         }, gil());
 #endif
+  // ---- fused 4-bit matmul, transposed product (backward of matmul_4bit) ----------------------
+  m.def("gemm_4bit_grad_input_cpu",
+        [](uintptr_t grad_y, int dt, int64_t M, int64_t N, uintptr_t packed, uintptr_t absmax,
+           uintptr_t qabsmax, uintptr_t nested_absmax, uintptr_t nested_code, uintptr_t offset,
+           int64_t nested_blocksize, int64_t K, int64_t blocksize, int qt, uintptr_t grad_x,
+           int num_threads) {
+          gemm_4bit_grad_input_cpu(ptr<const void>(grad_y), dtype(dt), M, N,
+                                   ptr<const uint8_t>(packed),
+                                   absmax_source(absmax, qabsmax, nested_absmax, nested_code,
+                                                 offset, nested_blocksize),
+                                   K, blocksize, quant_type(qt), ptr<void>(grad_x), num_threads);
+        }, gil());
 
   // ---- optimizers (nf4lora/optim.h): fused AdamW steps; return the count of skipped blocks ----
   m.attr("OPTIM_BLOCK") = kOptimBlock;
