@@ -218,3 +218,64 @@ def test_dequantize_out_mismatches(n, dtype, out_dtype, size_error):
         return
     nf4lora.dequantize_4bit(packed, state, out=out)
     assert torch.equal(out, nf4lora.dequantize_4bit(packed, state, dtype=out_dtype))
+
+
+# ---- PEFT adapter files from strangers --------------------------------------------------------
+
+def _adapter_dir(tmp_path_factory):
+    from torch import nn
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 16))
+    model = nf4lora.get_lora_model(base, nf4lora.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    directory = tmp_path_factory.mktemp("adapter")
+    nf4lora.save_adapter(model, directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def adapter_files(tmp_path_factory):
+    directory = _adapter_dir(tmp_path_factory)
+    return {name: (directory / name).read_bytes() for name in ("adapter_model.safetensors", "adapter_config.json")}
+
+
+@FUZZ
+@given(data=st.data())
+def test_load_adapter_from_damaged_files(adapter_files, tmp_path_factory, data):
+    from torch import nn
+    files = dict(adapter_files)
+    target = data.draw(st.sampled_from(sorted(files)))
+    blob = bytearray(files[target])
+    how = data.draw(st.sampled_from(["flip", "truncate", "append", "splice"]))
+    if how == "flip":
+        for _ in range(data.draw(st.integers(1, 8))):
+            i = data.draw(st.integers(0, len(blob) - 1))
+            blob[i] ^= 1 << data.draw(st.integers(0, 7))
+    elif how == "truncate":
+        del blob[data.draw(st.integers(0, len(blob) - 1)):]
+    elif how == "append":
+        blob += bytes(data.draw(st.lists(st.integers(0, 255), min_size=1, max_size=64)))
+    else:
+        i = data.draw(st.integers(0, len(blob) - 1))
+        blob[i:i + 8] = bytes(data.draw(st.lists(st.integers(0, 255), min_size=8, max_size=8)))
+    files[target] = bytes(blob)
+    directory = tmp_path_factory.mktemp("damaged")
+    for name, content in files.items():
+        (directory / name).write_bytes(content)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        loaded = nf4lora.load_adapter(model, directory)
+    except CLEAR:
+        after = model.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before), \
+            "a refused adapter changed the model"
+        return
+    # Accepted (e.g. a flipped bit inside a JSON string that still parses the same way, or in a
+    # PEFT-format file's tensor data without our checksum): the model must work.
+    y = loaded(torch.randn(3, 32))
+    assert y.shape == (3, 16)
