@@ -9,6 +9,13 @@ from .functional import dequantize_4bit, quantize_4bit
 from .matmul import matmul_4bit
 from .nn import Linear4bit, quantize_model
 from .quant_state import QuantState, codebook, dynamic_map
+from .loftq import LoftQResult, loftq_init, pissa_init
+from .lora import LoraLinear, ModulesToSave, lora_matmul_4bit
+from .lora_config import LoraConfig
+from .lora_io import load_adapter, read_adapter, save_adapter
+from .lora_model import (TrainableParameters, active_adapter, adapter_config, adapter_names, add_adapter,
+                         delete_adapter, disable_adapters, get_lora_model, merge_adapter, merge_and_unload,
+                         set_adapter, trainable_parameters, unmerge_adapter)
 
 __version__ = "0.1.0"
 
@@ -27,4 +34,28 @@ __all__ = [
     "quantize_model",
     "set_cpu_variant",
     "use_cpu_variant",
+    # LoRA
+    "LoftQResult",
+    "LoraConfig",
+    "LoraLinear",
+    "ModulesToSave",
+    "TrainableParameters",
+    "active_adapter",
+    "adapter_config",
+    "adapter_names",
+    "add_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "get_lora_model",
+    "load_adapter",
+    "loftq_init",
+    "lora_matmul_4bit",
+    "merge_adapter",
+    "merge_and_unload",
+    "pissa_init",
+    "read_adapter",
+    "save_adapter",
+    "set_adapter",
+    "trainable_parameters",
+    "unmerge_adapter",
 ]

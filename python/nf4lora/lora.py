@@ -1,0 +1,310 @@
+"""LoRA layers: LoraLinear over nn.Linear or Linear4bit, the fused autograd function for the
+4-bit base, and ModulesToSave (a module trained in full beside the adapter).
+
+        x ──> W (frozen: dense or packed 4-bit) ─────────────┐
+        └──> dropout ──> A [r, in] ──> B [out, r] ──> * s ──(+)──> y     s = alpha / r
+                                                                          (alpha / sqrt(r): rsLoRA)
+init "kaiming": A ~ kaiming_uniform(a=sqrt(5)), B = 0, so a fresh adapter is a no-op.
+Names and state-dict keys are PEFT's (base_layer, lora_A.<adapter>.weight, lora_B.<adapter>.weight).
+Tested by tests/test_lora.py (fused vs unfused float64 reference, finite differences, compile)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .functional import _packed_bytes, dequantize_4bit, quantize_4bit
+from .nn import Linear4bit
+
+
+class LoraMatmul4bit(torch.autograd.Function):
+    """y = x W^T + b + s (x_d A^T) B^T in one function, W given by its packed 4-bit codes.
+
+    Inputs: x [..., K] (already in the compute dtype), x_d = dropout(x) or None (then x_d = x),
+    A [r, K], B [N, r] (cast to x's dtype here), scaling s, bias [N] or None, and the packed
+    weight's arguments of nf4lora::matmul_4bit. Shapes below flatten x to [M, K].
+
+    Forward (one pass over x for the base, the LoRA product added into the output buffer):
+        y   = matmul_4bit(x, W) + b                   [M, N]
+        x_a = s * x_d A^T                             [M, r]   (saved)
+        y  += x_a B^T                                 (in place, addmm_)
+
+    Backward, with g = dL/dy [M, N] and g_b = s * g B [M, r]:
+        dL/dx   = g W            (nf4lora::matmul_4bit_grad_input, from the packed weight)
+                + g_b A          (added in place when x_d is x; else returned as dL/dx_d and
+                                  the dropout's own backward applies its mask and 1/(1-p))
+        dL/dA   = g_b^T x_d      [r, K]   = s B^T g^T x_d
+        dL/dB   = g^T x_a        [N, r]   = s g^T x_d A^T
+        dL/db   = sum over rows of g
+        dL/dW   = none (frozen)
+    Saved for backward: x_d (or x), x_a, and A, B in the compute dtype; never the dense W.
+    Gradients of A and B come back in their own dtype (fp32 adapters stay fp32)."""
+
+    @staticmethod
+    def forward(ctx, x, x_d, A, B, scaling, bias, packed, absmax, blocksize, quant_type, shape,
+                nested_absmax, nested_code, offset, nested_blocksize):
+        N, K = int(shape[0]), int(shape[1])
+        y = torch.ops.nf4lora.matmul_4bit(x, packed, absmax, blocksize, quant_type, shape, nested_absmax,
+                                          nested_code, offset, nested_blocksize, bias)
+        src = x if x_d is None else x_d
+        Ac, Bc = A.to(x.dtype), B.to(x.dtype)
+        x_a = torch.mm(src.reshape(-1, K), Ac.t()).mul_(scaling)
+        y.view(-1, N).addmm_(x_a, Bc.t())
+        ctx.save_for_backward(src, x_a, Ac, Bc)
+        ctx.scaling = scaling
+        ctx.separate_dropout = x_d is not None
+        ctx.adapter_dtypes = (A.dtype, B.dtype)
+        ctx.weight_args = (packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code,
+                           offset, nested_blocksize)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        src, x_a, Ac, Bc = ctx.saved_tensors
+        need_x, need_xd, need_A, need_B, _, need_bias = ctx.needs_input_grad[:6]
+        N, K = grad_y.shape[-1], src.shape[-1]
+        g = grad_y.reshape(-1, N)
+        grad_x = grad_xd = grad_A = grad_B = grad_bias = None
+        lora_x = need_xd or (need_x and not ctx.separate_dropout)
+        g_b = torch.mm(g, Bc).mul_(ctx.scaling) if (lora_x or need_A) else None
+        if need_x:
+            grad_x = torch.ops.nf4lora.matmul_4bit_grad_input(grad_y, *ctx.weight_args)
+            if not ctx.separate_dropout:
+                grad_x.view(-1, K).addmm_(g_b, Ac)
+        if need_xd:
+            grad_xd = torch.mm(g_b, Ac).view(src.shape)
+        if need_A:
+            grad_A = torch.mm(g_b.t(), src.reshape(-1, K)).to(ctx.adapter_dtypes[0])
+        if need_B:
+            grad_B = torch.mm(g.t(), x_a).to(ctx.adapter_dtypes[1])
+        if need_bias:
+            grad_bias = g.sum(0)
+        return (grad_x, grad_xd, grad_A, grad_B, None, grad_bias) + (None,) * 9
+
+
+def lora_matmul_4bit(x: Tensor, base: Linear4bit, A: Tensor, B: Tensor, scaling: float,
+                     dropout: Optional[nn.Module] = None) -> Tensor:
+    """base(x) + scaling * dropout(x) A^T B^T through LoraMatmul4bit, computed in the base's
+    compute dtype (the autocast dtype under torch.autocast) and returned in x's dtype."""
+    in_dtype = x.dtype
+    dtype = base.compute_dtype or in_dtype
+    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    xc = x.to(dtype)
+    x_d = None
+    if dropout is not None and dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
+        x_d = dropout(xc)
+    bias = None if base.bias is None else base.bias.to(dtype)
+    state = base.quant_state
+    nested = (state.nested_absmax, state.nested_code, state.offset) if state.nested else (None, None, None)
+    y = LoraMatmul4bit.apply(xc, x_d, A, B, float(scaling), bias, _packed_bytes(base.weight, state),
+                             state.absmax, state.blocksize, state.quant_type, list(state.shape), *nested,
+                             state.nested_blocksize)
+    return y if y.dtype == in_dtype else y.to(in_dtype)
+
+
+class LoraLinear(nn.Module):
+    """y = base_layer(x) + scaling * lora_B(lora_A(dropout(x))) for the active adapter.
+
+    base_layer is an nn.Linear or a Linear4bit (then one fused autograd function computes both
+    terms). Several named adapters may live side by side; one is active. Adapters are created in
+    `adapter_dtype` (fp32 by default, as PEFT does); over a float base x is cast to it (PEFT's
+    rule), over a 4-bit base the adapter runs in the base's compute dtype."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str = "default", r: int = 16,
+                 lora_alpha: float = 32, lora_dropout: float = 0.0, use_rslora: bool = False,
+                 init: str = "kaiming", adapter_dtype: Optional[torch.dtype] = torch.float32) -> None:
+        super().__init__()
+        if isinstance(base_layer, LoraLinear) or not isinstance(base_layer, (nn.Linear, Linear4bit)):
+            raise TypeError(f"LoraLinear wraps an nn.Linear or a Linear4bit, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapter: Optional[str] = None
+        self.disabled = False
+        self.merged_adapters: list[str] = []
+        self._merge_backup = None  # the exact base weight from before merging
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init, adapter_dtype)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def is_4bit(self) -> bool:
+        return isinstance(self.base_layer, Linear4bit)
+
+    def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init: str = "kaiming",
+                    adapter_dtype: Optional[torch.dtype] = torch.float32) -> None:
+        """Adds adapter `name` (A [r, in], B [out, r]) and makes it active."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists in this layer")
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if not (lora_alpha > 0 and math.isfinite(lora_alpha)):
+            raise ValueError(f"lora_alpha must be positive and finite, got {lora_alpha!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        device = self.base_layer.weight.device
+        dtype = adapter_dtype or (self.base_layer.weight.dtype if not self.is_4bit else self.base_layer.weight_dtype)
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.r[name], self.lora_alpha[name] = r, float(lora_alpha)
+        self.scaling[name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.reset_adapter(name, init)
+        self.active_adapter = name
+
+    @torch.no_grad()
+    def reset_adapter(self, name: str, init: str = "kaiming") -> None:
+        """PEFT's initializations that need no weight: kaiming (A kaiming-uniform a=sqrt(5),
+        B = 0) or gaussian (A ~ N(0, 1/r), B = 0). LoftQ/PiSSA set A and B from outside."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if init == "gaussian":
+            nn.init.normal_(A, std=1.0 / self.r[name])
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        nn.init.zeros_(B)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged; unmerge it before deleting it")
+        for d in (self.lora_A, self.lora_B, self.lora_dropout):
+            del d[name]
+        for d in (self.r, self.lora_alpha, self.scaling):
+            del d[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def delta_weight(self, name: str) -> Tensor:
+        """scaling * B @ A in fp32, [out, in]."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        return (B.detach().float() @ A.detach().float()) * self.scaling[name]
+
+    @torch.no_grad()
+    def merge(self, name: str, merge_into_4bit: bool = False) -> Optional[float]:
+        """Folds adapter `name` into the base weight; keeps the exact original for unmerge. For a
+        4-bit base (merge_into_4bit=True) returns the relative Frobenius error of the requantized
+        merged weight against the exact merged weight."""
+        if self.merged_adapters:
+            raise ValueError(f"adapter {self.merged_adapters[0]!r} is already merged; unmerge first")
+        if name not in self.lora_A:
+            raise ValueError(f"unknown adapter {name!r}; this layer has {list(self.lora_A)}")
+        base = self.base_layer
+        delta = self.delta_weight(name).to(base.weight.device)
+        error = None
+        if self.is_4bit:
+            if not merge_into_4bit:
+                raise ValueError("the base is 4-bit: merging requantizes it; pass merge_into_4bit=True")
+            state = base.quant_state
+            merged = base.dequantize(torch.float32) + delta
+            packed, new_state = quantize_4bit(merged, state.blocksize, state.quant_type, state.nested)
+            self._merge_backup = (base.weight, state)
+            base.weight = nn.Parameter(packed, requires_grad=False)
+            base._set_state(dataclasses.replace(new_state, dtype=state.dtype))
+            error = float(torch.linalg.matrix_norm(dequantize_4bit(packed, new_state, dtype=torch.float32) - merged)
+                          / torch.linalg.matrix_norm(merged).clamp(min=1e-30))
+        else:
+            self._merge_backup = base.weight.data
+            base.weight.data = (base.weight.data.float() + delta).to(base.weight.dtype)
+        self.merged_adapters = [name]
+        return error
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restores the base weight saved by merge, bit for bit (no subtraction, no requantization)."""
+        if not self.merged_adapters:
+            return
+        base = self.base_layer
+        if self.is_4bit:
+            weight, state = self._merge_backup
+            base.weight = weight
+            base._set_state(state)
+        else:
+            base.weight.data = self._merge_backup
+        self._merge_backup = None
+        self.merged_adapters = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        name = self.active_adapter
+        if self.disabled or name is None or name not in self.lora_A or self.merged_adapters:
+            if self.disabled and self.merged_adapters:
+                raise RuntimeError("adapters are disabled but merged into the base: unmerge them first")
+            return self.base_layer(x)
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if self.is_4bit:
+            return lora_matmul_4bit(x, self.base_layer, A, B, self.scaling[name], self.lora_dropout[name])
+        y = self.base_layer(x)
+        xd = self.lora_dropout[name](x.to(A.dtype))
+        return y + (F.linear(F.linear(xd, A), B) * self.scaling[name]).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"adapters={ {n: self.r[n] for n in self.r} }, active={self.active_adapter!r}, "
+                f"merged={self.merged_adapters}, disabled={self.disabled}")
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full beside the adapters (PEFT's modules_to_save): original_module stays
+    frozen and one trainable copy per adapter lives in modules_to_save[<adapter>]."""
+
+    def __init__(self, module: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        if isinstance(module, (LoraLinear, ModulesToSave)):
+            raise TypeError(f"cannot wrap a {type(module).__name__} in modules_to_save")
+        if isinstance(module, Linear4bit):
+            raise TypeError("a 4-bit layer cannot be trained in full: leave it out of modules_to_save "
+                            "(or out of quantization)")
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: Optional[str] = None
+        self.disabled = False
+        self.add_adapter(adapter_name)
+
+    def add_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            raise ValueError(f"adapter {name!r} already exists in this module")
+        copy_ = copy.deepcopy(self.original_module)
+        for p in copy_.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = copy_
+        self.active_adapter = name
+
+    def delete_adapter(self, name: str) -> None:
+        del self.modules_to_save[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    @property
+    def active_module(self) -> nn.Module:
+        name = self.active_adapter
+        if self.disabled or name is None or name not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[name]
+
+    def forward(self, *args, **kwargs):
+        return self.active_module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name in ("original_module", "modules_to_save", "active_adapter", "disabled"):
+                raise  # half-built (deepcopy, unpickling): no fallback, no recursion
+            # transformers reads attributes of the wrapped head (e.g. lm_head.weight for tying)
+            return getattr(self.active_module, name)
