@@ -11,6 +11,7 @@
 #include "nf4lora/format.h"
 #include "nf4lora/matmul.h"
 #include "nf4lora/memory.h"
+#include "nf4lora/optim.h"
 #include "nf4lora/quantize.h"
 
 namespace py = pybind11;
@@ -171,5 +172,66 @@ PYBIND11_MODULE(_C, m) {
                                          ptr<const float>(code), n, blocksize, ptr<float>(out),
                                          ptr<void>(stream));
         }, gil());
+#endif
+
+  // ---- optimizers (nf4lora/optim.h): fused AdamW steps; return the count of skipped blocks ----
+  m.attr("OPTIM_BLOCK") = kOptimBlock;
+  m.attr("MIN_8BIT_ELEMENTS") = kMin8bitElements;
+  m.attr("MIN_PAGED_ELEMENTS") = kMinPagedElements;
+  auto hyper = [](double lr, double beta1, double beta2, double eps, double weight_decay,
+                  int64_t step) {
+    AdamWHyper h;
+    h.lr = lr; h.beta1 = beta1; h.beta2 = beta2; h.eps = eps; h.weight_decay = weight_decay;
+    h.step = step;
+    return h;
+  };
+  m.def("adamw_check", [hyper](double lr, double beta1, double beta2, double eps,
+                               double weight_decay, int64_t step) {
+    adamw_scalars(hyper(lr, beta1, beta2, eps, weight_decay, step));
+  }, "Raises ValueError naming the first invalid AdamW hyperparameter");
+  m.def("adamw_32bit_cpu",
+        [hyper](uintptr_t param, int dt, uintptr_t grad, uintptr_t m1, uintptr_t v1, int64_t n,
+                double lr, double beta1, double beta2, double eps, double weight_decay,
+                int64_t step, int num_threads) {
+          return adamw_32bit_cpu(ptr<void>(param), dtype(dt), ptr<const void>(grad),
+                                 ptr<float>(m1), ptr<float>(v1), n,
+                                 hyper(lr, beta1, beta2, eps, weight_decay, step), num_threads);
+        }, gil());
+  m.def("adamw_8bit_cpu",
+        [hyper](uintptr_t param, int dt, uintptr_t grad, uintptr_t qm, uintptr_t qv,
+                uintptr_t absmax_m, uintptr_t absmax_v, int64_t n, double lr, double beta1,
+                double beta2, double eps, double weight_decay, int64_t step, int num_threads) {
+          return adamw_8bit_cpu(ptr<void>(param), dtype(dt), ptr<const void>(grad),
+                                ptr<uint8_t>(qm), ptr<uint8_t>(qv), ptr<float>(absmax_m),
+                                ptr<float>(absmax_v), n,
+                                hyper(lr, beta1, beta2, eps, weight_decay, step), num_threads);
+        }, gil());
+#if defined(NF4LORA_WITH_CUDA)
+  m.def("adamw_32bit_cuda",
+        [hyper](uintptr_t param, int dt, uintptr_t grad, uintptr_t m1, uintptr_t v1, int64_t n,
+                double lr, double beta1, double beta2, double eps, double weight_decay,
+                int64_t step, uintptr_t skipped, uintptr_t stream) {
+          adamw_32bit_cuda(ptr<void>(param), dtype(dt), ptr<const void>(grad), ptr<float>(m1),
+                           ptr<float>(v1), n, hyper(lr, beta1, beta2, eps, weight_decay, step),
+                           ptr<int32_t>(skipped), ptr<void>(stream));
+        }, gil());
+  m.def("adamw_8bit_cuda",
+        [hyper](uintptr_t param, int dt, uintptr_t grad, uintptr_t qm, uintptr_t qv,
+                uintptr_t absmax_m, uintptr_t absmax_v, int64_t n, double lr, double beta1,
+                double beta2, double eps, double weight_decay, int64_t step, uintptr_t skipped,
+                uintptr_t stream) {
+          adamw_8bit_cuda(ptr<void>(param), dtype(dt), ptr<const void>(grad), ptr<uint8_t>(qm),
+                          ptr<uint8_t>(qv), ptr<float>(absmax_m), ptr<float>(absmax_v), n,
+                          hyper(lr, beta1, beta2, eps, weight_decay, step),
+                          ptr<int32_t>(skipped), ptr<void>(stream));
+        }, gil());
+  m.def("managed_alloc", [](int64_t nbytes) {
+    return reinterpret_cast<uintptr_t>(managed_alloc(nbytes));
+  }, "Zero-filled cudaMallocManaged memory; returns its address");
+  m.def("managed_free", [](uintptr_t address) { managed_free(ptr<void>(address)); });
+  m.def("managed_prefetch_supported", &managed_prefetch_supported);
+  m.def("managed_prefetch", [](uintptr_t address, int64_t nbytes, int device, uintptr_t stream) {
+    managed_prefetch(ptr<const void>(address), nbytes, device, ptr<void>(stream));
+  }, gil());
 #endif
 }

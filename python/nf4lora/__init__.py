@@ -16,6 +16,7 @@ from .lora_io import load_adapter, read_adapter, save_adapter
 from .lora_model import (TrainableParameters, active_adapter, adapter_config, adapter_names, add_adapter,
                          delete_adapter, disable_adapters, get_lora_model, merge_adapter, merge_and_unload,
                          set_adapter, trainable_parameters, unmerge_adapter)
+from . import optim
 
 __version__ = "0.1.0"
 
@@ -58,4 +59,5 @@ __all__ = [
     "set_adapter",
     "trainable_parameters",
     "unmerge_adapter",
+    "optim",
 ]

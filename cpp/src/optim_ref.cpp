@@ -1,0 +1,85 @@
+// optim_ref.cpp — the scalar reference AdamW block kernels (fp32 and 8-bit blockwise state): the
+// executable spec for the SIMD variants and cuda/optim.cu. Straight loops over optim.h's
+// adamw_update and format.h's 8-bit maps and encoder; no intrinsics.
+// Tested against torch.optim.AdamW and bitsandbytes (tests/test_optim.py).
+#include <algorithm>
+#include <cmath>
+
+#include "kernels.h"
+#include "optim_kernels.h"
+
+namespace nf4lora::detail {
+
+bool grad_finite_ref(const void* grad, DType dtype, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i)
+    if (!std::isfinite(load_as_float(grad, dtype, i))) return false;
+  return true;
+}
+
+void adamw_32bit_range_ref(const AdamWArgs& a, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    float p = load_as_float(a.param, a.dtype, i);
+    adamw_update(p, a.m[i], a.v[i], load_as_float(a.grad, a.dtype, i), a.s);
+    store_from_float(a.param, a.dtype, i, p);
+  }
+}
+
+void adamw_8bit_update_range_ref(const AdamWArgs& a, int64_t b, int64_t begin, int64_t end,
+                                 float* mb, float* vb, float& max_m, float& max_v) {
+  const float am = a.absmax_m[b], av = a.absmax_v[b];
+  const int64_t base = b * kOptimBlock;
+  for (int64_t i = begin; i < end; ++i) {
+    float p = load_as_float(a.param, a.dtype, i);
+    float m = kDynamicSigned[a.qm[i]] * am;
+    float v = kDynamicUnsigned[a.qv[i]] * av;
+    adamw_update(p, m, v, load_as_float(a.grad, a.dtype, i), a.s);
+    store_from_float(a.param, a.dtype, i, p);
+    mb[i - base] = m;
+    vb[i - base] = v;
+    max_m = std::max(max_m, std::fabs(m));
+    max_v = std::max(max_v, v);
+  }
+}
+
+namespace {
+
+int64_t adamw_32bit_blocks_ref(const AdamWArgs& a, int64_t b0, int64_t b1) {
+  int64_t skipped = 0;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t begin = b * kOptimBlock, end = std::min(a.n, begin + kOptimBlock);
+    if (!grad_finite_ref(a.grad, a.dtype, begin, end)) {
+      ++skipped;
+      continue;
+    }
+    adamw_32bit_range_ref(a, begin, end);
+  }
+  return skipped;
+}
+
+int64_t adamw_8bit_blocks_ref(const AdamWArgs& a, int64_t b0, int64_t b1) {
+  int64_t skipped = 0;
+  float mb[kOptimBlock], vb[kOptimBlock];
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t begin = b * kOptimBlock, end = std::min(a.n, begin + kOptimBlock);
+    if (!grad_finite_ref(a.grad, a.dtype, begin, end)) {
+      ++skipped;
+      continue;
+    }
+    float max_m = 0.0f, max_v = 0.0f;
+    adamw_8bit_update_range_ref(a, b, begin, end, mb, vb, max_m, max_v);
+    const float sm = block_scale(max_m), sv = block_scale(max_v);
+    for (int64_t i = begin; i < end; ++i) {
+      a.qm[i] = encode_8bit_mids(a.tables->mids_m, mb[i - begin] * sm);
+      a.qv[i] = encode_8bit_mids(a.tables->mids_v, vb[i - begin] * sv);
+    }
+    a.absmax_m[b] = max_m;
+    a.absmax_v[b] = max_v;
+  }
+  return skipped;
+}
+
+}  // namespace
+
+const OptimKernels kOptimRefKernels = {adamw_32bit_blocks_ref, adamw_8bit_blocks_ref};
+
+}  // namespace nf4lora::detail

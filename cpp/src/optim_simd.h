@@ -1,0 +1,151 @@
+// optim_simd.h — the fused AdamW block kernels written once over a small vector-ISA interface V
+// (F: a vector of V::W floats; arithmetic, loads/stores per param dtype, map gathers, the 8-bit
+// encoder). Included only by optim_avx2.cpp and optim_avx512.cpp, each compiled with its own ISA
+// flags, which define V. Same operations in the same order as optim_ref.cpp (no FMA), so equal to
+// it bit for bit on finite data; tested by tests/cpp/test_optim.cpp.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "optim_kernels.h"
+
+namespace nf4lora::detail {
+namespace simd_optim {
+
+template <class V, DType D>
+typename V::F load_elems(const void* p, int64_t i) {
+  if constexpr (D == DType::F32) return V::load_f32(static_cast<const float*>(p) + i);
+  else if constexpr (D == DType::BF16) return V::load_bf16(static_cast<const uint16_t*>(p) + i);
+  else return V::load_f16(static_cast<const uint16_t*>(p) + i);
+}
+template <class V, DType D>
+void store_elems(void* p, int64_t i, typename V::F x) {
+  if constexpr (D == DType::F32) V::store_f32(static_cast<float*>(p) + i, x);
+  else if constexpr (D == DType::BF16) V::store_bf16(static_cast<uint16_t*>(p) + i, x);
+  else V::store_f16(static_cast<uint16_t*>(p) + i, x);
+}
+
+template <class V>
+struct Scalars {
+  typename V::F decay, omb1, beta2, omb2, eps, step_size, bc2_sqrt;
+  explicit Scalars(const AdamWScalars& s)
+      : decay(V::set1(s.decay)), omb1(V::set1(s.one_minus_beta1)), beta2(V::set1(s.beta2)),
+        omb2(V::set1(s.one_minus_beta2)), eps(V::set1(s.eps)), step_size(V::set1(s.step_size)),
+        bc2_sqrt(V::set1(s.bc2_sqrt)) {}
+};
+
+// optim.h's adamw_update, lane-wise, the same operations in the same order.
+template <class V>
+inline void update(typename V::F& p, typename V::F& m, typename V::F& v, typename V::F g,
+                   const Scalars<V>& s) {
+  p = V::mul(p, s.decay);
+  m = V::add(m, V::mul(s.omb1, V::sub(g, m)));
+  v = V::add(V::mul(v, s.beta2), V::mul(V::mul(s.omb2, g), g));
+  const typename V::F denom = V::add(V::div(V::sqrt(v), s.bc2_sqrt), s.eps);
+  p = V::sub(p, V::div(V::mul(s.step_size, m), denom));
+}
+
+// g * 0 is +-0 for finite g and NaN otherwise; the sum stays zero only if every g was finite.
+template <class V, DType D>
+bool grad_finite(const void* grad, int64_t begin, int64_t end) {
+  typename V::F acc = V::zero();
+  int64_t i = begin;
+  for (; i + V::W <= end; i += V::W) acc = V::add(acc, V::mul(load_elems<V, D>(grad, i), V::zero()));
+  return V::all_zero(acc) && grad_finite_ref(grad, D, i, end);
+}
+
+template <class V, DType D>
+int64_t adamw_32bit_blocks(const AdamWArgs& a, int64_t b0, int64_t b1) {
+  const Scalars<V> s(a.s);
+  int64_t skipped = 0;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t begin = b * kOptimBlock, end = std::min(a.n, begin + kOptimBlock);
+    if (!grad_finite<V, D>(a.grad, begin, end)) {
+      ++skipped;
+      continue;
+    }
+    int64_t i = begin;
+    for (; i + V::W <= end; i += V::W) {
+      typename V::F p = load_elems<V, D>(a.param, i), m = V::load_f32(a.m + i),
+                    v = V::load_f32(a.v + i);
+      update<V>(p, m, v, load_elems<V, D>(a.grad, i), s);
+      store_elems<V, D>(a.param, i, p);
+      V::store_f32(a.m + i, m);
+      V::store_f32(a.v + i, v);
+    }
+    adamw_32bit_range_ref(a, i, end);
+  }
+  return skipped;
+}
+
+template <class V, DType D>
+int64_t adamw_8bit_blocks(const AdamWArgs& a, int64_t b0, int64_t b1) {
+  const Scalars<V> s(a.s);
+  const Optim8bitTables& t = *a.tables;
+  alignas(64) float mb[kOptimBlock], vb[kOptimBlock];
+  int64_t skipped = 0;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t begin = b * kOptimBlock, end = std::min(a.n, begin + kOptimBlock);
+    if (!grad_finite<V, D>(a.grad, begin, end)) {
+      ++skipped;
+      continue;
+    }
+    // Dequantize with the old absmax, update, keep the new fp32 moments for the requantization.
+    const typename V::F am = V::set1(a.absmax_m[b]), av = V::set1(a.absmax_v[b]);
+    typename V::F max_m = V::zero(), max_v = V::zero();
+    int64_t i = begin;
+    for (; i + V::W <= end; i += V::W) {
+      typename V::F p = load_elems<V, D>(a.param, i);
+      typename V::F m = V::mul(V::decode(kDynamicSigned, a.qm + i), am);
+      typename V::F v = V::mul(V::decode(kDynamicUnsigned, a.qv + i), av);
+      update<V>(p, m, v, load_elems<V, D>(a.grad, i), s);
+      store_elems<V, D>(a.param, i, p);
+      V::store_f32(mb + (i - begin), m);
+      V::store_f32(vb + (i - begin), v);
+      max_m = V::max(max_m, V::abs(m));
+      max_v = V::max(max_v, v);
+    }
+    float mm = V::hmax(max_m), mv = V::hmax(max_v);
+    adamw_8bit_update_range_ref(a, b, i, end, mb, vb, mm, mv);
+    // Requantize against the new absmax (nearest map entry; format.h's encoder via the tables).
+    const float sm = block_scale(mm), sv = block_scale(mv);
+    const typename V::F vsm = V::set1(sm), vsv = V::set1(sv);
+    int64_t j = begin;
+    for (; j + V::W <= end; j += V::W) {
+      V::encode(t.lut_m, t.mids_m, V::mul(V::load_f32(mb + (j - begin)), vsm), a.qm + j);
+      V::encode(t.lut_v, t.mids_v, V::mul(V::load_f32(vb + (j - begin)), vsv), a.qv + j);
+    }
+    for (; j < end; ++j) {
+      a.qm[j] = encode_8bit_mids(t.mids_m, mb[j - begin] * sm);
+      a.qv[j] = encode_8bit_mids(t.mids_v, vb[j - begin] * sv);
+    }
+    a.absmax_m[b] = mm;
+    a.absmax_v[b] = mv;
+  }
+  return skipped;
+}
+
+// Dispatch on the param dtype once per call, so the inner loops have no dtype switch.
+template <class V, template <class, DType> class Body>
+int64_t by_dtype(const AdamWArgs& a, int64_t b0, int64_t b1) {
+  switch (a.dtype) {
+    case DType::F32: return Body<V, DType::F32>::run(a, b0, b1);
+    case DType::BF16: return Body<V, DType::BF16>::run(a, b0, b1);
+    default: return Body<V, DType::F16>::run(a, b0, b1);
+  }
+}
+template <class V, DType D> struct Adamw32 {
+  static int64_t run(const AdamWArgs& a, int64_t b0, int64_t b1) { return adamw_32bit_blocks<V, D>(a, b0, b1); }
+};
+template <class V, DType D> struct Adamw8 {
+  static int64_t run(const AdamWArgs& a, int64_t b0, int64_t b1) { return adamw_8bit_blocks<V, D>(a, b0, b1); }
+};
+
+template <class V>
+constexpr OptimKernels make_kernels() {
+  return {by_dtype<V, Adamw32>, by_dtype<V, Adamw8>};
+}
+
+}  // namespace simd_optim
+}  // namespace nf4lora::detail
