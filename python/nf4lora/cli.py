@@ -172,7 +172,7 @@ def memory_report(model: nn.Module, r: Optional[int] = 16, optim_bits: int = 32)
     """Bytes per tensor and in total: 4-bit weights (codes + every scale tensor), dense tensors,
     LoRA adapters (the model's own, or rank r on every Linear4bit when it has none), their
     gradients and AdamW state (2 fp32, or 2 x 8-bit + an fp32 absmax per 256 values), and what the
-    same base would need in bf16."""
+    same base's weights would need in bf16. Buffers (e.g. rotary tables) are listed as such."""
     from .lora import LoraLinear
     from .nn import Linear4bit
     layers, owned = [], set()
@@ -183,13 +183,13 @@ def memory_report(model: nn.Module, r: Optional[int] = 16, optim_bits: int = 32)
                            "bytes": st.nbytes, "bits_per_param": st.bits_per_param})
             owned.update(id(t) for t in (m.weight, *m.buffers(recurse=False)))
     has_lora = any(isinstance(m, LoraLinear) for m in model.modules())
-    tensors = dict(model.named_buffers())
-    tensors.update(model.named_parameters())  # tied weights are listed once
-    for name, t in tensors.items():
-        if id(t) in owned or (has_lora and getattr(t, "requires_grad", False)):
+    tensors = {name: ("buffer", t) for name, t in model.named_buffers()}
+    tensors.update((name, ("dense", t)) for name, t in model.named_parameters())  # tied: listed once
+    for name, (kind, t) in tensors.items():
+        if id(t) in owned or (has_lora and t.requires_grad):
             continue
         owned.add(id(t))
-        layers.append({"name": name, "kind": "dense", "shape": list(t.shape), "params": t.numel(),
+        layers.append({"name": name, "kind": kind, "shape": list(t.shape), "params": t.numel(),
                        "bytes": t.numel() * t.element_size(), "bits_per_param": 8.0 * t.element_size()})
     if has_lora:
         adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -197,8 +197,8 @@ def memory_report(model: nn.Module, r: Optional[int] = 16, optim_bits: int = 32)
         adapters = sum((r or 0) * sum(x["shape"]) for x in layers if x["kind"] == "4-bit")
     optim_per_param = 8.0 if optim_bits == 32 else 2 + 8 / 256
     base = sum(x["bytes"] for x in layers)
-    floats = sum(x["params"] for x in layers if x["kind"] == "4-bit" or x["bits_per_param"] >= 16)
-    return {"layers": layers, "base_bytes": base, "bf16_base_bytes": 2 * floats,
+    weights = sum(x["params"] for x in layers if x["kind"] != "buffer")
+    return {"layers": layers, "base_bytes": base, "bf16_base_bytes": 2 * weights,
             "adapter_params": adapters, "adapter_bytes": 4 * adapters, "gradient_bytes": 4 * adapters,
             "optimizer_bytes": int(adapters * optim_per_param),
             "total_training_bytes": base + int(adapters * (8 + optim_per_param))}
