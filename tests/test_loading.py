@@ -150,3 +150,14 @@ def test_default_gguf_matches_transformers_gguf_load():
     x = torch.tensor([tok.encode("The capital of France is")])
     with torch.no_grad():
         assert torch.equal(model(x).logits, ref(x).logits)
+
+
+def test_lora_while_loading(tiny):
+    model, _ = load_model(tiny, lora=nl.LoraConfig(r=4, lora_alpha=8))
+    lora = [m for m in model.modules() if isinstance(m, nl.LoraLinear)]
+    assert len(lora) == 14  # 7 linears x 2 layers; lm_head excluded
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 28 and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    x = torch.randint(0, 259, (1, 5))
+    with torch.no_grad():  # B starts at zero: the adapted model equals the base
+        assert torch.equal(model(x).logits, load_model(tiny)[0](x).logits)
