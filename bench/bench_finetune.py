@@ -6,7 +6,8 @@ the ratios the finetune issue asks for (improvement vs bf16 LoRA, tokens/s vs PE
 peak RSS). Timings on a shared machine are noisy: repeat, and read the ratios, not the absolutes.
 
     python bench/bench_finetune.py --steps 20        # all three
-    python bench/bench_finetune.py --only nf4lora    # one"""
+    python bench/bench_finetune.py --only nf4lora    # one
+    python bench/bench_finetune.py --steps 3 --no-eval   # tokens/s and peak RSS only"""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ import time
 WAYS = ("nf4lora", "peft_bf16", "peft_bnb4")
 
 
-def run_one(way: str, steps: int, batch: int, seq_len: int, lr: float, r: int) -> dict:
+def run_one(way: str, steps: int, batch: int, seq_len: int, lr: float, r: int, do_eval: bool = True) -> dict:
     import torch
     import nf4lora as nl
     from nf4lora import data as D
@@ -54,7 +55,8 @@ def run_one(way: str, steps: int, batch: int, seq_len: int, lr: float, r: int) -
     train, held = D.split_examples(D.load_examples(None), 0.1)
     items, held_items = D.tokenize(train, tok, seq_len), D.tokenize(held, tok, seq_len)
     pad = tok.pad_token_id or 0
-    before = evaluate(loss_mod, held_items, pad, batch, True)["loss"]
+    nan = float("nan")
+    before = evaluate(loss_mod, held_items, pad, batch, True)["loss"] if do_eval else nan
     order = D.BatchOrder(len(items), batch, seed=0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
@@ -71,7 +73,7 @@ def run_one(way: str, steps: int, batch: int, seq_len: int, lr: float, r: int) -
         opt.zero_grad(set_to_none=True)
         tokens += int(b["attention_mask"].sum())
     dt = time.perf_counter() - t0
-    after = evaluate(loss_mod, held_items, pad, batch, True)["loss"]
+    after = evaluate(loss_mod, held_items, pad, batch, True)["loss"] if do_eval else nan
     return {"way": way, "tokens_per_s": tokens / dt, "loss_before": before, "loss_after": after,
             "improvement": before - after, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
@@ -84,15 +86,16 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--only", choices=WAYS)
+    ap.add_argument("--no-eval", dest="eval", action="store_false", help="tokens/s and RSS only")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(run_one(a.only, a.steps, a.batch, a.seq_len, a.lr, a.r)))
+        print(json.dumps(run_one(a.only, a.steps, a.batch, a.seq_len, a.lr, a.r, a.eval)))
         return
     results = {}
     for way in ([a.only] if a.only else WAYS):
         cmd = [sys.executable, __file__, "--child", "--only", way, "--steps", str(a.steps), "--batch", str(a.batch),
-               "--seq-len", str(a.seq_len), "--lr", str(a.lr), "--r", str(a.r)]
+               "--seq-len", str(a.seq_len), "--lr", str(a.lr), "--r", str(a.r)] + ([] if a.eval else ["--no-eval"])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             print(f"{way}: failed\n{out.stderr[-2000:]}")
@@ -101,7 +104,7 @@ def main() -> None:
         r = results[way]
         print(f"{way:10} {r['tokens_per_s']:8.1f} tok/s  held-out loss {r['loss_before']:.4f} -> {r['loss_after']:.4f} "
               f"(-{r['improvement']:.4f})  peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
-    if "nf4lora" in results and "peft_bf16" in results:
+    if "nf4lora" in results and "peft_bf16" in results and a.eval:
         print(f"improvement vs bf16 LoRA (PEFT): {results['nf4lora']['improvement'] / results['peft_bf16']['improvement']:.1%}")
     if "nf4lora" in results and "peft_bnb4" in results:
         print(f"tokens/s vs PEFT + bitsandbytes 4-bit: "
