@@ -26,7 +26,7 @@ def test_jsonl_pairs_and_text(tmp_path):
                                  json.dumps({"prompt": "a", "response": ""})])
 def test_jsonl_bad_line_names_file_and_line(tmp_path, bad):
     p = _write(tmp_path, [json.dumps({"text": "ok"}), json.dumps({"text": "ok2"}), bad])
-    with pytest.raises(ValueError, match=rf"d\.jsonl:3: "):
+    with pytest.raises(ValueError, match=r"d\.jsonl:3: "):
         D.load_examples(p)
     with pytest.warns(UserWarning, match=r"skipped 1 malformed lines: 3"):
         assert D.load_examples(p, on_bad_line="skip") == [{"text": "ok"}, {"text": "ok2"}]
