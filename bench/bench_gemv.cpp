@@ -76,14 +76,17 @@ int main(int argc, char** argv) {
         if (!cpu_variant_supported(v)) continue;
         force_cpu_variant(v);
         gemm_4bit_cpu(x.data(), DType::BF16, M, s.K, q.packed.data(), src, s.N, 64, QuantType::NF4, nullptr, y.data(), threads);
-        // Not bit-exact (summation order): a loose sanity check, the real one is test_matmul.
-        double max_rel = 0.0;
+        // Not bit-exact (summation order; avx512_bf16 rounds W to bf16): a loose sanity check
+        // against the outputs' RMS, the real one is test_matmul.
+        double max_diff = 0.0, rms = 0.0;
         for (size_t i = 0; i < y.size(); ++i) {
           const double a = bf16_bits_to_float(y[i]), b = bf16_bits_to_float(yref[i]);
-          max_rel = std::max(max_rel, std::fabs(a - b) / (std::fabs(b) + 1e-2));
+          max_diff = std::max(max_diff, std::fabs(a - b)), rms += b * b;
         }
-        if (!(max_rel < 0.05)) {
-          std::printf("%s: %s disagrees with the reference (max rel %.3g)\n", shape, cpu_variant_name(v), max_rel);
+        rms = std::sqrt(rms / double(y.size()));
+        if (!(max_diff < 0.05 * rms)) {  // a few bf16 ulps of the largest outputs
+          std::printf("%s: %s disagrees with the reference (max diff %.3g, output RMS %.3g)\n", shape,
+                      cpu_variant_name(v), max_diff, rms);
           return 1;
         }
         const double ms = median_ms(iters, [&] {

@@ -1,8 +1,11 @@
 """4-bit matmul benchmark on LLaMA-7B layer shapes, one process, one run: nf4lora.matmul_4bit
-forward (and backward = grad_x) against dense bf16 torch.nn.functional.linear on the same shape
-and, when installed, bitsandbytes.matmul_4bit; time, TFLOP/s, GB/s of weight bytes, ratios.
+forward and backward (grad_x = grad_y @ W, the op autograd calls) against dense
+torch.nn.functional.linear / grad_y @ W in the same dtype on the same shape and, when installed,
+bitsandbytes (matmul_4bit forward; its backward's grad_y @ dequantize_4bit(W)); time, TFLOP/s,
+GB/s of 4-bit weight bytes, ratios. The machine is shared: compare ratios, and repeat.
 
-    python bench/bench_matmul.py [--m 1 8 64 512] [--dtype bf16] [--iters 10] [--backward] [--json F]
+    python bench/bench_matmul.py [--m 1 8 64 512] [--dtype bf16] [--iters 10] [--forward-only]
+                                 [--quick] [--json F]
 """
 from __future__ import annotations
 
@@ -22,12 +25,16 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="+", default=[1, 8, 64, 512])
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--backward", action="store_true", help="also time grad_x = grad_y @ W")
+    ap.add_argument("--forward-only", action="store_true", help="skip grad_x = grad_y @ W")
+    ap.add_argument("--backward", action="store_true", help=argparse.SUPPRESS)  # the default now
+    ap.add_argument("--quick", action="store_true", help="smoke run: 4096x4096, M 1 and 64, 3 iterations")
     ap.add_argument("--shapes", type=int, nargs="+", help="N K pairs (default: LLaMA-7B)")
     ap.add_argument("--json")
     args = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
     shapes = list(zip(args.shapes[::2], args.shapes[1::2])) if args.shapes else SHAPES
+    if args.quick:
+        shapes, args.m, args.iters = shapes[:1], [1, 64], 3
     try:
         import bitsandbytes as bnb
         import bitsandbytes.functional as F
@@ -50,7 +57,7 @@ def main() -> None:
             passes = [("fwd", lambda: nf4lora.matmul_4bit(x, packed, state),
                        lambda: torch.nn.functional.linear(x, w_dense),
                        (lambda: bnb.matmul_4bit(x, pb.t(), quant_state=sb)) if bnb is not None else None)]
-            if args.backward:
+            if not args.forward_only:
                 gy = torch.randn(M, N, dtype=dtype)
                 passes.append(("bwd", lambda: torch.ops.nf4lora.matmul_4bit_grad_input(
                     gy, packed.view(-1), state.absmax, 64, "nf4", [N, K], state.nested_absmax,

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # gpu_check.sh — the one script to run on a fresh GPU machine (H100/H200 class, < 8 minutes):
-# builds + installs nf4lora with CUDA for the local GPU's arch only, runs the CUDA tests (and the
-# fast CPU tests if time allows), a short compute-sanitizer pass, and bench/bench_cuda.py, then
-# writes ${OUT:-bench/out}/gpu_report.md and prints it. Every step runs under `timeout`; a failed
+# builds + installs nf4lora with CUDA for the local GPU's arch only, runs the CUDA tests, the GPU
+# benchmarks (bench/bench_cuda_matmul.py, bench/bench_cuda.py), then, with time to spare, a short
+# compute-sanitizer pass and the fast CPU tests; writes ${OUT:-bench/out}/gpu_report.md and prints it. Every step runs under `timeout`; a failed
 # step is recorded and the rest still run; the exit status is nonzero if anything failed.
 # Usage (from anywhere): bash bench/gpu_check.sh     Needs: python3 with torch (CUDA), nvcc,
 # cmake, ninja, pybind11, scikit-build-core, pytest preinstalled; no network access is used.
@@ -102,15 +102,49 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
             nf4lora.dequantize_4bit(p, s, out=out[:n])
             q, a = torch.ops.nf4lora.quantize_blockwise_8bit(x.float().contiguous(), code, 256)
             torch.ops.nf4lora.dequantize_blockwise_8bit(q, a, code, 256)
+from nf4lora import matmul_cuda  # every matmul kernel: GEMV, its transpose, tensor cores both ways
+for N, K in ((72, 40), (96, 256), (64, 136)):
+    p, s = nf4lora.quantize_4bit(torch.randn(N, K, device="cuda"), 64, "nf4", double_quant=True)
+    for M in (1, 3, 17, 70):
+        for gemv, tc in ((8, 0), (0, 1 << 30)):
+            matmul_cuda.GEMV_MAX_M = matmul_cuda.GEMV_T_MAX_M = gemv
+            matmul_cuda.TC_MAX_M = tc
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            nf4lora.matmul_4bit(x, p, s).float().sum().backward()
+for bits in (32, 8):  # the fused AdamW kernels, plain and paged (managed) state, awkward sizes
+    for paged in (False, True):
+        ps = [torch.nn.Parameter(torch.randn(n, device="cuda", dtype=dt))
+              for n, dt in ((1, torch.float32), (4097, torch.bfloat16), (100_003, torch.float16))]
+        opt = nf4lora.optim.AdamW(ps, lr=1e-3, optim_bits=bits, paged=paged)
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            opt.step()
 torch.cuda.synchronize()
 print("sanitizer case done")
 EOF
+# ---- benchmark -------------------------------------------------------------------------------
+if [ "$BUILT" = 1 ] && [ "$(left)" -gt 60 ]; then
+  OPTIONAL=1 step "bench matmul" "$(( $(left) > 200 ? 150 : $(left) - 40 ))" "$OUT/bench_cuda_matmul.txt" \
+    "$PY" bench/bench_cuda_matmul.py --json "$OUT/bench_cuda_matmul.json"
+else
+  skip "bench matmul" "no CUDA build or not enough time left ($(left)s)"
+fi
+
+if [ "$BUILT" = 1 ]; then
+  OPTIONAL=1 step bench "$(( $(left) > 120 ? 90 : 60 ))" "$OUT/bench_cuda.txt" \
+    "$PY" bench/bench_cuda.py --json "$OUT/bench_cuda.json"
+else
+  skip bench "no CUDA build"
+fi
+
+# compute-sanitizer over the case written above: after the benchmarks, with time to spare.
 for tool in memcheck racecheck; do
   if [ "$BUILT" != 1 ]; then
     skip "sanitizer $tool" "no CUDA build"
   elif [ -z "$SANITIZER" ]; then
     skip "sanitizer $tool" "compute-sanitizer not found"
-  elif [ "$(left)" -lt 200 ]; then
+  elif [ "$(left)" -lt 120 ]; then
     skip "sanitizer $tool" "not enough time left ($(left)s)"
   else
     OPTIONAL=1 step "sanitizer $tool" 90 "$OUT/sanitizer_$tool.log" "$SANITIZER" --tool "$tool" "$PY" "$SAN_PY"
@@ -122,8 +156,8 @@ for tool in memcheck racecheck; do
   fi
 done
 
-if [ "$BUILT" = 1 ] && [ "$(left)" -gt 150 ]; then
-  step "cpu tests" "$(( $(left) - 100 ))" "$OUT/pytest_cpu.log" \
+if [ "$BUILT" = 1 ] && [ "$(left)" -gt 60 ]; then
+  OPTIONAL=1 step "cpu tests" "$(( $(left) - 15 ))" "$OUT/pytest_cpu.log" \
     "$PY" -m pytest tests -q -m "not cuda and not slow" -p no:cacheprovider -x
 elif [ "$BUILT" = 1 ]; then
   skip "cpu tests" "not enough time left ($(left)s)"
@@ -131,13 +165,6 @@ else
   skip "cpu tests" "no build"
 fi
 
-# ---- benchmark -------------------------------------------------------------------------------
-if [ "$BUILT" = 1 ]; then
-  step bench "$(( $(left) > 120 ? 120 : 60 ))" "$OUT/bench_cuda.txt" \
-    "$PY" bench/bench_cuda.py --json "$OUT/bench_cuda.json"
-else
-  skip bench "no CUDA build"
-fi
 
 # ---- report ----------------------------------------------------------------------------------
 summary() {  # the last pytest summary line of a log, or a note
@@ -155,7 +182,7 @@ summary() {  # the last pytest summary line of a log, or a note
   echo
   echo "## Steps"
   echo
-  for name in nvidia-smi build "cuda tests" "sanitizer memcheck" "sanitizer racecheck" "cpu tests" bench; do
+  for name in nvidia-smi build "cuda tests" "sanitizer memcheck" "sanitizer racecheck" bench "bench matmul" "cpu tests"; do
     [ -n "${STATUS[$name]+x}" ] && echo "- $name: ${STATUS[$name]}"
   done
   echo
@@ -180,6 +207,12 @@ summary() {  # the last pytest summary line of a log, or a note
   echo
   echo '```'
   if [ -f "$OUT/bench_cuda.txt" ]; then cat "$OUT/bench_cuda.txt"; else echo "(not run)"; fi
+  echo '```'
+  echo
+  echo "## Benchmark (bench/bench_cuda_matmul.py)"
+  echo
+  echo '```'
+  if [ -f "$OUT/bench_cuda_matmul.txt" ]; then cat "$OUT/bench_cuda_matmul.txt"; else echo "(not run)"; fi
   echo '```'
   if [ "${#FAILED[@]}" -gt 0 ]; then
     echo

@@ -3,17 +3,10 @@
 // canonical non-finite blocks, outputs incl. NaN patterns); every format rule comes from format.h.
 // Tested by tests/test_cuda.py (CUDA vs CPU bit patterns, bitsandbytes), run by bench/gpu_check.sh.
 // Must not be compiled with --use_fast_math / -ftz=true: the encodings rely on IEEE fp32 ops.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <stdexcept>
-#include <string>
 
+#include "common.cuh"
 #include "nf4lora/quantize.h"
 #include "../cpp/src/checks.h"
 
@@ -21,6 +14,7 @@ namespace nf4lora {
 namespace {
 
 using namespace detail;  // the argument checks of checks.h, shared with the CPU entry points
+using namespace cuda_common;
 
 constexpr int kThreads = 256;  // threads per CTA, every kernel
 constexpr int kWarps = kThreads / 32;
@@ -36,62 +30,6 @@ constexpr int kDequantUnroll = 4;
 constexpr uint32_t kCpuNaN = 0x7fc00000u;      // NAN as the CPU reference writes absmax
 constexpr uint32_t kX86DefaultNaN = 0xffc00000u;  // x86 result of an invalid op (0 * Inf)
 constexpr uint32_t kAbsInfBits = 0x7f800000u;
-constexpr int kMaxDevices = 64;
-
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
-}
-// Launch errors (bad configuration, no kernel image for this GPU) surface here; errors inside
-// the kernel surface at the caller's next synchronization, as for any asynchronous CUDA op.
-void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
-
-int log2_exact(int64_t pow2) {
-  int lg = 0;
-  while ((int64_t{1} << lg) < pow2) ++lg;
-  return lg;
-}
-bool aligned_to(const void* p, uintptr_t bytes) {
-  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
-}
-
-// Grid size of the grid-stride kernels: exactly as many CTAs as fit on the GPU at once (so work
-// is spread evenly with no second partial wave), or fewer when there is less work. Both numbers
-// are cached per device: this runs on every call, and a layer's dequantize can take ~10 us.
-template <auto Kernel>
-int resident_grid(int64_t work_items, const char* what) {
-  static std::atomic<int> cached[kMaxDevices];  // zero-initialized: 0 = not known yet
-  int dev = 0;
-  check_cuda(cudaGetDevice(&dev), what);
-  int ctas = dev >= 0 && dev < kMaxDevices ? cached[dev].load(std::memory_order_relaxed) : 0;
-  if (ctas == 0) {
-    int sms = 0, per_sm = 0;
-    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), what);
-    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, kThreads, 0), what);
-    ctas = std::max(1, sms * std::max(1, per_sm));
-    if (dev >= 0 && dev < kMaxDevices) cached[dev].store(ctas, std::memory_order_relaxed);
-  }
-  return static_cast<int>(std::min<int64_t>(work_items, ctas));
-}
-
-// ---- the 4-bit codebook, taken from format.h on the host and passed by value -----------------
-
-struct Codebook4 {
-  float threshold[16];    // ascending decision thresholds, [0..14] (threshold(qt, i)); [15] unused
-  float value[16];        // codebook_value(qt, code)
-  uint64_t rank_to_code;  // rank_to_code(qt, r) in bits [4r, 4r + 4)
-  uint32_t zero_code;     // encode_4bit(qt, 0.0f): the odd-n pad nibble and non-finite blocks
-};
-
-Codebook4 make_codebook(QuantType qt) {
-  Codebook4 cb{};
-  for (int i = 0; i < 15; ++i) cb.threshold[i] = threshold(qt, i);
-  cb.threshold[15] = cb.threshold[14];
-  for (int c = 0; c < 16; ++c) cb.value[c] = codebook_value(qt, c);
-  for (int r = 0; r < 16; ++r) cb.rank_to_code |= uint64_t{rank_to_code(qt, r)} << (4 * r);
-  cb.zero_code = encode_4bit(qt, 0.0f);
-  return cb;
-}
 
 // Rank (# thresholds strictly below s) by binary search over the sorted thresholds in shared
 // memory: 4 compares instead of format.h's 15, same result (thresholds strictly increase; a
@@ -103,46 +41,6 @@ __device__ __forceinline__ uint32_t encode_4bit_smem(float s, const float* thr, 
   r += s > thr[r + 1] ? 2 : 0;
   r += s > thr[r] ? 1 : 0;
   return static_cast<uint32_t>(rank_code >> (4 * r)) & 15u;
-}
-
-// ---- element access --------------------------------------------------------------------------
-
-template <DType D> struct Elem;
-template <> struct Elem<DType::F32> { static constexpr int kBytes = 4; };
-template <> struct Elem<DType::F16> { static constexpr int kBytes = 2; };
-template <> struct Elem<DType::BF16> { static constexpr int kBytes = 2; };
-
-// Widening loads are exact (fp16 subnormals included), as format.h's half/bf16 decoders.
-__device__ __forceinline__ float f16_bits_to_float(uint32_t h) {
-  return __half2float(__ushort_as_half(static_cast<unsigned short>(h)));
-}
-__device__ __forceinline__ float bf16_bits_to_float(uint32_t h) { return __uint_as_float(h << 16); }
-
-template <DType D>
-__device__ __forceinline__ float load_scalar(const void* x, int64_t i) {
-  if constexpr (D == DType::F32) {
-    return __ldg(static_cast<const float*>(x) + i);
-  } else {
-    const uint32_t h = __ldg(static_cast<const unsigned short*>(x) + i);
-    return D == DType::F16 ? f16_bits_to_float(h) : bf16_bits_to_float(h);
-  }
-}
-
-// 16 bytes at element e (a multiple of 16 / kBytes) of a 16-byte-aligned x.
-template <DType D>
-__device__ __forceinline__ void load_vector(const void* x, int64_t e, float* v) {
-  const uint4 q = __ldg(reinterpret_cast<const uint4*>(static_cast<const char*>(x) + e * Elem<D>::kBytes));
-  const uint32_t w[4] = {q.x, q.y, q.z, q.w};
-  if constexpr (D == DType::F32) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = __uint_as_float(w[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {  // little endian: the lower address is the low half
-      v[2 * i] = D == DType::F16 ? f16_bits_to_float(w[i] & 0xffffu) : bf16_bits_to_float(w[i] & 0xffffu);
-      v[2 * i + 1] = D == DType::F16 ? f16_bits_to_float(w[i] >> 16) : bf16_bits_to_float(w[i] >> 16);
-    }
-  }
 }
 
 // ---- NaN patterns of the CPU reference ------------------------------------------------------
@@ -318,15 +216,6 @@ quantize_4bit_kernel(const void* __restrict__ x, int64_t n, int lg_bs, Codebook4
 // contiguous bytes). Blocks hold >= 32 elements, so a unit never straddles two blocks. Units
 // past n / 8 (the partial last one) and unaligned pointers take the scalar path.
 
-struct AbsmaxArgs {
-  const float* absmax;
-  const uint8_t* qabsmax;
-  const float* nested_absmax;
-  const float* nested_code;
-  const float* offset;
-  int lg_nested;
-};
-
 template <bool kNested>
 __device__ __forceinline__ float block_absmax(const AbsmaxArgs& a, int64_t b, const float* s_map,
                                               float offset) {
@@ -464,7 +353,7 @@ void launch_quantize_4bit(const void* x, int64_t n, int lg_bs, const Codebook4& 
   const bool vector_ok = aligned_to(x, 16) && aligned_to(packed, kPackedAlign);
   const int64_t nblocks = num_blocks(n, int64_t{1} << lg_bs);
   const int64_t ntiles = ((nblocks - 1) >> (kLgTile - lg_bs)) + 1;
-  const int grid = resident_grid<kernel>(ntiles, "quantize_4bit_cuda");
+  const int grid = resident_grid<kernel, kThreads>(ntiles, "quantize_4bit_cuda");
   kernel<<<grid, kThreads, 0, stream>>>(x, n, lg_bs, cb, packed, absmax, nonfinite, vector_ok);
 }
 
@@ -475,7 +364,7 @@ void launch_dequantize_4bit(const uint8_t* packed, const AbsmaxArgs& a, int64_t 
   const bool vector_ok = aligned_to(packed, 4) && aligned_to(out, 16);
   const int64_t units = (n + 7) >> 3;
   const int64_t per_cta = int64_t{kThreads} * kDequantUnroll;
-  const int grid = resident_grid<kernel>((units + per_cta - 1) / per_cta, "dequantize_4bit_cuda");
+  const int grid = resident_grid<kernel, kThreads>((units + per_cta - 1) / per_cta, "dequantize_4bit_cuda");
   kernel<<<grid, kThreads, 0, stream>>>(packed, a, n, lg_bs, cb, out, vector_ok);
 }
 
@@ -508,10 +397,8 @@ void dequantize_4bit_cuda(const uint8_t* packed, const AbsmaxSource& absmax, int
                           int64_t blocksize, QuantType qt, void* out, DType out_dtype,
                           void* stream) {
   if (!check_dequantize_4bit_args(packed, absmax, n, blocksize, qt, out, out_dtype)) return;
-  AbsmaxArgs a{absmax.absmax, absmax.qabsmax, absmax.nested_absmax, absmax.nested_code,
-               absmax.offset, 0};
+  const AbsmaxArgs a = make_absmax_args(absmax);
   const bool nested = absmax.nested();
-  if (nested) a.lg_nested = log2_exact(absmax.nested_blocksize);
   const Codebook4 cb = make_codebook(qt);
   const int lg_bs = log2_exact(blocksize);
   const auto s = static_cast<cudaStream_t>(stream);
@@ -527,7 +414,7 @@ void quantize_8bit_blockwise_cuda(const float* x, int64_t n, int64_t blocksize, 
                                   uint8_t* q, float* absmax, int32_t* nonfinite, void* stream) {
   if (!check_blockwise_8bit_args(x, "x", n, blocksize, code, q, absmax)) return;
   const int64_t nblocks = num_blocks(n, blocksize);
-  const int grid = resident_grid<quantize_8bit_kernel>((nblocks + kWarps - 1) / kWarps,
+  const int grid = resident_grid<quantize_8bit_kernel, kThreads>((nblocks + kWarps - 1) / kWarps,
                                                        "quantize_8bit_blockwise_cuda");
   quantize_8bit_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       x, n, log2_exact(blocksize), code, q, absmax, nonfinite);
@@ -539,7 +426,7 @@ void dequantize_8bit_blockwise_cuda(const uint8_t* q, const float* absmax, const
   if (!check_blockwise_8bit_args(out, "out", n, blocksize, code, q, absmax)) return;
   const bool vector_ok = aligned_to(q, 4) && aligned_to(out, 16);
   const int64_t units = (n + 3) >> 2;
-  const int grid = resident_grid<dequantize_8bit_kernel>((units + kThreads - 1) / kThreads,
+  const int grid = resident_grid<dequantize_8bit_kernel, kThreads>((units + kThreads - 1) / kThreads,
                                                          "dequantize_8bit_blockwise_cuda");
   dequantize_8bit_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       q, absmax, code, n, log2_exact(blocksize), out, vector_ok);

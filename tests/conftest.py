@@ -1,8 +1,31 @@
-"""Shared fixtures: every CPU kernel variant this machine supports, so each test that takes
-`cpu_variant` runs once per variant (forced through nf4lora.use_cpu_variant)."""
+"""Shared fixtures and options: every CPU kernel variant this machine supports, so each test
+that takes `cpu_variant` runs once per variant (forced through nf4lora.use_cpu_variant);
+`--runslow` opts in to tests marked slow; `--fuzz-examples N` (or NF4LORA_FUZZ_EXAMPLES) sets how
+many examples each fuzz test in test_fuzz.py draws (CI runs the small default)."""
+import os
+
 import pytest
 
 import nf4lora
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+    parser.addoption("--fuzz-examples", type=int, default=int(os.environ.get("NF4LORA_FUZZ_EXAMPLES", "40")),
+                     help="hypothesis examples per fuzz test (default 40, or $NF4LORA_FUZZ_EXAMPLES)")
+
+
+def pytest_configure(config):
+    os.environ["NF4LORA_FUZZ_EXAMPLES"] = str(config.getoption("--fuzz-examples"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
 
 
 def pytest_generate_tests(metafunc):

@@ -18,14 +18,19 @@ M_VALUES = [1, 3, 8, 17, 64, 118]
 NK = [(17, 96), (64, 128), (130, 256)]
 
 
-def lora_layer_4bit(N, K, r=4, dtype=torch.bfloat16, seed=0, dropout=0.0, bias=True):
+HAS_GPU = torch.cuda.is_available() and nl.has_cuda()
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not HAS_GPU, reason="needs a CUDA GPU and an nf4lora build with CUDA kernels")])]
+
+
+def lora_layer_4bit(N, K, r=4, dtype=torch.bfloat16, seed=0, dropout=0.0, bias=True, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     dense = nn.Linear(K, N, bias=bias)
     with torch.no_grad():
         dense.weight.copy_(torch.randn(N, K, generator=g) * 0.05)
         if bias:
             dense.bias.copy_(torch.randn(N, generator=g))
-    layer = LoraLinear(Linear4bit.from_linear(dense, compute_dtype=dtype), r=r, lora_alpha=2 * r,
+    layer = LoraLinear(Linear4bit.from_linear(dense.to(device), compute_dtype=dtype), r=r, lora_alpha=2 * r,
                        lora_dropout=dropout)
     with torch.no_grad():  # a trained-looking adapter: B = 0 would hide half the math
         layer.lora_A["default"].weight.copy_(torch.randn(r, K, generator=g) * 0.1)
@@ -58,17 +63,18 @@ def grads_of(fn, layer, x, gy):
     return out
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_forward_and_backward_within_twice_the_unfused_error(dtype):
+def test_fused_forward_and_backward_within_twice_the_unfused_error(dtype, device):
     # Max errors are taken over all M for one layer: with a handful of bf16 outputs both paths sit
     # at one rounding of the output, and which one lands nearer a rounding boundary is chance.
     g = torch.Generator().manual_seed(1)
     for N, K in NK:
-        layer = lora_layer_4bit(N, K, dtype=dtype, seed=N)
+        layer = lora_layer_4bit(N, K, dtype=dtype, seed=N, device=device)
         worst = {}
         for M in M_VALUES:
-            x = torch.randn(M, K, generator=g).to(dtype)
-            gy = torch.randn(M, N, generator=g)
+            x = torch.randn(M, K, generator=g).to(dtype).to(device)
+            gy = torch.randn(M, N, generator=g).to(device)
             ref = grads_of(lambda t: composition(layer, t, torch.float64), layer, x, gy)
             same = grads_of(lambda t: composition(layer, t, dtype), layer, x, gy)
             got = grads_of(layer, layer, x, gy)
@@ -219,6 +225,9 @@ def test_merge_unmerge_float_base_is_exact():
     with nl.disable_adapters(model):  # unmerged inside, merged again after
         assert torch.equal(model.up.base_layer.weight, before["up.base_layer.weight"])
     assert torch.allclose(model(x), y, atol=1e-5)
+    with pytest.raises(ValueError, match="unmerge_adapter"):
+        nl.add_adapter(model, "other", LoraConfig(r=2, target_modules=["up"]))
+    assert nl.adapter_names(model) == ["default"] and list(model.up.lora_A) == ["default"]
     nl.unmerge_adapter(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert torch.equal(model(x), y)
@@ -239,7 +248,8 @@ def test_merge_into_4bit_reports_error_and_unmerge_restores_the_bytes():
     assert not torch.equal(merged_bytes, before["up.base_layer.weight"])
     old_w = nl.dequantize_4bit(before["up.base_layer.weight"], model.up._merge_backup[1], dtype=torch.float32)
     exact = old_w + model.up.delta_weight("default")
-    err = torch.linalg.matrix_norm(model.up.base_layer.dequantize(torch.float32) - exact) / torch.linalg.matrix_norm(exact)
+    merged = model.up.base_layer.dequantize(torch.float32)
+    err = torch.linalg.matrix_norm(merged - exact) / torch.linalg.matrix_norm(exact)
     assert abs(report["up"] - err.item()) < 1e-6  # the report is the error actually added
     nl.unmerge_adapter(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -356,17 +366,52 @@ def test_gradient_checkpointing_on_a_transformers_model():
     assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and an nf4lora build with CUDA kernels")
+def test_a_quantized_llama_trains_merges_and_saves_on_cuda(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).cuda()
+    nl.get_lora_model(model, LoraConfig(r=4, lora_alpha=8, init="loftq"), quantize="nf4")
+    ids = torch.randint(0, 64, (2, 9), device="cuda")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    frozen = model.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+    for _ in range(2):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.base_layer.weight, frozen)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    nl.save_adapter(model, tmp_path)
+    cpu = copy.deepcopy(model).cpu()
+    with torch.no_grad():
+        assert (cpu(input_ids=ids.cpu()).logits - logits.cpu()).abs().max() < 0.05 * logits.abs().max()
+    nl.merge_and_unload(model, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, logits, atol=0.05 * logits.abs().max().item())
+
+
 def test_compile_a_lora_4bit_block_fullgraph():
     torch._dynamo.reset()
-    block = nn.Sequential(lora_layer_4bit(40, 64, dtype=None, seed=1), nn.ReLU(), lora_layer_4bit(8, 40, dtype=None, seed=2))
-    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    x = torch.randn(3, 64, requires_grad=True)
-    xc = x.detach().clone().requires_grad_(True)
-    y, yc = block(x), compiled(xc)
-    assert torch.allclose(y, yc, atol=1e-6)
-    y.sum().backward()
-    yc.sum().backward()
-    assert torch.allclose(x.grad, xc.grad, atol=1e-6)
+    block = nn.Sequential(lora_layer_4bit(40, 64, dtype=None, seed=1), nn.ReLU(),
+                          lora_layer_4bit(8, 40, dtype=None, seed=2))
+    x = torch.randn(3, 64)
+
+    def outputs_and_grads(fn):
+        block.zero_grad()
+        xg = x.clone().requires_grad_(True)
+        y = fn(xg)
+        y.square().sum().backward()
+        return [y.detach(), xg.grad] + [p.grad.clone() for p in block.parameters() if p.requires_grad]
+
+    eager = outputs_and_grads(block)
+    compiled = outputs_and_grads(torch.compile(block, fullgraph=True, backend="aot_eager"))
+    assert len(eager) == 2 + 2 * 2 + 2  # y, dx, A and B of both layers, both biases
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(eager, compiled))
 
 
 def snapshot(model):
@@ -404,6 +449,8 @@ def test_bad_input_is_refused_and_the_model_left_unchanged():
             nl.get_lora_model(model, cfg)
         after = snapshot(model)
         assert after[0] == before[0] and all(torch.equal(v, before[1][k]) for k, v in after[1].items())
+    with pytest.raises(ValueError, match="adapter_name must be a non-empty string without dots"):
+        nl.get_lora_model(model, LoraConfig(), adapter_name="a.b")
     with pytest.raises(ValueError, match="quantize must be"):
         nl.get_lora_model(model, LoraConfig(), quantize="int8")
     with pytest.raises(TypeError, match="must be a LoraConfig"):

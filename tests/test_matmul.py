@@ -9,7 +9,9 @@ import nf4lora
 from nf4lora.matmul import matmul_4bit
 
 M_VALUES = [1, 2, 3, 8, 17, 64, 118]
-NK = [(3, 64), (17, 96), (64, 128), (96, 4160), (130, 256)]
+# (N, K): K = 4160 is a long reduction for the forward, N = 1100 for the transposed product (more
+# than one 64-row summation run); K = 416 leaves a partial 128-column strip.
+NK = [(3, 64), (17, 96), (64, 128), (96, 4160), (130, 256), (1100, 416)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -19,23 +21,53 @@ def weight(N, K, seed=0, dq=True, qt="nf4"):
     return packed, state
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_error_within_twice_dense_same_dtype(cpu_variant, dtype):
+def grad_input(gy, packed, state):
+    nested = (state.nested_absmax, state.nested_code, state.offset) if state.nested else (None, None, None)
+    return torch.ops.nf4lora.matmul_4bit_grad_input(gy, packed.view(-1), state.absmax, state.blocksize,
+                                                    state.quant_type, list(state.shape), *nested,
+                                                    state.nested_blocksize)
+
+
+def check_error_within_twice_dense_same_dtype(dtype):
+    """Forward y = x W^T + b and backward grad_x = grad_y W, every M, against float64."""
     g = torch.Generator().manual_seed(1)
+    for N, K in NK:
+        packed, state = weight(N, K, seed=N)
+        w64 = nf4lora.dequantize_4bit(packed, state, dtype=torch.float32).double()
+        w_same = nf4lora.dequantize_4bit(packed, state, dtype=dtype)
+        bias = torch.randn(N, generator=g).to(dtype)
+        for M in M_VALUES:
+            x = torch.randn(M, K, generator=g).to(dtype)
+            ref = x.double() @ w64.T + bias.double()
+            dense = torch.nn.functional.linear(x, w_same, bias)
+            got = matmul_4bit(x, packed, state, bias)
+            assert got.shape == (M, N) and got.dtype == dtype
+            err = (got.double() - ref).abs().max().item()
+            dense_err = (dense.double() - ref).abs().max().item()
+            assert err <= 2 * dense_err + 1e-6 * ref.abs().max().item(), ("fwd", N, K, M, err, dense_err)
+
+            gy = torch.randn(M, N, generator=g).to(dtype)
+            ref = gy.double() @ w64
+            got = grad_input(gy, packed, state)
+            assert got.shape == (M, K) and got.dtype == dtype
+            err = (got.double() - ref).abs().max().item()
+            dense_err = ((gy @ w_same).double() - ref).abs().max().item()
+            assert err <= 2 * dense_err + 1e-6 * ref.abs().max().item(), ("bwd", N, K, M, err, dense_err)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_kernels_error_within_twice_dense_same_dtype(cpu_variant, dtype, monkeypatch):
+    """Each variant's fused kernels for every M (the thresholds lifted)."""
+    monkeypatch.setattr(nf4lora.matmul, "GEMV_MAX_M", 1 << 30)
+    monkeypatch.setattr(nf4lora.matmul, "GRAD_INPUT_MAX_M", 1 << 30)
     with nf4lora.use_cpu_variant(cpu_variant):
-        for N, K in NK:
-            packed, state = weight(N, K, seed=N)
-            w64 = nf4lora.dequantize_4bit(packed, state, dtype=torch.float32).double()
-            bias = torch.randn(N, generator=g).to(dtype)
-            for M in M_VALUES:
-                x = torch.randn(M, K, generator=g).to(dtype)
-                ref = x.double() @ w64.T + bias.double()
-                dense = torch.nn.functional.linear(x, nf4lora.dequantize_4bit(packed, state, dtype=dtype), bias)
-                got = matmul_4bit(x, packed, state, bias)
-                assert got.shape == (M, N) and got.dtype == dtype
-                err = (got.double() - ref).abs().max().item()
-                dense_err = (dense.double() - ref).abs().max().item()
-                assert err <= 2 * dense_err + 1e-6 * ref.abs().max().item(), (N, K, M, err, dense_err)
+        check_error_within_twice_dense_same_dtype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dispatch_error_within_twice_dense_same_dtype(dtype):
+    """matmul_4bit's own choice per M (fused kernel or scratch dequantize + dense GEMM)."""
+    check_error_within_twice_dense_same_dtype(dtype)
 
 
 def test_leading_dims_and_empty_batch():
@@ -53,6 +85,11 @@ def test_nan_propagates_like_dense():
     x[1, 7] = float("nan")
     y = matmul_4bit(x, packed, state)
     assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2, 3]]).all()
+    gy = torch.randn(4, 17)
+    gy[2, 3] = float("nan")
+    gx = grad_input(gy, packed, state)
+    assert torch.isnan(gx[2]).all() and torch.isfinite(gx[[0, 1, 3]]).all()
+    assert grad_input(torch.randn(0, 17), packed, state).shape == (0, 96)
 
 
 @pytest.mark.parametrize("dq", [False, True])

@@ -203,8 +203,10 @@ def test_bad_arguments_raise_clear_errors():
     for dtype in (torch.float64, torch.int32, torch.uint8):
         with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
             nf4lora.quantize_4bit(x.to(dtype))
-    with pytest.raises(ValueError, match="must be contiguous"):
-        nf4lora.quantize_4bit(x.t())
+    with pytest.raises(ValueError, match="must be contiguous"):  # the op's contract; the API copies
+        torch.ops.nf4lora.quantize_4bit(x.t(), 64, "nf4")
+    packed_t, _ = nf4lora.quantize_4bit(x.t())
+    assert torch.equal(packed_t, nf4lora.quantize_4bit(x.t().contiguous())[0])
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
         nf4lora.quantize_4bit([1.0, 2.0])
 

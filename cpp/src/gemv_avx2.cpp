@@ -1,6 +1,7 @@
-// gemv_avx2.cpp — AVX2 + FMA fused 4-bit GEMV / small-M GEMM: each 16 packed bytes of W become
-// four ymm of fp32 weights (16-entry per-block product table codebook * absmax, looked up as
-// two 8-entry vpermps picked by bit 3) used for every row of x before the next chunk is read.
+// gemv_avx2.cpp — AVX2 + FMA fused 4-bit GEMV / small-M GEMM and its transposed product
+// (grad_x = grad_y @ W): each 16 packed bytes of W become four ymm of fp32 weights (16-entry
+// per-block product table codebook * absmax, looked up as two 8-entry vpermps picked by bit 3)
+// used for every row of x (or grad_y) before the next chunk is read.
 // Reference: gemv_ref.cpp (same fp32 weights; fp32 FMA accumulation in another order, so not
 // bit-exact). Tested by tests/cpp/test_matmul.cpp against Ref and a float64 product.
 #include "simd.h"
@@ -102,8 +103,61 @@ void gemv_rows_avx2(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
   }
 }
 
+// Transposed product as gemv_avx512.cpp's tile_t (two-level summation over n, same kRun), with
+// 8 lanes: C chunks of 32 columns, each two halves of 8 bytes = 8 even + 8 odd columns (x_group
+// 8 order in `total`). 16 ymm: C = 2 chunks of one g row is 8 accumulators.
+constexpr int64_t kRun = 64;
+constexpr int64_t kAheadRows = 8;
+
+template <int C>
+void tile_t(const GemvTArgs& a, const float* codebook, int64_t k0, int64_t m) {
+  const int64_t K = a.K, N = a.N, bs = a.blocksize, bpr = K / bs;
+  const __m256 cb_lo = _mm256_loadu_ps(codebook), cb_hi = _mm256_loadu_ps(codebook + 8);
+  const AbsmaxReader absmax(*a.absmax);
+  alignas(32) float total[C][32] = {};
+  const float* g = a.gf + m * N;
+  for (int64_t n0 = 0; n0 < N; n0 += kRun) {
+    const int64_t n1 = N - n0 < kRun ? N : n0 + kRun;
+    __m256 acc[C][4];
+    for (int c = 0; c < C; ++c)
+      for (int s = 0; s < 4; ++s) acc[c][s] = _mm256_setzero_ps();
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = a.packed + (n * K + k0) / 2;
+      _mm_prefetch(reinterpret_cast<const char*>(row + kAheadRows * K / 2), _MM_HINT_T0);
+      const __m256 gm = _mm256_set1_ps(g[n]);
+      Table16 table{};
+      for (int c = 0; c < C; ++c) {
+        if (c == 0 || (k0 + 32 * c) % bs == 0) {
+          const __m256 amax = _mm256_set1_ps(absmax(n * bpr + (k0 + 32 * c) / bs));
+          table = {_mm256_mul_ps(cb_lo, amax), _mm256_mul_ps(cb_hi, amax)};
+        }
+        for (int h = 0; h < 2; ++h) {
+          const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 16 * c + 8 * h)));
+          acc[c][2 * h] = _mm256_fmadd_ps(gm, lookup16(table, _mm256_srli_epi32(d, 4)), acc[c][2 * h]);
+          acc[c][2 * h + 1] = _mm256_fmadd_ps(gm, lookup16(table, d), acc[c][2 * h + 1]);
+        }
+      }
+    }
+    for (int c = 0; c < C; ++c)
+      for (int s = 0; s < 4; ++s) {
+        float* t = total[c] + 8 * s;
+        _mm256_store_ps(t, _mm256_add_ps(_mm256_load_ps(t), acc[c][s]));
+      }
+  }
+  store_grouped(total[0], 8, 32 * C, a.out, a.dtype, m * K + k0);
+}
+
+void gemv_cols_avx2(const GemvTArgs& a, int64_t k_begin, int64_t k_end) {
+  const float* codebook = a.qt == QuantType::NF4 ? kNF4Codebook : kFP4Codebook;
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += 64)
+    for (int64_t m = 0; m < a.M; ++m) {
+      if (k_end - k0 >= 64) tile_t<2>(a, codebook, k0, m);
+      else tile_t<1>(a, codebook, k0, m);
+    }
+}
+
 }  // namespace
 
-const GemvKernels kGemvAvx2Kernels = {8, gemv_rows_avx2};
+const GemvKernels kGemvAvx2Kernels = {8, gemv_rows_avx2, gemv_cols_avx2, true};
 
 }  // namespace nf4lora::detail

@@ -1,6 +1,7 @@
-// gemv_avx512.cpp — AVX-512 (F/BW/VL/DQ) fused 4-bit GEMV / small-M GEMM: W is dequantized
-// 32 elements at a time into two zmm registers (16-entry per-block product table
-// codebook * absmax, two vpermps) and used for every row of x before the next chunk is read.
+// gemv_avx512.cpp — AVX-512 (F/BW/VL/DQ) fused 4-bit GEMV / small-M GEMM and its transposed
+// product (grad_x = grad_y @ W): W is dequantized 32 elements at a time into two zmm registers
+// (16-entry per-block product table codebook * absmax, two vpermps) and used for every row of x
+// (or grad_y) before the next chunk is read.
 // Reference: gemv_ref.cpp (same fp32 weights; fp32 FMA accumulation in another order, so not
 // bit-exact). Tested by tests/cpp/test_matmul.cpp against Ref and a float64 product.
 
@@ -8,7 +9,7 @@
 
 #include <cstdint>
 
-#include "gemv_kernels.h"
+#include "gemv_avx512.h"
 
 namespace nf4lora::detail {
 namespace {
@@ -17,40 +18,6 @@ namespace {
 // a 2-vCPU Sapphire Rapids VM; the hardware streamers do most of the work).
 constexpr int64_t kPrefetchBytes = 512;
 constexpr int kTileRows = 4;  // rows of W kept hot in L1 while every group of x rows uses them
-
-// Horizontal sum through memory, pairwise: GCC 12's _mm512_reduce_add_ps trips -Wuninitialized
-// inside its own header, and this runs once per output, not per chunk.
-inline float hsum(__m512 v) {
-  alignas(64) float t[16];
-  _mm512_store_ps(t, v);
-  for (int w = 8; w >= 1; w /= 2)
-    for (int i = 0; i < w; ++i) t[i] += t[i + w];
-  return t[0];
-}
-
-// The absmax of `count` (<= 16) consecutive blocks from b into out. Double quantization is
-// decoded 16 at a time (two gathers, then a multiply and a separate add: the same two fp32
-// roundings as decode_nested_absmax, so the same values bit for bit): per-block scalar decoding
-// was ~40% of an M = 1 GEMV at blocksize 64.
-inline void absmax16(const AbsmaxReader& rd, int64_t b, int64_t count, float* out) {
-  if (count < 16) {
-    for (int64_t i = 0; i < count; ++i) out[i] = rd(b + i);
-    return;
-  }
-  const AbsmaxSource& a = rd.a;
-  if (!a.nested()) {
-    _mm512_store_ps(out, _mm512_loadu_ps(a.absmax + b));
-    return;
-  }
-  const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.qabsmax + b)));
-  const __m512 code = _mm512_i32gather_ps(q, a.nested_code, 4);
-  // Nested indices relative to the first one, so they fit in 32 bits for any tensor size.
-  const int64_t nested0 = b >> rd.shift;
-  const __m512i lane = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(b - (nested0 << rd.shift))),
-                                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  const __m512 nested = _mm512_i32gather_ps(_mm512_srl_epi32(lane, _mm_cvtsi32_si128(rd.shift)), a.nested_absmax + nested0, 4);
-  _mm512_store_ps(out, _mm512_add_ps(_mm512_mul_ps(code, nested), _mm512_set1_ps(*a.offset)));
-}
 
 // R rows of W (n .. n+R) times MG rows of x (m0 .. m0+MG). Requires K % blocksize == 0, so a
 // 32-element chunk never leaves its block and every row starts on a byte. With few
@@ -127,8 +94,79 @@ void gemv_rows_avx512(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
   }
 }
 
+// Transposed product, C chunks of 32 columns (k0 .. k0+32C, 64 bytes of each W row at C = 4)
+// times MG rows of g: for every row n of W the chunks are dequantized once and multiplied by the
+// broadcast g[m, n]. The sum over n runs in registers for kRun rows, then is added into an fp32
+// total: two-level summation, error ~(kRun + N / kRun) u instead of N u for one running sum,
+// which keeps the "within 2x of dense torch" rule at N in the thousands.
+constexpr int64_t kRun = 64;
+constexpr int64_t kAheadRows = 8;  // software prefetch of the W row this far ahead (strided walk)
+
+template <int C, int MG>
+void tile_t(const GemvTArgs& a, __m512 codebook, int64_t k0, int64_t m0) {
+  const int64_t K = a.K, N = a.N, bs = a.blocksize, bpr = K / bs;
+  const AbsmaxReader absmax(*a.absmax);
+  alignas(64) float total[MG][C][32] = {};
+  const float* g = a.gf + m0 * N;
+  for (int64_t n0 = 0; n0 < N; n0 += kRun) {
+    const int64_t n1 = N - n0 < kRun ? N : n0 + kRun;
+    __m512 acc[MG][C][2];
+    for (int m = 0; m < MG; ++m)
+      for (int c = 0; c < C; ++c) acc[m][c][0] = acc[m][c][1] = _mm512_setzero_ps();
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = a.packed + (n * K + k0) / 2;
+      _mm_prefetch(reinterpret_cast<const char*>(row + kAheadRows * K / 2), _MM_HINT_T0);
+      __m512 gm[MG];
+      for (int m = 0; m < MG; ++m) gm[m] = _mm512_set1_ps(g[m * N + n]);
+      __m512 table = _mm512_setzero_ps();
+      for (int c = 0; c < C; ++c) {
+        if (c == 0 || (k0 + 32 * c) % bs == 0)  // a new block (chunks never straddle one)
+          table = _mm512_mul_ps(codebook, _mm512_set1_ps(absmax(n * bpr + (k0 + 32 * c) / bs)));
+        const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * c)));
+        const __m512 we = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table);
+        const __m512 wo = _mm512_permutexvar_ps(d, table);
+        for (int m = 0; m < MG; ++m) {
+          acc[m][c][0] = _mm512_fmadd_ps(gm[m], we, acc[m][c][0]);
+          acc[m][c][1] = _mm512_fmadd_ps(gm[m], wo, acc[m][c][1]);
+        }
+      }
+    }
+    for (int m = 0; m < MG; ++m)
+      for (int c = 0; c < C; ++c)
+        for (int s = 0; s < 2; ++s) {
+          float* t = total[m][c] + 16 * s;
+          _mm512_store_ps(t, _mm512_add_ps(_mm512_load_ps(t), acc[m][c][s]));
+        }
+  }
+  for (int m = 0; m < MG; ++m)
+    store_grouped(total[m][0], 16, 32 * C, a.out, a.dtype, (m0 + m) * K + k0);
+}
+
+template <int MG>
+void cols_tile(const GemvTArgs& a, __m512 codebook, int64_t k0, int64_t chunks, int64_t m0) {
+  switch (chunks) {
+    case 4: tile_t<4, MG>(a, codebook, k0, m0); break;
+    case 3: tile_t<3, MG>(a, codebook, k0, m0); break;
+    case 2: tile_t<2, MG>(a, codebook, k0, m0); break;
+    default: tile_t<1, MG>(a, codebook, k0, m0); break;
+  }
+}
+
 }  // namespace
 
-const GemvKernels kGemvAvx512Kernels = {16, gemv_rows_avx512};
+// Rows of g in pairs (16 accumulators): more rows would spill, and the 128-column strip of W
+// (N * 64 bytes) stays in L2 for the next pair.
+void gemv_cols_avx512(const GemvTArgs& a, int64_t k_begin, int64_t k_end) {
+  const __m512 codebook = _mm512_loadu_ps(a.qt == QuantType::NF4 ? kNF4Codebook : kFP4Codebook);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kTColUnit) {
+    const int64_t chunks = (k_end - k0 < kTColUnit ? k_end - k0 : kTColUnit) / 32;
+    for (int64_t m0 = 0; m0 < a.M; m0 += 2) {
+      if (a.M - m0 >= 2) cols_tile<2>(a, codebook, k0, chunks, m0);
+      else cols_tile<1>(a, codebook, k0, chunks, m0);
+    }
+  }
+}
+
+const GemvKernels kGemvAvx512Kernels = {16, gemv_rows_avx512, gemv_cols_avx512, true};
 
 }  // namespace nf4lora::detail

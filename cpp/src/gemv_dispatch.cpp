@@ -1,8 +1,11 @@
-// gemv_dispatch.cpp — the public entry point gemm_4bit_cpu of matmul.h: argument checks
-// (checks.h), choice of the kernel by active_cpu_variant(), one fp32 copy of x in the kernel's
-// lane order, and the split of W's rows over threads (each thread reads its rows of W once, for
-// all M rows of x). Tested by tests/cpp/test_matmul.cpp.
+// gemv_dispatch.cpp — the public entry points gemm_4bit_cpu and gemm_4bit_grad_input_cpu of
+// matmul.h: argument checks (checks.h), choice of the kernel by active_cpu_variant(), one fp32
+// copy of x (grad_y) in the kernel's lane order, and the split of W over threads: by rows for the
+// forward product, by column strips for the transposed one (each thread reads its part of W
+// once, for all M rows). Tested by tests/cpp/test_matmul.cpp.
 #include <algorithm>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "checks.h"
@@ -22,6 +25,9 @@ constexpr int64_t kGrainBytes = int64_t{1} << 16;
 
 const GemvKernels& gemv_kernels_for(CpuVariant v) {
   switch (v) {
+#if defined(NF4LORA_HAVE_AVX512BF16)
+    case CpuVariant::AVX512_BF16: return kGemvBf16Kernels;
+#endif
 #if defined(NF4LORA_HAVE_AVX512)
     case CpuVariant::AVX512: return kGemvAvx512Kernels;
 #endif
@@ -39,12 +45,18 @@ void gemm_4bit_cpu(const void* x, DType dtype, int64_t M, int64_t K, const uint8
                    const void* bias, void* y, int num_threads) {
   if (!check_gemm_4bit_args(x, dtype, M, K, packed, absmax, N, blocksize, qt, y)) return;
   const GemvKernels* k = &gemv_kernels_for(active_cpu_variant());
+  if (k->other_dtypes != nullptr && (dtype != DType::BF16 || blocksize < 64)) k = k->other_dtypes;
   // The SIMD kernels need whole blocks per row (no block spans two rows, rows start on a byte).
   if (K == 0 || K % blocksize != 0) k = &kGemvRefKernels;
 
-  GemvArgs a{x, nullptr, dtype, M, K, N, packed, &absmax, blocksize, qt, bias, y};
+  GemvArgs a{x, nullptr, nullptr, dtype, M, K, N, packed, &absmax, blocksize, qt, bias, y};
   std::vector<float> xf;  // the one allocation: x in fp32, M * K floats (small for small M)
-  if (k->x_group > 0) {
+  std::vector<uint16_t> xb;  // or in bf16
+  if (k->x_bf16) {
+    xb.resize(static_cast<size_t>(M * K));
+    group_x_bf16(x, K, M, k->x_group, xb.data());
+    a.xb = xb.data();
+  } else if (k->x_group > 0) {
     xf.resize(static_cast<size_t>(M * K));
     group_x_f32(x, dtype, K, 0, M, k->x_group, xf.data());
     a.xf = xf.data();
@@ -54,6 +66,33 @@ void gemm_4bit_cpu(const void* x, DType dtype, int64_t M, int64_t K, const uint8
   parallel_for(units, std::max<int64_t>(1, kGrainBytes / unit_bytes), std::max(1, num_threads),
                [&](int64_t u0, int64_t u1) {
                  k->rows(a, u0 * kRowUnit, std::min(N, u1 * kRowUnit));
+               });
+}
+
+void gemm_4bit_grad_input_cpu(const void* grad_y, DType dtype, int64_t M, int64_t N,
+                              const uint8_t* packed, const AbsmaxSource& absmax, int64_t K,
+                              int64_t blocksize, QuantType qt, void* grad_x, int num_threads) {
+  // The forward check with the roles of K and N swapped: nothing to do for M == 0 or K == 0,
+  // zeros for N == 0. Sizes are checked here first so a bad one is named correctly.
+  if (N < 0) throw std::invalid_argument("N must be >= 0, got " + std::to_string(N));
+  if (K < 0) throw std::invalid_argument("K must be >= 0, got " + std::to_string(K));
+  if (!check_gemm_4bit_args(grad_y, dtype, M, N, packed, absmax, K, blocksize, qt, grad_x)) return;
+  const GemvKernels* k = &gemv_kernels_for(active_cpu_variant());
+  if (N == 0 || K % blocksize != 0) k = &kGemvRefKernels;
+  GemvTArgs a{grad_y, nullptr, dtype, M, K, N, packed, &absmax, blocksize, qt, grad_x};
+  std::vector<float> gf;  // grad_y in fp32, M * N floats
+  if (k->cols_read_gf) {
+    gf.resize(static_cast<size_t>(M * N));
+    for (int64_t i = 0; i < M * N; ++i) gf[i] = load_as_float(grad_y, dtype, i);
+    a.gf = gf.data();
+  }
+  // Column strips of kTColUnit (N * 64 bytes of W each); as in the forward, a thread should get
+  // at least kGrainBytes of packed weight before another one is woken.
+  const int64_t units = (K + kTColUnit - 1) / kTColUnit;
+  const int64_t unit_bytes = std::max<int64_t>(1, N * kTColUnit / 2);
+  parallel_for(units, std::max<int64_t>(1, kGrainBytes / unit_bytes), std::max(1, num_threads),
+               [&](int64_t u0, int64_t u1) {
+                 k->cols(a, u0 * kTColUnit, std::min(K, u1 * kTColUnit));
                });
 }
 

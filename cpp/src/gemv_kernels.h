@@ -1,6 +1,7 @@
-// gemv_kernels.h — the per-ISA kernel table of the fused 4-bit GEMV / small-M GEMM (internal).
-// gemv_ref.cpp is the spec; gemv_avx2.cpp and gemv_avx512.cpp fill the same table and
-// gemv_dispatch.cpp picks one by active_cpu_variant() and splits the rows of W over threads.
+// gemv_kernels.h — the per-ISA kernel table of the fused 4-bit GEMV / small-M GEMM and of its
+// transposed product (grad_x = grad_y @ W) (internal). gemv_ref.cpp is the spec; gemv_avx2.cpp,
+// gemv_avx512.cpp and gemv_bf16.cpp fill the same table and gemv_dispatch.cpp picks one by
+// active_cpu_variant() and splits rows (forward) or columns (transposed) of W over threads.
 // Tested by tests/cpp/test_matmul.cpp (every supported variant against Ref and a float64 product).
 #pragma once
 
@@ -13,6 +14,7 @@ namespace nf4lora::detail {
 struct GemvArgs {
   const void* x;       // [M, K] in dtype (what the reference reads)
   const float* xf;     // x in fp32, grouped as GemvKernels::x_group says (null for the reference)
+  const uint16_t* xb;  // or x's bf16 bits, grouped the same way (kernels with x_bf16 set)
   DType dtype;         // of x, bias and y
   int64_t M, K, N;
   const uint8_t* packed;
@@ -26,14 +28,39 @@ struct GemvArgs {
 // Computes y[m, n] for all m < M and n in [n_begin, n_end).
 using GemvRowsFn = void (*)(const GemvArgs& a, int64_t n_begin, int64_t n_end);
 
+// The transposed product out[M, K] = g[M, N] @ W[N, K] (the input gradient of y = x W^T).
+struct GemvTArgs {
+  const void* g;       // [M, N] in dtype (what the reference reads)
+  const float* gf;     // g in fp32, same layout (null for the reference)
+  DType dtype;         // of g and out
+  int64_t M, K, N;
+  const uint8_t* packed;
+  const AbsmaxSource* absmax;
+  int64_t blocksize;
+  QuantType qt;
+  void* out;           // [M, K]
+};
+
+// Computes out[m, k] for all m < M and k in [k_begin, k_end). For the SIMD kernels k_begin and
+// k_end are multiples of kTColUnit (or k_end == K), and K % blocksize == 0.
+using GemvColsFn = void (*)(const GemvTArgs& a, int64_t k_begin, int64_t k_end);
+constexpr int64_t kTColUnit = 128;  // 64 packed bytes: one cache line of each W row per tile
+
 struct GemvKernels {
-  // 0: the kernel reads x itself. G > 0: the kernel wants xf, where every run of 2G elements of
+  // 0: the kernel reads x itself. G > 0: the kernel wants xf (xb if x_bf16), where every run of 2G elements of
   // a row of x holds its G even-index elements, then its G odd-index ones. That is the order in
   // which one vector of packed bytes splits into high nibbles (even elements) and low nibbles
   // (odd elements), so the kernels never interleave dequantized weights. SIMD kernels require
   // K % blocksize == 0 (then K % 32 == 0 too); the dispatcher routes other shapes to the reference.
   int x_group;
   GemvRowsFn rows;
+  GemvColsFn cols;  // the transposed product
+  bool cols_read_gf;  // cols wants g in fp32 (gf); the reference reads g itself
+  // Set for a variant whose `rows` handles bf16 x with blocksize >= 64 only (the AVX512-BF16 dot
+  // products read xb): other dtypes (they would lose their precision) and blocksize 32 go to
+  // this table instead.
+  bool x_bf16 = false;
+  const GemvKernels* other_dtypes = nullptr;
 };
 
 extern const GemvKernels kGemvRefKernels;
@@ -42,6 +69,10 @@ extern const GemvKernels kGemvAvx2Kernels;
 #endif
 #if defined(NF4LORA_HAVE_AVX512)
 extern const GemvKernels kGemvAvx512Kernels;
+void gemv_cols_avx512(const GemvTArgs& a, int64_t k_begin, int64_t k_end);  // shared with BF16
+#endif
+#if defined(NF4LORA_HAVE_AVX512BF16)
+extern const GemvKernels kGemvBf16Kernels;
 #endif
 
 // block_absmax() with the nested block index taken by a shift (nested_blocksize is a validated
@@ -69,6 +100,29 @@ inline void group_x_f32(const void* x, DType dt, int64_t K, int64_t m_begin, int
         xf[m * K + k0 + i] = load_as_float(x, dt, m * K + k0 + 2 * i);
         xf[m * K + k0 + group + i] = load_as_float(x, dt, m * K + k0 + 2 * i + 1);
       }
+}
+
+// As group_x_f32, keeping bf16 x as its bits (dt must be BF16).
+inline void group_x_bf16(const void* x, int64_t K, int64_t M, int group, uint16_t* xb) {
+  const uint16_t* xs = static_cast<const uint16_t*>(x);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k0 = 0; k0 < K; k0 += 2 * group)
+      for (int i = 0; i < group; ++i) {
+        xb[m * K + k0 + i] = xs[m * K + k0 + 2 * i];
+        xb[m * K + k0 + group + i] = xs[m * K + k0 + 2 * i + 1];
+      }
+}
+
+// Inverse of group_x_f32 for one run of `count` (a multiple of 2G) outputs: `grouped` holds
+// each 2G-run's G even-index values, then its G odd-index ones; they are rounded to dtype and
+// stored at out[offset ...] in natural order.
+inline void store_grouped(const float* grouped, int group, int64_t count, void* out, DType dt,
+                          int64_t offset) {
+  for (int64_t k0 = 0; k0 < count; k0 += 2 * group)
+    for (int i = 0; i < group; ++i) {
+      store_from_float(out, dt, offset + k0 + 2 * i, grouped[k0 + i]);
+      store_from_float(out, dt, offset + k0 + 2 * i + 1, grouped[k0 + group + i]);
+    }
 }
 
 // The epilogue every variant shares: one fp32 addition of the bias, one rounding to dtype.

@@ -4,7 +4,9 @@
 // 16 interleaved partial sums (lane k % 16) reduced pairwise, as a SIMD dot product or a dense
 // GEMM does: a single running sum loses ~K/16 times more accuracy and would miss the "within 2x
 // of dense torch" error rule at K in the thousands.
-// Any K (blocks may span rows, rows may start mid-byte). Tested by tests/cpp/test_matmul.cpp.
+// The transposed product out[m, k] = sum over n of g[m, n] * W[n, k] sums in 16 lanes over n the
+// same way. Any K (blocks may span rows, rows may start mid-byte). Tested by
+// tests/cpp/test_matmul.cpp.
 #include "gemv_kernels.h"
 
 namespace nf4lora::detail {
@@ -34,8 +36,27 @@ void gemv_rows_ref(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
   }
 }
 
+// One output column k at a time: the 4-bit code and absmax of W[n, k] are looked up per element
+// (the spec, not fast).
+void gemv_cols_ref(const GemvTArgs& a, int64_t k_begin, int64_t k_end) {
+  for (int64_t k = k_begin; k < k_end; ++k)
+    for (int64_t m = 0; m < a.M; ++m) {
+      float lanes[16] = {};
+      for (int64_t n = 0; n < a.N; ++n) {
+        const int64_t i = n * a.K + k;
+        const uint8_t byte = a.packed[i / 2];
+        const int code = (i % 2 == 0) ? high_nibble(byte) : low_nibble(byte);
+        const float w = decode_4bit(a.qt, code, block_absmax(*a.absmax, i / a.blocksize));
+        lanes[n % 16] += load_as_float(a.g, a.dtype, m * a.N + n) * w;
+      }
+      for (int width = 8; width >= 1; width /= 2)
+        for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+      store_from_float(a.out, a.dtype, m * a.K + k, lanes[0]);
+    }
+}
+
 }  // namespace
 
-const GemvKernels kGemvRefKernels = {0, gemv_rows_ref};
+const GemvKernels kGemvRefKernels = {0, gemv_rows_ref, gemv_cols_ref, false};
 
 }  // namespace nf4lora::detail

@@ -61,26 +61,34 @@ struct Avx2 {
                      _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 
-  static F decode(const float* map, const uint8_t* q) {
-    const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
-    return _mm256_i32gather_ps(map, idx, 4);
-  }
-  static void encode(const uint8_t* lut, const float* mids, F s, uint8_t* out) {
-    const __m256i h = _mm256_srli_epi32(_mm256_castps_si256(s), 16);
-    __m256i c = _mm256_and_si256(_mm256_i32gather_epi32(reinterpret_cast<const int*>(lut), h, 1),
-                                 _mm256_set1_epi32(0xFF));
-    const __m256i up = _mm256_castps_si256(_mm256_cmp_ps(s, _mm256_i32gather_ps(mids, c, 4), _CMP_GT_OQ));
-    c = _mm256_sub_epi32(c, up);  // up is -1 where the value lies above the bucket's midpoint
-    c = _mm256_andnot_si256(_mm256_castps_si256(_mm256_cmp_ps(s, s, _CMP_UNORD_Q)), c);  // NaN -> 0
-    // Low byte of each lane: bytes 0, 4, 8, 12 of each 128-bit half, then the two halves' words.
-    const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-                                          0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
-    const __m256i bytes = _mm256_shuffle_epi8(c, pick);
-    const uint32_t lo = static_cast<uint32_t>(_mm256_extract_epi32(bytes, 0));
-    const uint32_t hi = static_cast<uint32_t>(_mm256_extract_epi32(bytes, 4));
-    std::memcpy(out, &lo, 4);
-    std::memcpy(out + 4, &hi, 4);
-  }
+  // An 8-bit map through gathers: the map itself for decoding; for encoding format.h's nearest
+  // entry in two gathers (optim_kernels.h's 16-bit bucket table, then one midpoint).
+  struct Codec {
+    const float* map;
+    const float* mids;
+    const uint8_t* lut;
+    Codec(const float* map_, const float* mids_, const uint8_t* lut_) : map(map_), mids(mids_), lut(lut_) {}
+    F decode(const uint8_t* q) const {
+      const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+      return _mm256_i32gather_ps(map, idx, 4);
+    }
+    void encode(F s, uint8_t* out) const {
+      const __m256i h = _mm256_srli_epi32(_mm256_castps_si256(s), 16);
+      __m256i c = _mm256_and_si256(_mm256_i32gather_epi32(reinterpret_cast<const int*>(lut), h, 1),
+                                   _mm256_set1_epi32(0xFF));
+      const __m256i up = _mm256_castps_si256(_mm256_cmp_ps(s, _mm256_i32gather_ps(mids, c, 4), _CMP_GT_OQ));
+      c = _mm256_sub_epi32(c, up);  // up is -1 where the value lies above the bucket's midpoint
+      c = _mm256_andnot_si256(_mm256_castps_si256(_mm256_cmp_ps(s, s, _CMP_UNORD_Q)), c);  // NaN -> 0
+      // Low byte of each lane: bytes 0, 4, 8, 12 of each 128-bit half, then the halves' words.
+      const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                            0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+      const __m256i bytes = _mm256_shuffle_epi8(c, pick);
+      const uint32_t lo = static_cast<uint32_t>(_mm256_extract_epi32(bytes, 0));
+      const uint32_t hi = static_cast<uint32_t>(_mm256_extract_epi32(bytes, 4));
+      std::memcpy(out, &lo, 4);
+      std::memcpy(out + 4, &hi, 4);
+    }
+  };
 };
 
 }  // namespace

@@ -109,7 +109,7 @@ AdamWScalars adamw_scalars(const AdamWHyper& h) {
   s.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
   s.eps = static_cast<float>(h.eps);
   s.step_size = static_cast<float>(h.lr / bc1);
-  s.bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+  s.inv_bc2_sqrt = static_cast<float>(1.0 / std::sqrt(bc2));
   return s;
 }
 

@@ -1,6 +1,6 @@
 // optim_simd.h — the fused AdamW block kernels written once over a small vector-ISA interface V
-// (F: a vector of V::W floats; arithmetic, loads/stores per param dtype, map gathers, the 8-bit
-// encoder). Included only by optim_avx2.cpp and optim_avx512.cpp, each compiled with its own ISA
+// (F: a vector of V::W floats; arithmetic, loads/stores per param dtype; V::Codec, built once per
+// call from one 8-bit map, decodes W codes and encodes W scaled values). Included only by optim_avx2.cpp and optim_avx512.cpp, each compiled with its own ISA
 // flags, which define V. Same operations in the same order as optim_ref.cpp (no FMA), so equal to
 // it bit for bit on finite data; tested by tests/cpp/test_optim.cpp.
 #pragma once
@@ -28,11 +28,11 @@ void store_elems(void* p, int64_t i, typename V::F x) {
 
 template <class V>
 struct Scalars {
-  typename V::F decay, omb1, beta2, omb2, eps, step_size, bc2_sqrt;
+  typename V::F decay, omb1, beta2, omb2, eps, step_size, inv_bc2_sqrt;
   explicit Scalars(const AdamWScalars& s)
       : decay(V::set1(s.decay)), omb1(V::set1(s.one_minus_beta1)), beta2(V::set1(s.beta2)),
         omb2(V::set1(s.one_minus_beta2)), eps(V::set1(s.eps)), step_size(V::set1(s.step_size)),
-        bc2_sqrt(V::set1(s.bc2_sqrt)) {}
+        inv_bc2_sqrt(V::set1(s.inv_bc2_sqrt)) {}
 };
 
 // optim.h's adamw_update, lane-wise, the same operations in the same order.
@@ -42,7 +42,7 @@ inline void update(typename V::F& p, typename V::F& m, typename V::F& v, typenam
   p = V::mul(p, s.decay);
   m = V::add(m, V::mul(s.omb1, V::sub(g, m)));
   v = V::add(V::mul(v, s.beta2), V::mul(V::mul(s.omb2, g), g));
-  const typename V::F denom = V::add(V::div(V::sqrt(v), s.bc2_sqrt), s.eps);
+  const typename V::F denom = V::add(V::mul(V::sqrt(v), s.inv_bc2_sqrt), s.eps);
   p = V::sub(p, V::div(V::mul(s.step_size, m), denom));
 }
 
@@ -83,6 +83,8 @@ template <class V, DType D>
 int64_t adamw_8bit_blocks(const AdamWArgs& a, int64_t b0, int64_t b1) {
   const Scalars<V> s(a.s);
   const Optim8bitTables& t = *a.tables;
+  const typename V::Codec codec_m(kDynamicSigned, t.mids_m, t.lut_m);
+  const typename V::Codec codec_v(kDynamicUnsigned, t.mids_v, t.lut_v);
   alignas(64) float mb[kOptimBlock], vb[kOptimBlock];
   int64_t skipped = 0;
   for (int64_t b = b0; b < b1; ++b) {
@@ -97,8 +99,8 @@ int64_t adamw_8bit_blocks(const AdamWArgs& a, int64_t b0, int64_t b1) {
     int64_t i = begin;
     for (; i + V::W <= end; i += V::W) {
       typename V::F p = load_elems<V, D>(a.param, i);
-      typename V::F m = V::mul(V::decode(kDynamicSigned, a.qm + i), am);
-      typename V::F v = V::mul(V::decode(kDynamicUnsigned, a.qv + i), av);
+      typename V::F m = V::mul(codec_m.decode(a.qm + i), am);
+      typename V::F v = V::mul(codec_v.decode(a.qv + i), av);
       update<V>(p, m, v, load_elems<V, D>(a.grad, i), s);
       store_elems<V, D>(a.param, i, p);
       V::store_f32(mb + (i - begin), m);
@@ -113,8 +115,8 @@ int64_t adamw_8bit_blocks(const AdamWArgs& a, int64_t b0, int64_t b1) {
     const typename V::F vsm = V::set1(sm), vsv = V::set1(sv);
     int64_t j = begin;
     for (; j + V::W <= end; j += V::W) {
-      V::encode(t.lut_m, t.mids_m, V::mul(V::load_f32(mb + (j - begin)), vsm), a.qm + j);
-      V::encode(t.lut_v, t.mids_v, V::mul(V::load_f32(vb + (j - begin)), vsv), a.qv + j);
+      codec_m.encode(V::mul(V::load_f32(mb + (j - begin)), vsm), a.qm + j);
+      codec_v.encode(V::mul(V::load_f32(vb + (j - begin)), vsv), a.qv + j);
     }
     for (; j < end; ++j) {
       a.qm[j] = encode_8bit_mids(t.mids_m, mb[j - begin] * sm);

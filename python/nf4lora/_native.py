@@ -58,7 +58,8 @@ _forced: list[Optional[str]] = [None]  # the variant forced through set_cpu_vari
 
 
 def set_cpu_variant(name: Optional[str]) -> None:
-    """Force a CPU variant ("ref", "avx2", "avx512") for all later calls; None = automatic.
+    """Force a CPU variant ("ref", "avx2", "avx512", "avx512_bf16") for all later calls;
+    None = automatic (which never picks avx512_bf16: see best_cpu_variant in dispatch.cpp).
 
     Raises ValueError for an unknown name or one this machine cannot run."""
     if name is not None and name not in cpu_variants(supported_only=False):

@@ -19,7 +19,8 @@ NESTED_BLOCKSIZE = 256
 def quantize_4bit(A: Tensor, blocksize: int = 64, quant_type: str = "nf4",
                   double_quant: bool = True, *, allow_nonfinite: bool = False,
                   ) -> tuple[Tensor, QuantState]:
-    """Quantizes A (fp32/fp16/bf16, any shape, flattened row-major) to packed 4-bit codes.
+    """Quantizes A (fp32/fp16/bf16, any non-empty shape or view, flattened row-major) to packed
+    4-bit codes.
 
     Returns (packed uint8 [(n + 1) // 2, 1], QuantState). Codes and fp32 absmax are
     bit-identical to bitsandbytes' quantize_4bit. With ``allow_nonfinite=True`` a block that
@@ -33,6 +34,7 @@ def quantize_4bit(A: Tensor, blocksize: int = 64, quant_type: str = "nf4",
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(A.shape)})")
     if A.requires_grad:
         A = A.detach()
+    A = A.contiguous()  # a view is quantized in its logical row-major order, like its copy
     packed, absmax = torch.ops.nf4lora.quantize_4bit(A, blocksize, quant_type)
     # Blocks with NaN/Inf come back with absmax NaN, and max() propagates NaN: one reduction.
     if not allow_nonfinite and A.device.type != "meta" and bool(torch.isnan(absmax.max())):

@@ -19,8 +19,8 @@ from torch import nn
 
 from .lora import LoraLinear, ModulesToSave
 from .lora_config import ALL_LINEAR, LoraConfig
-from .lora_model import (_ACTIVE, _ADAPTERS, _QuantOptions, _adapters, _inject, _is_trainable, _plan,
-                         _walk, delete_adapter, set_adapter)
+from .lora_model import (_ACTIVE, _ADAPTERS, _QuantOptions, _adapters, _check_not_merged, _inject,
+                         _is_trainable, _plan, _walk, delete_adapter, set_adapter)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -98,7 +98,8 @@ def save_adapter(model: nn.Module, save_directory: Union[str, os.PathLike],
     directory.mkdir(parents=True, exist_ok=True)
     tmp_weights = _atomic_write(directory / WEIGHTS_NAME, blob)
     try:
-        tmp_config = _atomic_write(directory / CONFIG_NAME, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+        text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+        tmp_config = _atomic_write(directory / CONFIG_NAME, text.encode())
     except BaseException:
         os.unlink(tmp_weights)
         raise
@@ -109,6 +110,10 @@ def save_adapter(model: nn.Module, save_directory: Union[str, os.PathLike],
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    # Temp files of earlier saves that were killed mid-write (tests/test_crash_safety.py).
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        for stale in directory.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     return directory
 
 
@@ -119,7 +124,8 @@ def read_adapter(directory: Union[str, os.PathLike]) -> tuple[LoraConfig, dict[s
     if not cfg_path.is_file():
         raise ValueError(f"{directory} has no {CONFIG_NAME}")
     if not weights_path.is_file():
-        other = " (only adapter_model.bin, a pickle, which nf4lora does not load)" if (directory / "adapter_model.bin").exists() else ""
+        pickle = (directory / "adapter_model.bin").exists()
+        other = " (only adapter_model.bin, a pickle, which nf4lora does not load)" if pickle else ""
         raise ValueError(f"{directory} has no {WEIGHTS_NAME}{other}")
     try:
         raw = json.loads(cfg_path.read_text(encoding="utf-8"))
@@ -190,6 +196,7 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], adapter_n
     configs = getattr(model, _ADAPTERS, None) or {}
     if adapter_name in configs:
         raise ValueError(f"the model already has an adapter named {adapter_name!r}")
+    _check_not_merged(model)
     config, tensors = read_adapter(directory)
     config = dataclasses.replace(config, init="kaiming")  # the weights come from the file
     targets, saves = _plan(model, config, adapter_name)

@@ -15,7 +15,6 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from .functional import quantize_4bit
 from .loftq import loftq_init, pissa_init
 from .lora import LoraLinear, ModulesToSave
 from .lora_config import ALL_LINEAR, LoraConfig, name_matches
@@ -62,6 +61,8 @@ def _unknown(entry: str, names: list[str], what: str) -> ValueError:
 
 def _plan(model: nn.Module, config: LoraConfig, adapter_name: str):
     """(targets [(name, module)], modules_to_save [(name, module)]) or ValueError; touches nothing."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
     modules = list(_walk(model))
     names = [n for n, _ in modules]
     heads = _output_heads(model)
@@ -77,14 +78,11 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str):
             for entry in spec:
                 if not any(name_matches(n, [entry]) for n in names):
                     raise _unknown(entry, names, "target_modules")
-        # A regex or a suffix may also hit containers (e.g. 'mlp'): only linears are targets,
-        # but a name that hits nothing but non-linears is an error.
-        linear = [(n, m) for n, m in targets if _is_linear(m)]
-        if not linear:
-            kinds = sorted({type(m).__name__ for _, m in targets})
-            raise ValueError(f"target_modules {spec!r} match only {kinds} modules; LoRA supports nn.Linear "
-                             "and Linear4bit")
-        targets = linear
+        # PEFT refuses to adapt a module type it has no layer for; so do we, naming it.
+        other = [(n, type(m).__name__) for n, m in targets if not _is_linear(m)]
+        if other:
+            raise ValueError(f"target_modules {spec!r} match {len(other)} modules that are not linear, e.g. "
+                             f"{other[:3]}; LoRA supports nn.Linear and Linear4bit")
     if config.exclude_modules is not None:
         if not isinstance(config.exclude_modules, str):
             for entry in config.exclude_modules:
@@ -267,12 +265,18 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig,
     if config.init in ("loftq", "pissa"):
         raise ValueError(f"init={config.init!r} rewrites the base weight, which other adapters share: "
                          "only the first adapter (get_lora_model) may use it")
+    _check_not_merged(model)
     targets, saves = _plan(model, config, adapter_name)
     trainable = _is_trainable(model)
     _inject(model, config, adapter_name, targets, saves, _QuantOptions(None, None, 64, True), adapter_dtype)
     configs[adapter_name] = config
     set_adapter(model, getattr(model, _ACTIVE), trainable=trainable)
     return model
+
+
+def _check_not_merged(model: nn.Module) -> None:
+    if any(layer.merged_adapters for _, layer in _lora_layers(model)):
+        raise ValueError("an adapter is merged into the base: unmerge_adapter(model) first")
 
 
 def _is_trainable(model: nn.Module) -> bool:
@@ -285,8 +289,7 @@ def set_adapter(model: nn.Module, adapter_name: str, trainable: bool = True) -> 
     configs = _adapters(model)
     if adapter_name not in configs:
         raise ValueError(f"unknown adapter {adapter_name!r}; this model has {sorted(configs)}")
-    if any(layer.merged_adapters for _, layer in _lora_layers(model)):
-        raise ValueError("unmerge_adapter(model) before switching adapters")
+    _check_not_merged(model)
     for _, m in _walk(model):
         if isinstance(m, (LoraLinear, ModulesToSave)):
             has = adapter_name in (m.lora_A if isinstance(m, LoraLinear) else m.modules_to_save)
@@ -479,7 +482,9 @@ def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = torch.bflo
 
 
 def _dense(w: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype) -> nn.Linear:
-    layer = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=dtype)
+    # built on the meta device: no random init of a weight that is overwritten at once
+    layer = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta", dtype=dtype)
+    layer = layer.to_empty(device=w.device)
     layer.weight.copy_(w)
     if bias is not None:
         layer.bias.copy_(bias)

@@ -7,10 +7,11 @@ to the packed weight and its QuantState (no dequantized weight, no activation).
                dL/db = sum over all leading dims of dL/dy
                dL/dW: none (frozen)
 
-CPU: for up to GEMV_MAX_M rows of x, the fused native kernel (the weight is dequantized in
-registers, never materialized); above that, dequantize into a reused per-thread scratch buffer
-and run a dense torch GEMM in x's dtype. Backward (grad_y @ W) and CUDA use the scratch path
-for now. Under torch.autocast, x is first cast to the autocast dtype.
+CPU (_forward_cpu, _grad_input_cpu): for up to GEMV_MAX_M (GRAD_INPUT_MAX_M) rows of x
+(grad_y), the fused native kernels (the weight is dequantized in registers, never
+materialized); above that, dequantize into a reused per-thread scratch buffer and run a dense
+torch GEMM in x's dtype. CUDA: matmul_cuda.py picks the fused GEMV / tensor-core kernels or the
+scratch path. Under torch.autocast, x is first cast to the autocast dtype.
 Tested by tests/test_matmul.py (float64 reference, finite differences, torch.compile)."""
 from __future__ import annotations
 
@@ -20,16 +21,25 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import _ops, matmul_cuda
 from ._native import _C, dtype_code, num_threads, quant_type_code
 from .functional import _packed_bytes
 from .quant_state import QuantState
 
 _SCRATCH = threading.local()  # per thread: concurrent forwards must not share a buffer
-# Rows of x up to which the fused CPU kernel beats dequantize + dense GEMM. Measured with
-# bench/bench_matmul.py, 4096x4096 bf16, 2 threads: M=1 1.4 ms fused vs ~5 ms; M=8 4.4 vs ~4.9;
-# M=16 7.2 vs ~5.2.
+# Rows of x (grad_y) up to which the fused CPU kernels beat dequantize + dense GEMM, re-measured
+# with `python bench/bench_large_m.py --crossover --m 8 16 --rounds 3 --iters 3` (bf16, 2 threads,
+# AVX-512, the three LLaMA-7B shapes; the 2-core VM was under load ~9, so ratios only): fused /
+# scratch time forward 0.56-0.61x at M=8, 0.95-1.29x at M=16; backward 0.81-0.91x at M=8,
+# 1.41-1.84x at M=16 (an earlier run: about 0.2x at M=1 and 2.2-3.3x at M=32, both directions).
 GEMV_MAX_M = 8
+GRAD_INPUT_MAX_M = 8
+# Above them, one design only: dequantize all of W into the scratch buffer + one dense GEMM
+# (oneDNN, AMX on this machine). Dequantizing L2-sized row panels of W and feeding each to the
+# dense GEMM as it is produced measured 5-11x SLOWER at M = 16 / 64 / 512 on all three shapes
+# (`python bench/bench_large_m.py --rounds 2 --iters 3`, its final form; 1.7-38x for the other
+# forms tried): every panel is a separate oneDNN call with its own setup and thread hand-off.
+# A hand-written AVX-512 micro-kernel was not tried: it cannot approach AMX.
 
 
 def _scratch(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -77,30 +87,56 @@ def matmul_4bit_op(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, qu
                    bias: Optional[Tensor]) -> Tensor:
     """x [..., K] @ W[N, K].T (+ bias) in x's dtype; W given by its packed codes and state."""
     N, K = _check_matmul(x, packed, absmax, shape, bias)
-    rows = x.numel() // K if K else 0
-    if x.device.type == "cpu" and 0 < rows <= GEMV_MAX_M:
-        return _gemm_cpu(x, packed, absmax, blocksize, quant_type, N, K, nested_absmax,
-                         nested_code, offset, nested_blocksize, bias)
-    w = _scratch((N, K), x.dtype, x.device)
+    weight = (packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
+              nested_blocksize)
+    if x.device.type == "cuda":
+        return matmul_cuda.forward(
+            x, *weight, bias,
+            lambda x_: torch.nn.functional.linear(x_, _dequantized(*weight, x.dtype, x.device), bias))
+    if x.device.type == "cpu":
+        return _forward_cpu(x, weight, bias)
+    return torch.nn.functional.linear(x, _dequantized(*weight, x.dtype, x.device), bias)
+
+
+def _dequantized(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
+                 nested_blocksize, dtype, device) -> Tensor:
+    """W [N, K] in dtype, in this thread's reused scratch buffer."""
+    w = _scratch((N, K), dtype, device)
     torch.ops.nf4lora.dequantize_4bit_out(packed, absmax, blocksize, quant_type, nested_absmax,
                                           nested_code, offset, nested_blocksize, w)
-    return torch.nn.functional.linear(x, w, bias)
+    return w
 
 
-def _gemm_cpu(x, packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
-              nested_blocksize, bias):
-    _ops._check_dequant_args(packed, absmax, blocksize, quant_type, [N, K], x.dtype, nested_absmax,
-                             nested_code, offset, nested_blocksize)
-    x2 = x.reshape(-1, K).contiguous()
-    b = None if bias is None else bias.contiguous()  # kept alive across the native call
-    y = torch.empty((x2.shape[0], N), dtype=x.dtype)
+def _native_cpu(fn, inp, weight, cols_in, cols_out, *extra):
+    """One call of a fused native product: fn(inp [rows, cols_in], W, *extra) -> [rows, cols_out]."""
+    packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset, nested_blocksize = weight
+    _ops._check_dequant_args(packed, absmax, blocksize, quant_type, [N, K], inp.dtype,
+                             nested_absmax, nested_code, offset, nested_blocksize)
+    inp2 = inp.reshape(-1, cols_in).contiguous()
+    out = torch.empty((inp2.shape[0], cols_out), dtype=inp.dtype)
     nested = nested_absmax is not None
-    _C.gemm_4bit_cpu(x2.data_ptr(), dtype_code(x.dtype), x2.shape[0], K, packed.data_ptr(),
-                     0 if nested else absmax.data_ptr(), absmax.data_ptr() if nested else 0,
-                     _ops._ptr(nested_absmax), _ops._ptr(nested_code), _ops._ptr(offset),
-                     nested_blocksize, N, blocksize, quant_type_code(quant_type),
-                     _ops._ptr(b), y.data_ptr(), num_threads())
-    return y.reshape(*x.shape[:-1], N)
+    fn(inp2.data_ptr(), dtype_code(inp.dtype), inp2.shape[0], cols_in, packed.data_ptr(),
+       0 if nested else absmax.data_ptr(), absmax.data_ptr() if nested else 0,
+       _ops._ptr(nested_absmax), _ops._ptr(nested_code), _ops._ptr(offset), nested_blocksize,
+       cols_out, blocksize, quant_type_code(quant_type), *extra, out.data_ptr(), num_threads())
+    return out.reshape(*inp.shape[:-1], cols_out)
+
+
+def _forward_cpu(x, weight, bias):
+    N, K = weight[4], weight[5]
+    rows = x.numel() // K if K else 0
+    if 0 < rows <= GEMV_MAX_M:
+        b = None if bias is None else bias.contiguous()  # kept alive across the native call
+        return _native_cpu(_C.gemm_4bit_cpu, x, weight, K, N, _ops._ptr(b))
+    return torch.nn.functional.linear(x, _dequantized(*weight, x.dtype, x.device), bias)
+
+
+def _grad_input_cpu(grad_y, weight):
+    N, K = weight[4], weight[5]
+    rows = grad_y.numel() // N if N else 0
+    if 0 < rows <= GRAD_INPUT_MAX_M:
+        return _native_cpu(_C.gemm_4bit_grad_input_cpu, grad_y, weight, N, K)
+    return grad_y @ _dequantized(*weight, grad_y.dtype, grad_y.device)
 
 
 @matmul_4bit_op.register_fake
@@ -120,10 +156,14 @@ def matmul_4bit_grad_input(grad_y: Tensor, packed: Tensor, absmax: Tensor, block
     _ops.check_float_dtype(grad_y.dtype, "grad_y.dtype")
     if grad_y.dim() < 1 or grad_y.shape[-1] != N:
         raise ValueError(f"grad_y has shape {tuple(grad_y.shape)}, its last dimension must be {N}")
-    w = _scratch((N, K), grad_y.dtype, grad_y.device)
-    torch.ops.nf4lora.dequantize_4bit_out(packed, absmax, blocksize, quant_type, nested_absmax,
-                                          nested_code, offset, nested_blocksize, w)
-    return grad_y @ w
+    weight = (packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
+              nested_blocksize)
+    if grad_y.device.type == "cuda":
+        return matmul_cuda.grad_input(
+            grad_y, *weight, lambda g: g @ _dequantized(*weight, grad_y.dtype, grad_y.device))
+    if grad_y.device.type == "cpu":
+        return _grad_input_cpu(grad_y, weight)
+    return grad_y @ _dequantized(*weight, grad_y.dtype, grad_y.device)
 
 
 @matmul_4bit_grad_input.register_fake

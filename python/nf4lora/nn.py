@@ -150,7 +150,10 @@ class Linear4bit(nn.Module):
                 if tuple(state.shape) != (self.out_features, self.in_features):
                     raise ValueError(f"the checkpoint's weight has shape {list(state.shape)}, this layer is "
                                      f"[{self.out_features}, {self.in_features}]")
-                packed = state_dict[wkey].detach().to(self.weight.device)
+                packed = state_dict[wkey]
+                if not isinstance(packed, Tensor):
+                    raise TypeError(f"must be a tensor, got {type(packed).__name__}")
+                packed = packed.detach().to(self.weight.device)
                 flat = _packed_bytes(packed.contiguous(), state).clone().reshape(-1, 1)
                 self.weight = nn.Parameter(flat, requires_grad=False)
                 self._set_state(state)
@@ -160,12 +163,18 @@ class Linear4bit(nn.Module):
         if self.bias is not None:
             if bkey not in state_dict:
                 missing_keys.append(bkey)
+            elif not isinstance(state_dict[bkey], Tensor) or not state_dict[bkey].is_floating_point():
+                error_msgs.append(f"{bkey}: must be a floating-point tensor, got {_describe(state_dict[bkey])}")
             elif state_dict[bkey].shape != self.bias.shape:
                 error_msgs.append(f"{bkey}: shape {tuple(state_dict[bkey].shape)}, expected {tuple(self.bias.shape)}")
             else:
                 with torch.no_grad():
                     self.bias.copy_(state_dict[bkey])
         unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
+
+
+def _describe(value) -> str:
+    return f"a {value.dtype} tensor" if isinstance(value, Tensor) else type(value).__name__
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:

@@ -118,13 +118,27 @@ class AdamW(torch.optim.Optimizer):
         self.paged = paged
         self.min_8bit_size = min_8bit_size
         self.skipped_blocks = 0  # gradient blocks skipped for NaN/Inf, over all steps
+        self._start_paging(page_dir)
+
+    def _start_paging(self, page_dir: Optional[str]) -> None:
         self._page_files: List[str] = []
         self._files_of: Dict[int, List[str]] = {}  # id(param) -> its state files
         self._own_dir: Optional[str] = None
-        self.page_dir: Optional[str] = None
-        if paged:
-            self.page_dir = self._open_page_dir(page_dir)
+        self.page_dir: Optional[str] = self._open_page_dir(page_dir) if self.paged else None
         self._finalizer = weakref.finalize(self, _remove_page_files, self._page_files, self._own_dir)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__()
+        state.update(optim_bits=self.optim_bits, paged=self.paged, min_8bit_size=self.min_8bit_size,
+                     skipped_blocks=self.skipped_blocks)
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # A copy (deepcopy, pickle) holds its state in ordinary tensors (torch copies file-backed and
+        # managed tensors by value) and owns no files; state it creates later is paged under a new
+        # temporary directory.
+        super().__setstate__(state)
+        self._start_paging(None)
 
     # ---- paging ---------------------------------------------------------------------------
 

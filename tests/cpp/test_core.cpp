@@ -190,7 +190,7 @@ struct Case {
   uint64_t seed;
   std::vector<DType> in_dtypes{std::begin(kDTypes), std::end(kDTypes)};
   std::vector<QuantType> qtypes{std::begin(kQTypes), std::end(kQTypes)};
-  bool skewed_out = false;  // also dequantize into outputs 2 and 16 bytes off a 64-byte line
+  bool skewed_out = false;  // also dequantize into outputs one element and 16 bytes off a 64-byte line
   bool flush_denormals = false;  // run the kernels with MXCSR FTZ + DAZ (torch.set_flush_denormal)
 };
 
@@ -273,7 +273,9 @@ void run_case(const Case& c, const std::vector<CpuVariant>& variants) {
           size_t k = 0;
           for (DType out_dt : out_dts)
             for (int nest = 0; nest < 2; ++nest, ++k) {
-              for (size_t skew : c.skewed_out ? std::vector<size_t>{0, 2, 16} : std::vector<size_t>{0}) {
+              // Off the vector alignment by one element (a float* 2 bytes off would be UB) and by 16.
+              const size_t elem = dtype_bytes(out_dt);
+              for (size_t skew : c.skewed_out ? std::vector<size_t>{0, elem, 16} : std::vector<size_t>{0}) {
                 Buffer out(static_cast<size_t>(c.n) * dtype_bytes(out_dt), skew);
                 out.fill(0x5A);
                 dequantize_4bit_cpu(ref.packed.data(), nest ? nested.source() : plain, c.n, c.bs,

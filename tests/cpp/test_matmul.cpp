@@ -1,8 +1,9 @@
-// test_matmul.cpp — C++ tests of gemm_4bit_cpu (matmul.h), no framework: every CPU variant this
-// machine supports is forced in turn and compared with the scalar reference (gemv_ref.cpp) and
-// with a float64 product of the dequantized fp32 weight, under the error bound derived at
-// `tolerance` below; over awkward M/N/K, blocksizes, NF4/FP4, plain and double-quantized absmax,
-// fp32/fp16/bf16, bias, threads; plus NaN propagation, no-op sizes and argument validation.
+// test_matmul.cpp — C++ tests of gemm_4bit_cpu and gemm_4bit_grad_input_cpu (matmul.h), no
+// framework: every CPU variant this machine supports is forced in turn and compared with the
+// scalar reference (gemv_ref.cpp) and with a float64 product of the dequantized fp32 weight, under
+// the error bound derived at `tolerance` below; over awkward M/N/K, blocksizes, NF4/FP4, plain and
+// double-quantized absmax, fp32/fp16/bf16, bias, threads; plus NaN propagation, no-op sizes and
+// argument validation.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -40,9 +41,13 @@ double subnormal_error(DType d) { return d == DType::F32 ? 0x1p-150 : d == DType
 // Adding the bias in fp32 costs u * |acc + bias| <= u * (|y64| + gamma_K * S), and the final
 // rounding to dtype u_out * |value| + (a subnormal absolute error). Summed with 1% slack for the
 // second-order terms:  tol = u_out |y64| + 1.01 (1 + u_out) (K + 2) u (S + |bias|) + sub_out.
-double tolerance(DType d, int64_t K, double y64, double S, double bias) {
+// The AVX512_BF16 variant rounds each weight to bf16 before its (exact) product with a bf16 x,
+// as "dequantize to bf16 + dense matmul" does: at most 2^-9 |x_k w_k| more per product, so
+// 2^-9 S more in all (bf16_weights).
+double tolerance(DType d, int64_t K, double y64, double S, double bias, bool bf16_weights = false) {
   const double u = 0x1p-24, uo = unit_roundoff(d);
-  return uo * std::fabs(y64) + 1.01 * (1 + uo) * double(K + 2) * u * (S + std::fabs(bias)) + subnormal_error(d);
+  return uo * std::fabs(y64) + 1.01 * (1 + uo) * double(K + 2) * u * (S + std::fabs(bias)) +
+         (bf16_weights ? 1.01 * 0x1p-9 * S : 0.0) + subnormal_error(d);
 }
 
 uint16_t to_bits(DType d, float v) { return d == DType::F16 ? float_to_half_bits(v) : float_to_bf16_bits(v); }
@@ -129,6 +134,17 @@ std::vector<uint8_t> run(CpuVariant v, const Tensor& x, int64_t M, const QWeight
   return y;
 }
 
+// grad_x [M, K] = g [M, N] @ W.
+std::vector<uint8_t> run_t(CpuVariant v, const Tensor& g, int64_t M, const QWeight& W, int threads) {
+  force_cpu_variant(v);
+  std::vector<uint8_t> out(M * W.K * dtype_bytes(g.dtype) + kGuardBytes, kCanary);
+  const AbsmaxSource src = W.source();
+  gemm_4bit_grad_input_cpu(g.bytes.data(), g.dtype, M, W.N, W.packed.data(), src, W.K, W.blocksize,
+                           W.qt, out.data(), threads);
+  reset_cpu_variant();
+  return out;
+}
+
 std::mt19937 g_rng(1234);
 std::vector<float> randn(size_t n, float scale) {
   std::normal_distribution<float> d(0.0f, scale);
@@ -137,37 +153,45 @@ std::vector<float> randn(size_t n, float scale) {
   return v;
 }
 
-// Every variant, against float64 and against the reference, for one weight, dtype and M.
-void check_case(const QWeight& W, DType dt, int64_t M, const std::vector<CpuVariant>& variants) {
+// Every variant, against float64 and against the reference, for one weight, dtype and M: the
+// forward product y = x W^T (+ bias), or with `transposed` grad_x = g W (reduction over N).
+void check_case(const QWeight& W, DType dt, int64_t M, const std::vector<CpuVariant>& variants,
+                bool transposed = false) {
   const int64_t N = W.N, K = W.K;
-  const Tensor x(dt, randn(M * K, 1.0f)), bias(dt, randn(N, 1.0f));
-  std::vector<double> dot(M * N), S(M * N);
+  const int64_t in_len = transposed ? N : K, out_len = transposed ? K : N;  // reduction, outputs
+  const Tensor x(dt, randn(M * in_len, 1.0f)), bias(dt, randn(N, 1.0f));
+  std::vector<double> dot(M * out_len), S(M * out_len);
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) {
+    for (int64_t o = 0; o < out_len; ++o) {
       double s = 0.0, a = 0.0;
-      for (int64_t k = 0; k < K; ++k) {
-        const double p = double(x.values[m * K + k]) * double(W.w[n * K + k]);
+      for (int64_t r = 0; r < in_len; ++r) {
+        const double w = transposed ? W.w[r * K + o] : W.w[o * K + r];
+        const double p = double(x.values[m * in_len + r]) * w;
         s += p, a += std::fabs(p);
       }
-      dot[m * N + n] = s, S[m * N + n] = a;
+      dot[m * out_len + o] = s, S[m * out_len + o] = a;
     }
-  const size_t payload = M * N * dtype_bytes(dt);
+  const size_t payload = M * out_len * dtype_bytes(dt);
   struct Combo { int threads; bool bias; };
   for (const Combo c : {Combo{1, false}, Combo{1, true}, Combo{2, true}, Combo{2, false}}) {
+    if (transposed && c.bias) continue;
     const Tensor* b = c.bias ? &bias : nullptr;
-    const std::vector<uint8_t> yref = run(CpuVariant::Ref, x, M, W, b, c.threads);
+    auto go = [&](CpuVariant v) { return transposed ? run_t(v, x, M, W, c.threads) : run(v, x, M, W, b, c.threads); };
+    const std::vector<uint8_t> yref = go(CpuVariant::Ref);
     for (CpuVariant v : variants) {
-      const std::vector<uint8_t> y = v == CpuVariant::Ref ? yref : run(v, x, M, W, b, c.threads);
-      const std::string what = std::string(cpu_variant_name(v)) + " M=" + std::to_string(M) + " N=" +
-                               std::to_string(N) + " K=" + std::to_string(K) + " bs=" + std::to_string(W.blocksize) +
-                               (W.qt == QuantType::NF4 ? " nf4" : " fp4") + (W.dq ? " dq " : " ") + dtype_name(dt) +
-                               (c.bias ? " bias" : "") + " threads=" + std::to_string(c.threads);
+      const std::vector<uint8_t> y = v == CpuVariant::Ref ? yref : go(v);
+      const std::string what = std::string(transposed ? "grad_input " : "") + cpu_variant_name(v) + " M=" +
+                               std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K) +
+                               " bs=" + std::to_string(W.blocksize) + (W.qt == QuantType::NF4 ? " nf4" : " fp4") +
+                               (W.dq ? " dq " : " ") + dtype_name(dt) + (c.bias ? " bias" : "") +
+                               " threads=" + std::to_string(c.threads);
+      const bool bf16_weights = !transposed && v == CpuVariant::AVX512_BF16 && dt == DType::BF16;
       bool ok64 = true, okref = true;
       double worst = 0.0;
-      for (int64_t i = 0; i < M * N; ++i) {
+      for (int64_t i = 0; i < M * out_len; ++i) {
         const double bv = c.bias ? double(bias.values[i % N]) : 0.0;
         const double y64 = dot[i] + bv;
-        const double tol = tolerance(dt, K, y64, S[i], bv);
+        const double tol = tolerance(dt, in_len, y64, S[i], bv, bf16_weights);
         const double got = read_out(dt, y, i), want_ref = read_out(dt, yref, i);
         if (!(std::fabs(got - y64) <= tol)) ok64 = false;
         if (!(std::fabs(got - want_ref) <= 2 * tol)) okref = false;
@@ -185,8 +209,10 @@ void test_shapes() {
   struct Shape { int64_t N, K; };
   // K % 32 == 0 shapes take the SIMD paths; the last ones (K % blocksize != 0, odd K, rows that
   // start mid-byte, blocks spanning rows) take the reference path whatever the variant.
+  // {130, 416} and {300, 224}: more than one 64-row summation run, column strips of 128 plus a
+  // partial one (transposed product).
   const Shape shapes[] = {{1, 32}, {3, 64}, {17, 96}, {64, 128}, {100, 4096}, {33, 4160},
-                          {5, 100}, {7, 33}, {3, 1000}, {9, 4095}};
+                          {130, 416}, {300, 224}, {5, 100}, {7, 33}, {3, 1000}, {9, 4095}};
   const int64_t Ms[] = {1, 2, 3, 8, 17};
   const int64_t blocksizes[] = {32, 64, 128, 4096};
   for (const Shape s : shapes) {
@@ -203,6 +229,7 @@ void test_shapes() {
             for (const int64_t M : Ms) {
               if (big && M != 1 && M != 3 && M != 17 && dt != DType::BF16) continue;  // keeps the run short
               check_case(W, dt, M, variants);
+              if (!big || M != 3) check_case(W, dt, M, variants, /*transposed=*/true);
             }
         }
     }
@@ -242,6 +269,44 @@ void test_nan() {
         }
       check(ok, std::string("non-finite W block ") + cpu_variant_name(v) + " " + dtype_name(dt));
     }
+}
+
+// The transposed product: NaN in a row of g poisons that row of grad_x only; N == 0 gives zeros;
+// M == 0 or K == 0 writes nothing; a negative N is named as N.
+void test_grad_input_edges() {
+  const int64_t M = 3, N = 16, K = 256, bs = 64;
+  const QWeight W(randn(N * K, 1.0f), N, K, bs, QuantType::NF4, true);
+  for (CpuVariant v : supported_variants())
+    for (const DType dt : kDTypes) {
+      Tensor g(dt, randn(M * N, 1.0f));
+      const std::vector<uint8_t> clean = run_t(v, g, M, W, 1);
+      g.set(2 * N + 5, NAN);
+      const std::vector<uint8_t> out = run_t(v, g, M, W, 2);
+      bool ok = true;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < K; ++k) {
+          const float got = read_out(dt, out, m * K + k), want = read_out(dt, clean, m * K + k);
+          ok = ok && (m == 2 ? std::isnan(got) : got == want);
+        }
+      check(ok, std::string("grad_input NaN in g row ") + cpu_variant_name(v) + " " + dtype_name(dt));
+    }
+  const AbsmaxSource none;
+  std::vector<uint8_t> out(2 * 64 * 4 + kGuardBytes, kCanary);
+  gemm_4bit_grad_input_cpu(nullptr, DType::F32, 2, 0, nullptr, none, 64, 64, QuantType::NF4, out.data(), 2);
+  bool ok = guard_intact(out, 2 * 64 * 4);
+  for (int i = 0; i < 2 * 64; ++i) ok = ok && read_out(DType::F32, out, i) == 0.0f;
+  check(ok, "grad_input N == 0 gives zeros");
+  std::vector<uint8_t> untouched(64, kCanary);
+  gemm_4bit_grad_input_cpu(nullptr, DType::F32, 0, 4, nullptr, none, 64, 64, QuantType::NF4, untouched.data(), 1);
+  gemm_4bit_grad_input_cpu(nullptr, DType::F32, 2, 4, nullptr, none, 0, 64, QuantType::NF4, untouched.data(), 1);
+  check(guard_intact(untouched, 0), "grad_input M == 0 / K == 0 are no-ops");
+  bool named = false;
+  try {
+    gemm_4bit_grad_input_cpu(nullptr, DType::F32, 2, -1, nullptr, none, 64, 64, QuantType::NF4, untouched.data(), 1);
+  } catch (const std::invalid_argument& e) {
+    named = std::string(e.what()).rfind("N must be", 0) == 0;
+  }
+  check(named, "grad_input N < 0 rejected and named");
 }
 
 void test_noop_and_k0() {
@@ -325,6 +390,7 @@ int main() {
   std::printf("\n");
   test_invalid_args();
   test_noop_and_k0();
+  test_grad_input_edges();
   test_nan();
   test_shapes();
   std::printf("test_matmul: %d passed, %d failed\n", g_passed, g_failed);

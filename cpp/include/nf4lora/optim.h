@@ -35,21 +35,22 @@ struct AdamWScalars {
   float beta2, one_minus_beta2;
   float eps;
   float step_size;  // lr / (1 - beta1^step)
-  float bc2_sqrt;   // sqrt(1 - beta2^step)
+  float inv_bc2_sqrt;  // 1 / sqrt(1 - beta2^step): torch divides by this Python float as a multiply by its reciprocal too
 };
 
 // Throws std::invalid_argument naming the hyperparameter: lr < 0, betas outside [0, 1), eps <= 0,
 // weight_decay < 0, step < 1, or any of them not finite.
 AdamWScalars adamw_scalars(const AdamWHyper& h);
 
-// The AdamW element update, torch.optim.AdamW's order of operations, every operation rounded to
+// The AdamW element update, torch.optim.AdamW's order of operations (dividing by the bias
+// correction as a multiply by its reciprocal, as torch's CPU kernels do), every operation rounded to
 // fp32 (no FMA contraction: the CPU core is built with -ffp-contract=off and cuda/optim.cu with
 // --fmad=false), so the reference, the SIMD variants and the CUDA kernel agree bit for bit.
 NF4LORA_HD void adamw_update(float& p, float& m, float& v, float g, const AdamWScalars& s) {
   p = p * s.decay;
   m = m + s.one_minus_beta1 * (g - m);
   v = v * s.beta2 + (s.one_minus_beta2 * g) * g;
-  const float denom = sqrtf(v) / s.bc2_sqrt + s.eps;
+  const float denom = sqrtf(v) * s.inv_bc2_sqrt + s.eps;
   p = p - (s.step_size * m) / denom;
 }
 

@@ -46,8 +46,10 @@ void dequantize_8bit_blockwise_cpu(const uint8_t* q, const float* absmax, const 
 
 // ---- CPU variant dispatch --------------------------------------------------------------------
 
-enum class CpuVariant : int32_t { Ref = 0, AVX2 = 1, AVX512 = 2 };
-constexpr int kNumCpuVariants = 3;
+// AVX512_BF16 is AVX512 plus the bf16 dot products (vdpbf16ps) in the fused matmul of bf16
+// activations; quantize/dequantize run the AVX512 kernels under it.
+enum class CpuVariant : int32_t { Ref = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3 };
+constexpr int kNumCpuVariants = 4;
 
 const char* cpu_variant_name(CpuVariant v);
 bool cpu_variant_compiled(CpuVariant v);   // built into this library

@@ -1,0 +1,110 @@
+"""GPU benchmark of matmul_4bit on LLaMA-7B layer shapes, forward (x W^T) and backward (g W), for
+each CUDA path — the fused GEMV (M <= 8), the tensor-core GEMM with on-the-fly dequantization,
+dequantize + cuBLAS — next to dense bf16 torch.nn.functional.linear on the dequantized weight,
+all in one process: GPU time from CUDA events (graph replays of back-to-back calls over rotating
+weights larger than L2), TFLOP/s, weight GB/s, and the ratio to dense. The fastest path per row
+tells matmul_cuda.py's GEMV_MAX_M, GEMV_T_MAX_M and TC_MAX_M.
+
+    python bench/bench_cuda_matmul.py [--shapes 4096x4096 ...] [--ms 1 8 64 512] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import nf4lora
+from nf4lora import matmul_cuda
+from nf4lora.functional import _packed_bytes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cuda import ROTATE, gpu_ms  # noqa: E402  (same timing method as the dequant benchmark)
+
+PATHS = {"gemv": (8, 8, 0), "tensor cores": (0, 0, 1 << 30), "dequant+cuBLAS": (0, 0, 0)}
+KNOBS = ("GEMV_MAX_M", "GEMV_T_MAX_M", "TC_MAX_M")
+
+
+def bench(N: int, K: int, M: int, iters: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    ws = [torch.randn(N, K, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(ROTATE)]
+    qs = [nf4lora.quantize_4bit(w, 64, "nf4", double_quant=True) for w in ws]
+    dense = [nf4lora.dequantize_4bit(p, s) for p, s in qs]
+    del ws
+    xs = [torch.randn(M, K, dtype=torch.bfloat16, device="cuda") for _ in range(ROTATE)]
+    gs = [torch.randn(M, N, dtype=torch.bfloat16, device="cuda") for _ in range(ROTATE)]
+    r: dict[str, object] = {"N": N, "K": K, "M": M, "flop": 2 * M * N * K,
+                            "weight_bytes": qs[0][1].nbytes}
+    r["dense_fwd_ms"] = gpu_ms(lambda i: torch.nn.functional.linear(xs[i], dense[i]), iters, warmup, True)[0]
+    r["dense_bwd_ms"] = gpu_ms(lambda i: gs[i] @ dense[i], iters, warmup, True)[0]
+    saved = [getattr(matmul_cuda, k) for k in KNOBS]
+    try:
+        for name, knobs in PATHS.items():
+            if name == "gemv" and M > 8:
+                continue
+            for k, v in zip(KNOBS, knobs):
+                setattr(matmul_cuda, k, v)
+            op = torch.ops.nf4lora.matmul_4bit_grad_input
+
+            def fwd(i):
+                return nf4lora.matmul_4bit(xs[i], qs[i][0], qs[i][1])
+
+            def bwd(i):
+                p, s = qs[i]
+                return op(gs[i], _packed_bytes(p, s), s.absmax, s.blocksize, s.quant_type, list(s.shape),
+                          s.nested_absmax, s.nested_code, s.offset, s.nested_blocksize)
+            r[name + "_fwd_ms"] = gpu_ms(fwd, iters, warmup, True)[0]
+            r[name + "_bwd_ms"] = gpu_ms(bwd, iters, warmup, True)[0]
+    finally:
+        for k, v in zip(KNOBS, saved):
+            setattr(matmul_cuda, k, v)
+    return r
+
+
+def lines(r: dict) -> list[str]:
+    out = []
+    for d in ("fwd", "bwd"):
+        base = r[f"dense_{d}_ms"]
+        row = [f"{r['N']}x{r['K']} M={r['M']:<5d} {d}  dense bf16 {base * 1e3:8.1f} us "
+               f"({r['flop'] / base / 1e9:6.1f} TFLOP/s)"]
+        for name in PATHS:
+            ms = r.get(f"{name}_{d}_ms")
+            if ms is not None:
+                row.append(f"{name} {ms * 1e3:8.1f} us ({base / ms:4.2f}x dense, "
+                           f"{r['weight_bytes'] / ms / 1e6:5.0f} GB/s of weight)")
+        out.append(" | ".join(row))
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=["4096x4096", "11008x4096", "4096x11008"],
+                    help="weight shapes NxK = OUTxIN (default: LLaMA-7B attention, MLP up, MLP down)")
+    ap.add_argument("--ms", nargs="+", type=int, default=[1, 2, 4, 8, 64, 512, 2048])
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available() or not nf4lora.has_cuda():
+        raise SystemExit("needs a CUDA GPU and nf4lora built with CUDA")
+    props = torch.cuda.get_device_properties(0)
+    print(f"nf4lora {nf4lora.__version__}; torch {torch.__version__}; {props.name}; NF4 block 64 + "
+          "double quant, bf16 activations; 'x dense' = dense time / path time (>1: faster than dense)")
+    results = []
+    for spec in args.shapes:
+        N, K = (int(v) for v in spec.lower().split("x"))
+        for M in args.ms:
+            r = bench(N, K, M, args.iters, args.warmup)
+            results.append(r)
+            for line in lines(r):
+                print(line, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": props.name, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

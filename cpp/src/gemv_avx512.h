@@ -1,0 +1,50 @@
+// gemv_avx512.h — AVX-512 helpers shared by gemv_avx512.cpp and gemv_bf16.cpp (internal; include
+// only from translation units compiled with the AVX-512 F/BW/VL/DQ flags): the horizontal sum
+// and the 16-block absmax decode. Tested through those kernels by tests/cpp/test_matmul.cpp.
+#pragma once
+
+#include "simd.h"
+
+#include <cstdint>
+
+#include "gemv_kernels.h"
+
+namespace nf4lora::detail {
+namespace {
+
+// Horizontal sum through memory, pairwise: GCC 12's _mm512_reduce_add_ps trips -Wuninitialized
+// inside its own header, and this runs once per output, not per chunk.
+inline float hsum(__m512 v) {
+  alignas(64) float t[16];
+  _mm512_store_ps(t, v);
+  for (int w = 8; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
+}
+
+// The absmax of `count` (<= 16) consecutive blocks from b into out. Double quantization is
+// decoded 16 at a time (two gathers, then a multiply and a separate add: the same two fp32
+// roundings as decode_nested_absmax, so the same values bit for bit): per-block scalar decoding
+// was ~40% of an M = 1 GEMV at blocksize 64.
+inline void absmax16(const AbsmaxReader& rd, int64_t b, int64_t count, float* out) {
+  if (count < 16) {
+    for (int64_t i = 0; i < count; ++i) out[i] = rd(b + i);
+    return;
+  }
+  const AbsmaxSource& a = rd.a;
+  if (!a.nested()) {
+    _mm512_store_ps(out, _mm512_loadu_ps(a.absmax + b));
+    return;
+  }
+  const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.qabsmax + b)));
+  const __m512 code = _mm512_i32gather_ps(q, a.nested_code, 4);
+  // Nested indices relative to the first one, so they fit in 32 bits for any tensor size.
+  const int64_t nested0 = b >> rd.shift;
+  const __m512i lane = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(b - (nested0 << rd.shift))),
+                                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  const __m512 nested = _mm512_i32gather_ps(_mm512_srl_epi32(lane, _mm_cvtsi32_si128(rd.shift)), a.nested_absmax + nested0, 4);
+  _mm512_store_ps(out, _mm512_add_ps(_mm512_mul_ps(code, nested), _mm512_set1_ps(*a.offset)));
+}
+
+}  // namespace
+}  // namespace nf4lora::detail
