@@ -38,15 +38,3 @@ def _restore_cpu_variant():
     yield
     nf4lora.set_cpu_variant(None)
 
-
-def pytest_addoption(parser):
-    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
-
-
-def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="marked slow (minutes on a 2-core machine): run with --runslow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
