@@ -37,4 +37,3 @@ def pytest_generate_tests(metafunc):
 def _restore_cpu_variant():
     yield
     nf4lora.set_cpu_variant(None)
-
