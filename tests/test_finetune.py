@@ -118,7 +118,7 @@ def test_failed_checkpoint_keeps_the_previous(tmp_path, tiny, jsonl, monkeypatch
         T.finetune(_opts(tiny, jsonl, tmp_path / "o", save_every=2))
     names = sorted(p.name for p in (tmp_path / "o").iterdir())
     assert names == ["checkpoint-2"]  # no temp folder left behind, step 2 intact
-    state = torch.load(tmp_path / "o" / "checkpoint-2" / "trainer_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "o" / "checkpoint-2" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 2
     monkeypatch.setattr(T.torch, "save", real_save)
     T.finetune(_opts(tiny, jsonl, tmp_path / "o", save_every=2, resume="latest"))

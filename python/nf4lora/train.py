@@ -169,13 +169,18 @@ class CausalLMLoss(nn.Module):
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    # Only tensors and plain values, so the checkpoint loads with torch.load(weights_only=True).
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
 
 
 def _set_rng_state(s: dict[str, Any]) -> None:
     torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    version, internal, gauss = s["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def _seed_all(seed: int) -> None:
@@ -395,7 +400,7 @@ def finetune(opts: TrainOptions, model: Optional[nn.Module] = None, tokenizer: A
 
     step, history, eval_before = 0, [], None
     if resume_path is not None:
-        state = torch.load(resume_path / _STATE_FILE, weights_only=False)
+        state = torch.load(resume_path / _STATE_FILE, weights_only=True)
         named = dict(model.named_parameters())
         if set(state["trainable"]) != {n for n, p in named.items() if p.requires_grad}:
             raise ValueError(f"resume: {resume_path} holds other trainable parameters than this model has")
