@@ -260,7 +260,9 @@ def _dist() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        # The trainer runs on the CPU (tensors never move to a GPU), so gloo even where CUDA is
+        # present: NCCL would refuse CPU tensors (seen on the H200 machine by bench/gpu_check.sh).
+        dist.init_process_group(backend="gloo")
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
