@@ -17,6 +17,7 @@ from .lora_model import (TrainableParameters, active_adapter, adapter_config, ad
                          delete_adapter, disable_adapters, get_lora_model, merge_adapter, merge_and_unload,
                          set_adapter, trainable_parameters, unmerge_adapter)
 from . import optim
+from .loading import load_model
 
 __version__ = "0.1.0"
 
@@ -60,4 +61,5 @@ __all__ = [
     "trainable_parameters",
     "unmerge_adapter",
     "optim",
+    "load_model",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -60,12 +61,8 @@ class SafetensorsFolder:
             path = folder / name
             if not path.is_file():
                 raise ValueError(f"source: the index names {name}, which is not in {folder}")
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
-            for key, info in header.items():
-                self._where[key] = (path, info, 8 + n)
+            for key, info, base in _safetensors_header(path):
+                self._where[key] = (path, info, base)
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -86,6 +83,45 @@ class SafetensorsFolder:
                 raise ValueError(f"{path.name}: file ends inside tensor {key} (truncated download?)")
         t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
         return t.view(dtype).reshape(info["shape"])
+
+
+def _safetensors_header(path: Path) -> Iterator[tuple[str, dict[str, Any], int]]:
+    """(name, {dtype, shape, data_offsets}, data start) of each tensor in a safetensors file,
+    every field checked against the format and the file's size before anything is allocated
+    (a file from a stranger may be truncated, corrupted or hostile: tests/test_fuzz.py)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path.name}: not a safetensors file ({size} bytes, no header length)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > 100 << 20:
+            raise ValueError(f"{path.name}: header length {n} does not fit the {size}-byte file (truncated or corrupt)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path.name}: the header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path.name}: the header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for key, info in header.items():
+        ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str)
+              and isinstance(info.get("shape"), list) and isinstance(info.get("data_offsets"), list)
+              and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])
+              and len(info["data_offsets"]) == 2
+              and all(isinstance(o, int) and not isinstance(o, bool) for o in info["data_offsets"]))
+        if not ok:
+            raise ValueError(f"{path.name}: malformed header entry for tensor {key!r}")
+        start, end = info["data_offsets"]
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path.name}: tensor {key} has dtype {info['dtype']}, which is not supported")
+        if not 0 <= start <= end <= data_size:
+            raise ValueError(f"{path.name}: tensor {key} lies outside the file (truncated download?)")
+        if math.prod(info["shape"]) * dtype.itemsize != end - start:
+            raise ValueError(f"{path.name}: tensor {key}: shape {info['shape']} does not match its {end - start} bytes")
+        yield key, info, 8 + n
 
 
 def _gguf_tensors(path: Path, parsed: dict[str, Any], model: nn.Module) -> Iterator[tuple[str, Tensor]]:
