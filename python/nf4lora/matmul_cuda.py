@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ._native import _C, dtype_code, quant_type_code
-from ._ops import _ptr, _require_cuda_build, _cuda_stream
+from ._ops import _check_dequant_args, _cuda_stream, _ptr, _require_cuda_build
 
 # Rows of x (of grad_y) up to which each fused kernel runs instead of dequantize + cuBLAS; the
 # kernels take up to 8 (kGemmSmallMaxM in nf4lora/matmul.h). Chosen from bench/bench_cuda_matmul.py
@@ -48,6 +48,9 @@ def forward(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, quant_typ
             bias: Optional[Tensor], dequant_linear: Callable[[Tensor], Tensor]) -> Tensor:
     """x [..., K] @ W^T (+ bias) on the GPU; dequant_linear(x) is the fallback."""
     _require_cuda_build()
+    # The kernels read absmax / nested tensors by raw pointer: their sizes must match W's blocks.
+    _check_dequant_args(packed, absmax, blocksize, quant_type, [N, K], x.dtype, nested_absmax,
+                        nested_code, offset, nested_blocksize)
     M = x.numel() // K if K else 0
     words_ok = K % 8 == 0 and K > 0 and N > 0 and _aligned(packed, 4)  # kernels read 32-bit words
     x2 = x.reshape(M, K).contiguous() if words_ok and M else x
@@ -76,6 +79,8 @@ def grad_input(grad_y: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, q
                dequant_matmul: Callable[[Tensor], Tensor]) -> Tensor:
     """grad_y [..., N] @ W [N, K] on the GPU; dequant_matmul(grad_y) is the fallback."""
     _require_cuda_build()
+    _check_dequant_args(packed, absmax, blocksize, quant_type, [N, K], grad_y.dtype, nested_absmax,
+                        nested_code, offset, nested_blocksize)
     M = grad_y.numel() // N if N else 0
     words_ok = K % 8 == 0 and K > 0 and N > 0 and _aligned(packed, 4)
     g2 = grad_y.reshape(M, N).contiguous() if words_ok and M else grad_y
