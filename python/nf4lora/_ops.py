@@ -198,25 +198,30 @@ def _check_dequant_out(packed, absmax, blocksize, quant_type, nested_absmax, nes
                                nested_absmax, nested_code, offset, nested_blocksize)
 
 
+def _absmax_ptrs(absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
+                 offset: Optional[Tensor], nested_blocksize: int) -> tuple:
+    """The six absmax arguments every native 4-bit entry point takes (bindings.cpp's
+    absmax_source): fp32 absmax, or the 8-bit codes + nested absmax, map, offset, block size."""
+    nested = nested_absmax is not None
+    return (0 if nested else absmax.data_ptr(), absmax.data_ptr() if nested else 0,
+            _ptr(nested_absmax), _ptr(nested_code), _ptr(offset), nested_blocksize)
+
+
 def _dequant_cpu(packed, absmax, blocksize, quant_type, nested_absmax, nested_code, offset,
                  nested_blocksize, out, n):
-    nested = nested_absmax is not None
-    _C.dequantize_4bit_cpu(packed.data_ptr(), 0 if nested else absmax.data_ptr(),
-                           absmax.data_ptr() if nested else 0, _ptr(nested_absmax),
-                           _ptr(nested_code), _ptr(offset), nested_blocksize, n, blocksize,
-                           quant_type_code(quant_type), out.data_ptr(), dtype_code(out.dtype),
-                           num_threads())
+    _C.dequantize_4bit_cpu(packed.data_ptr(),
+                           *_absmax_ptrs(absmax, nested_absmax, nested_code, offset, nested_blocksize),
+                           n, blocksize, quant_type_code(quant_type), out.data_ptr(),
+                           dtype_code(out.dtype), num_threads())
 
 
 def _dequant_cuda(packed, absmax, blocksize, quant_type, nested_absmax, nested_code, offset,
                   nested_blocksize, out, n):
     _require_cuda_build()
-    nested = nested_absmax is not None
     with torch.cuda.device(packed.device):
-        _C.dequantize_4bit_cuda(packed.data_ptr(), 0 if nested else absmax.data_ptr(),
-                                absmax.data_ptr() if nested else 0, _ptr(nested_absmax),
-                                _ptr(nested_code), _ptr(offset), nested_blocksize, n, blocksize,
-                                quant_type_code(quant_type), out.data_ptr(),
+        _C.dequantize_4bit_cuda(packed.data_ptr(),
+                                *_absmax_ptrs(absmax, nested_absmax, nested_code, offset, nested_blocksize),
+                                n, blocksize, quant_type_code(quant_type), out.data_ptr(),
                                 dtype_code(out.dtype), _cuda_stream(packed.device))
 
 

@@ -114,10 +114,8 @@ def _native_cpu(fn, inp, weight, cols_in, cols_out, *extra):
                              nested_absmax, nested_code, offset, nested_blocksize)
     inp2 = inp.reshape(-1, cols_in).contiguous()
     out = torch.empty((inp2.shape[0], cols_out), dtype=inp.dtype)
-    nested = nested_absmax is not None
     fn(inp2.data_ptr(), dtype_code(inp.dtype), inp2.shape[0], cols_in, packed.data_ptr(),
-       0 if nested else absmax.data_ptr(), absmax.data_ptr() if nested else 0,
-       _ops._ptr(nested_absmax), _ops._ptr(nested_code), _ops._ptr(offset), nested_blocksize,
+       *_ops._absmax_ptrs(absmax, nested_absmax, nested_code, offset, nested_blocksize),
        cols_out, blocksize, quant_type_code(quant_type), *extra, out.data_ptr(), num_threads())
     return out.reshape(*inp.shape[:-1], cols_out)
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ._native import _C, dtype_code, quant_type_code
-from ._ops import _check_dequant_args, _cuda_stream, _ptr, _require_cuda_build
+from ._ops import _absmax_ptrs, _check_dequant_args, _cuda_stream, _ptr, _require_cuda_build
 
 # Rows of x (of grad_y) up to which each fused kernel runs instead of dequantize + cuBLAS; the
 # kernels take up to 8 (kGemmSmallMaxM in nf4lora/matmul.h). Chosen from bench/bench_cuda_matmul.py
@@ -34,13 +34,6 @@ _HALF = (torch.float16, torch.bfloat16)
 
 def _aligned(t: Tensor, bytes_: int = 16) -> bool:
     return t.data_ptr() % bytes_ == 0
-
-
-def _absmax_args(absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
-                 offset: Optional[Tensor], nested_blocksize: int) -> tuple:
-    nested = nested_absmax is not None
-    return (0 if nested else absmax.data_ptr(), absmax.data_ptr() if nested else 0,
-            _ptr(nested_absmax), _ptr(nested_code), _ptr(offset), nested_blocksize)
 
 
 def forward(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, quant_type: str, N: int,
@@ -61,7 +54,7 @@ def forward(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, quant_typ
         return dequant_linear(x)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     b = None if bias is None else bias.contiguous()
-    args = _absmax_args(absmax, nested_absmax, nested_code, offset, nested_blocksize)
+    args = _absmax_ptrs(absmax, nested_absmax, nested_code, offset, nested_blocksize)
     with torch.cuda.device(x.device):
         stream = _cuda_stream(x.device)
         if use_gemv:
@@ -89,7 +82,7 @@ def grad_input(grad_y: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, q
               and words_ok and _aligned(g2))
     if not (use_gemv or use_tc):
         return dequant_matmul(grad_y)
-    args = _absmax_args(absmax, nested_absmax, nested_code, offset, nested_blocksize)
+    args = _absmax_ptrs(absmax, nested_absmax, nested_code, offset, nested_blocksize)
     with torch.cuda.device(grad_y.device):
         stream = _cuda_stream(grad_y.device)
         if use_gemv:
