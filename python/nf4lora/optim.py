@@ -381,36 +381,25 @@ class AdamW(torch.optim.Optimizer):
 
 
 class PagedAdamW(AdamW):
-    """AdamW with paged state (``paged=True``); ``optim_bits=32`` or ``8``."""
+    """AdamW with paged state (``paged=True``); ``optim_bits=32`` or ``8``. Takes AdamW's arguments."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, optim_bits: int = 32,
-                 paged: bool = True, page_dir: Optional[str] = None,
-                 min_8bit_size: int = MIN_8BIT_SIZE):
-        super().__init__(params, lr, betas, eps, weight_decay, optim_bits=optim_bits, paged=paged,
-                         page_dir=page_dir, min_8bit_size=min_8bit_size)
+    def __init__(self, params: Iterable[Any], *args: Any, paged: bool = True, **kwargs: Any):
+        super().__init__(params, *args, paged=paged, **kwargs)
 
 
 class AdamW8bit(AdamW):
-    """AdamW with bitsandbytes-format 8-bit blockwise state (``optim_bits=8``)."""
+    """AdamW with bitsandbytes-format 8-bit blockwise state (``optim_bits=8``). Takes AdamW's arguments."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, optim_bits: int = 8,
-                 paged: bool = False, page_dir: Optional[str] = None,
-                 min_8bit_size: int = MIN_8BIT_SIZE):
-        super().__init__(params, lr, betas, eps, weight_decay, optim_bits=optim_bits, paged=paged,
-                         page_dir=page_dir, min_8bit_size=min_8bit_size)
+    def __init__(self, params: Iterable[Any], *args: Any, optim_bits: int = 8, **kwargs: Any):
+        super().__init__(params, *args, optim_bits=optim_bits, **kwargs)
 
 
 class PagedAdamW8bit(AdamW):
-    """AdamW with paged 8-bit blockwise state (``optim_bits=8, paged=True``)."""
+    """AdamW with paged 8-bit blockwise state (``optim_bits=8, paged=True``). Takes AdamW's arguments."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, optim_bits: int = 8,
-                 paged: bool = True, page_dir: Optional[str] = None,
-                 min_8bit_size: int = MIN_8BIT_SIZE):
-        super().__init__(params, lr, betas, eps, weight_decay, optim_bits=optim_bits, paged=paged,
-                         page_dir=page_dir, min_8bit_size=min_8bit_size)
+    def __init__(self, params: Iterable[Any], *args: Any, optim_bits: int = 8, paged: bool = True,
+                 **kwargs: Any):
+        super().__init__(params, *args, optim_bits=optim_bits, paged=paged, **kwargs)
 
 
 def state_bytes_per_param(n: int, optim_bits: int) -> float:
