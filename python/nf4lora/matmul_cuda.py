@@ -36,14 +36,20 @@ def _aligned(t: Tensor, bytes_: int = 16) -> bool:
     return t.data_ptr() % bytes_ == 0
 
 
+def _kernel_absmax(packed, absmax, blocksize, quant_type, N, K, dtype, nested_absmax, nested_code,
+                   offset, nested_blocksize) -> tuple:
+    """The absmax pointers for a fused kernel, after checking what the kernels read by raw
+    pointer (the fallback's dequantize_4bit_out checks the same itself, so only here)."""
+    _check_dequant_args(packed, absmax, blocksize, quant_type, [N, K], dtype, nested_absmax,
+                        nested_code, offset, nested_blocksize)
+    return _absmax_ptrs(absmax, nested_absmax, nested_code, offset, nested_blocksize)
+
+
 def forward(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, quant_type: str, N: int,
             K: int, nested_absmax, nested_code, offset, nested_blocksize: int,
             bias: Optional[Tensor], dequant_linear: Callable[[Tensor], Tensor]) -> Tensor:
     """x [..., K] @ W^T (+ bias) on the GPU; dequant_linear(x) is the fallback."""
     _require_cuda_build()
-    # The kernels read absmax / nested tensors by raw pointer: their sizes must match W's blocks.
-    _check_dequant_args(packed, absmax, blocksize, quant_type, [N, K], x.dtype, nested_absmax,
-                        nested_code, offset, nested_blocksize)
     M = x.numel() // K if K else 0
     words_ok = K % 8 == 0 and K > 0 and N > 0 and _aligned(packed, 4)  # kernels read 32-bit words
     x2 = x.reshape(M, K).contiguous() if words_ok and M else x
@@ -54,7 +60,8 @@ def forward(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, quant_typ
         return dequant_linear(x)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     b = None if bias is None else bias.contiguous()
-    args = _absmax_ptrs(absmax, nested_absmax, nested_code, offset, nested_blocksize)
+    args = _kernel_absmax(packed, absmax, blocksize, quant_type, N, K, x.dtype, nested_absmax,
+                          nested_code, offset, nested_blocksize)
     with torch.cuda.device(x.device):
         stream = _cuda_stream(x.device)
         if use_gemv:
@@ -72,8 +79,6 @@ def grad_input(grad_y: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, q
                dequant_matmul: Callable[[Tensor], Tensor]) -> Tensor:
     """grad_y [..., N] @ W [N, K] on the GPU; dequant_matmul(grad_y) is the fallback."""
     _require_cuda_build()
-    _check_dequant_args(packed, absmax, blocksize, quant_type, [N, K], grad_y.dtype, nested_absmax,
-                        nested_code, offset, nested_blocksize)
     M = grad_y.numel() // N if N else 0
     words_ok = K % 8 == 0 and K > 0 and N > 0 and _aligned(packed, 4)
     g2 = grad_y.reshape(M, N).contiguous() if words_ok and M else grad_y
@@ -82,7 +87,8 @@ def grad_input(grad_y: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, q
               and words_ok and _aligned(g2))
     if not (use_gemv or use_tc):
         return dequant_matmul(grad_y)
-    args = _absmax_ptrs(absmax, nested_absmax, nested_code, offset, nested_blocksize)
+    args = _kernel_absmax(packed, absmax, blocksize, quant_type, N, K, grad_y.dtype, nested_absmax,
+                          nested_code, offset, nested_blocksize)
     with torch.cuda.device(grad_y.device):
         stream = _cuda_stream(grad_y.device)
         if use_gemv:
