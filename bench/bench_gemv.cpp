@@ -2,7 +2,9 @@
 // LLaMA-7B layer shapes, bf16 activations, NF4 + double quantization (blocksize 64), per CPU
 // variant, against the memory-bandwidth bound: the time to stream the packed weight bytes once
 // (a memcpy of them with the same threads). Each variant is checked against the reference first.
-// Usage: bench_gemv [--threads T] [--iters I] [--smoke]
+// --shape N K times one shape instead; a small one (256 4096: 512 KiB of codes, L2-resident)
+// measures the decode throughput of each kernel without the memory bound.
+// Usage: bench_gemv [--threads T] [--iters I] [--shape N K] [--smoke]
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -31,18 +33,21 @@ int main(int argc, char** argv) {
   int threads = std::max(1u, std::thread::hardware_concurrency());
   int iters = 20;
   bool smoke = false;
+  int64_t shape_n = 0, shape_k = 0;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--threads" && i + 1 < argc) threads = std::atoi(argv[++i]);
     else if (a == "--iters" && i + 1 < argc) iters = std::atoi(argv[++i]);
     else if (a == "--smoke") smoke = true;
+    else if (a == "--shape" && i + 2 < argc) shape_n = std::atoll(argv[++i]), shape_k = std::atoll(argv[++i]);
     else {
-      std::fprintf(stderr, "usage: bench_gemv [--threads T] [--iters I] [--smoke]\n");
+      std::fprintf(stderr, "usage: bench_gemv [--threads T] [--iters I] [--shape N K] [--smoke]\n");
       return 2;
     }
   }
   struct Shape { int64_t N, K; };
   std::vector<Shape> shapes = {{4096, 4096}, {11008, 4096}, {4096, 11008}};
+  if (shape_n > 0 && shape_k > 0) shapes = {{shape_n, shape_k}};
   if (smoke) shapes = {{256, 512}}, iters = 2;
   std::printf("bench_gemv: bf16 x, NF4 + double quant (blocksize 64), threads %d, median of %d\n", threads, iters);
   std::printf("%-12s %3s %-7s %10s %9s %12s %9s\n", "N x K", "M", "variant", "ms", "GB/s", "memcpy ms", "vs bound");

@@ -6,6 +6,7 @@ GB/s of 4-bit weight bytes, ratios. The machine is shared: compare ratios, and r
 
     python bench/bench_matmul.py [--m 1 8 64 512] [--dtype bf16] [--iters 10] [--forward-only]
                                  [--quick] [--json F]
+    python bench/bench_matmul.py --overhead   # fixed cost per call on a 64x64 weight, M = 1
 """
 from __future__ import annotations
 
@@ -30,7 +31,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: 4096x4096, M 1 and 64, 3 iterations")
     ap.add_argument("--shapes", type=int, nargs="+", help="N K pairs (default: LLaMA-7B)")
     ap.add_argument("--json")
+    ap.add_argument("--overhead", action="store_true",
+                    help="only the fixed cost per call: a 64x64 weight at M = 1, microseconds")
     args = ap.parse_args()
+    if args.overhead:
+        overhead()
+        return
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
     shapes = list(zip(args.shapes[::2], args.shapes[1::2])) if args.shapes else SHAPES
     if args.quick:
@@ -77,6 +83,37 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+
+
+def overhead(n: int = 64, calls: int = 2000, rounds: int = 5) -> None:
+    """Microseconds per call where the kernel is nothing: matmul_4bit (eager CPU path), the
+    registered op it bypasses, the same with x requiring grad (forward only), dense F.linear."""
+    import time
+    w = torch.randn(n, n) * 0.02
+    packed, state = nf4lora.quantize_4bit(w.bfloat16(), 64, "nf4", double_quant=True)
+    w_dense = w.bfloat16()
+    x = torch.randn(1, n, dtype=torch.bfloat16)
+    xg = x.clone().requires_grad_()
+    nested = (state.nested_absmax, state.nested_code, state.offset)
+    calls_ = {
+        "matmul_4bit": lambda: nf4lora.matmul_4bit(x, packed, state),
+        "matmul_4bit, x.requires_grad": lambda: nf4lora.matmul_4bit(xg, packed, state),
+        "torch.ops.nf4lora.matmul_4bit": lambda: torch.ops.nf4lora.matmul_4bit(
+            x, packed.view(-1), state.absmax, 64, "nf4", [n, n], *nested, state.nested_blocksize, None),
+        "dense F.linear": lambda: torch.nn.functional.linear(x, w_dense),
+    }
+    best = {name: float("inf") for name in calls_}
+    for _ in range(rounds):  # interleaved rounds, best of each
+        for name, fn in calls_.items():
+            for _ in range(50):
+                fn()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t0) / calls * 1e6)
+    print(f"fixed cost per call, {n}x{n} bf16 weight, M = 1, best of {rounds} rounds of {calls} calls")
+    for name, us in best.items():
+        print(f"  {name:32s} {us:7.1f} us")
 
 
 if __name__ == "__main__":

@@ -234,3 +234,66 @@ def test_concurrent_forwards_do_not_share_scratch():
     for t in threads:
         t.join()
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("M", [1, 17])
+def test_eager_path_equals_the_op(M):
+    """matmul_4bit skips the custom op's dispatcher for plain CPU tensors in eager mode; it must
+    give the op's results bit for bit, forward and backward (x and bias)."""
+    packed, state = weight(96, 256)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(M, 256, generator=g, dtype=torch.bfloat16)
+    bias = torch.randn(96, generator=g, dtype=torch.bfloat16)
+    gy = torch.randn(M, 96, generator=g, dtype=torch.bfloat16)
+    nested = (state.nested_absmax, state.nested_code, state.offset)
+    outs = []
+    for use_op in (False, True):
+        xg, bg = x.clone().requires_grad_(), bias.clone().requires_grad_()
+        if use_op:
+            y = torch.ops.nf4lora.matmul_4bit(xg, packed.view(-1), state.absmax, 64, "nf4", [96, 256],
+                                              *nested, state.nested_blocksize, bg)
+        else:
+            y = matmul_4bit(xg, packed, state, bg)
+            assert type(y.grad_fn).__name__ == "_EagerCpuBackward"
+        y.backward(gy)
+        outs.append((y.detach(), xg.grad, bg.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_fake_tensors_and_dispatch_modes_take_the_op():
+    """Under a dispatch mode (here FakeTensorMode, as torch.export / make_fx use) matmul_4bit must
+    go through the op and its fake kernel: the eager path would hand fake storage to the kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    packed, state = weight(16, 64)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        x = mode.from_tensor(torch.randn(3, 64))
+        y = matmul_4bit(x, packed, state)
+    assert y.shape == (3, 16)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(3, 64)
+    with Record() as rec:
+        y = matmul_4bit(x, packed, state)
+    assert "nf4lora.matmul_4bit.default" in rec.ops
+    assert torch.equal(y, matmul_4bit(x, packed, state))
+
+
+def test_eager_path_keeps_double_backward_an_error():
+    """create_graph through the frozen 4-bit weight behaves as the op does: the input gradient
+    op has no autograd of its own, so a second derivative is an error, not a silent zero."""
+    packed, state = weight(16, 64)
+    x = torch.randn(2, 64, requires_grad=True)
+    y = matmul_4bit(x, packed, state)
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(gx.sum(), x)

@@ -190,6 +190,44 @@ def _backward(ctx, grad_y):
 torch.library.register_autograd("nf4lora::matmul_4bit", _backward, setup_context=_setup_context)
 
 
+class _EagerCpu(torch.autograd.Function):
+    """matmul_4bit on plain CPU tensors in eager mode: the op's own CPU code (_forward_cpu /
+    _grad_input_cpu, same checks, same kernels, same numbers) under a torch.autograd.Function
+    instead of the custom op's dispatcher, which costs ~30 us a call (half the time of a
+    small-layer forward; `python bench/bench_matmul.py --overhead`). Like the op's autograd, it
+    keeps only references to the frozen weight."""
+
+    @staticmethod
+    def forward(ctx, x, bias, weight):
+        ctx.weight = weight
+        ctx.has_bias = bias is not None
+        return _forward_cpu(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            if torch.is_grad_enabled():  # create_graph: the op, which has no double backward either
+                packed, absmax, blocksize, quant_type, N, K, *nested = ctx.weight
+                grad_x = torch.ops.nf4lora.matmul_4bit_grad_input(grad_y, packed, absmax, blocksize,
+                                                                  quant_type, [N, K], *nested)
+            else:
+                grad_x = _grad_input_cpu(grad_y, ctx.weight)
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        return grad_x, grad_bias, None
+
+
+def _plain_eager_cpu(x: Tensor) -> bool:
+    """True when matmul_4bit may skip the custom op: a plain CPU tensor, run eagerly. Under
+    torch.compile/export, a dispatch mode (fake tensors, FlopCounterMode, ...), functorch
+    transforms or functionalization, and for tensor subclasses, the op is called as registered."""
+    return (x.device.type == "cpu" and (type(x) is Tensor or type(x) is torch.nn.Parameter)
+            and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+            and not torch._is_functional_tensor(x))
+
+
 def matmul_4bit(x: Tensor, packed: Tensor, state: QuantState, bias: Optional[Tensor] = None) -> Tensor:
     """x [..., K] @ W.T (+ bias) for the 4-bit weight (packed, state) of shape [N, K].
 
@@ -207,5 +245,12 @@ def matmul_4bit(x: Tensor, packed: Tensor, state: QuantState, bias: Optional[Ten
             bias = bias.to(dtype)
     flat = _packed_bytes(packed, state)
     nested = (state.nested_absmax, state.nested_code, state.offset) if state.nested else (None, None, None)
+    if _plain_eager_cpu(x) and (bias is None or type(bias) in (Tensor, torch.nn.Parameter)):
+        N, K = _check_matmul(x, flat, state.absmax, state.shape, bias)
+        weight = (flat, state.absmax, state.blocksize, state.quant_type, N, K, *nested,
+                  state.nested_blocksize)
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            return _EagerCpu.apply(x, bias, weight)
+        return _forward_cpu(x, weight, bias)
     return torch.ops.nf4lora.matmul_4bit(x, flat, state.absmax, state.blocksize, state.quant_type,
                                          list(state.shape), *nested, state.nested_blocksize, bias)
