@@ -19,9 +19,12 @@ namespace {
 using namespace detail;
 
 // Rows of W are handed out in units of 8 (the SIMD kernels tile 4 rows), and a thread should
-// get at least ~64 KiB of packed weight before another one is woken.
+// get at least 256 KiB of packed weight before another one is started: parallel_for starts a
+// std::thread per call (~10 us here), about the time the AVX-512 kernel takes for 100 KiB. At
+// 64 KiB, SmolLM2's 576x576 layer (162 KiB) took 30 us on 2 threads against 19 us on one
+// (`./build-dev/bench_gemv --threads 1|2 --shape 576 576`, M = 1).
 constexpr int64_t kRowUnit = 8;
-constexpr int64_t kGrainBytes = int64_t{1} << 16;
+constexpr int64_t kGrainBytes = int64_t{1} << 18;
 
 const GemvKernels& gemv_kernels_for(CpuVariant v) {
   switch (v) {

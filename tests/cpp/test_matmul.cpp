@@ -211,8 +211,9 @@ void test_shapes() {
   // K % 32 == 0 shapes take the SIMD paths; the last ones (K % blocksize != 0, odd K, rows that
   // start mid-byte, blocks spanning rows) take the reference path whatever the variant.
   // {130, 416} and {300, 224}: more than one 64-row summation run, column strips of 128 plus a
-  // partial one (transposed product).
-  const Shape shapes[] = {{1, 32}, {3, 64}, {17, 96}, {64, 128}, {100, 4096}, {33, 4160},
+  // partial one (transposed product). {1024, 1024}: 512 KiB of codes, enough for the dispatcher
+  // to split rows (and column strips) over 2 threads.
+  const Shape shapes[] = {{1, 32}, {3, 64}, {17, 96}, {64, 128}, {100, 4096}, {33, 4160}, {1024, 1024},
                           {130, 416}, {300, 224}, {5, 100}, {7, 33}, {3, 1000}, {9, 4095}};
   const int64_t Ms[] = {1, 2, 3, 8, 17};
   const int64_t blocksizes[] = {32, 64, 128, 4096};
