@@ -161,3 +161,56 @@ def test_lora_while_loading(tiny):
     x = torch.randint(0, 259, (1, 5))
     with torch.no_grad():  # B starts at zero: the adapted model equals the base
         assert torch.equal(model(x).logits, load_model(tiny)[0](x).logits)
+
+
+def _tensors(model):
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+@pytest.mark.parametrize("init,quantize", [("loftq", "nf4"), ("pissa", "nf4"), ("pissa", None)])
+def test_loftq_pissa_while_loading_equal_get_lora_model(tiny, init, quantize):
+    """load_model(lora=) with LoftQ / PiSSA makes each adapter from its dense weight as it is read:
+    the same codes, scales, adapters and logits as get_lora_model on the whole dense model."""
+    cfg = nl.LoraConfig(r=4, lora_alpha=8, init=init, loftq_iter=2, target_modules=["q_proj", "v_proj", "down_proj"])
+    model, _ = load_model(tiny, quantize=quantize, lora=cfg)
+    dense, _ = load_model(tiny, quantize=None)
+    ref = nl.get_lora_model(dense, cfg, quantize=quantize)
+    mine, theirs = _tensors(model), _tensors(ref)
+    assert mine.keys() == theirs.keys()
+    for k in mine:
+        assert mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k]), k
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == \
+        [n for n, p in ref.named_parameters() if p.requires_grad]
+    x = torch.randint(0, 259, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref(x).logits)
+
+
+def test_loftq_while_loading_holds_one_dense_layer(tiny, monkeypatch):
+    """Each target's dense weight is gone before the next one is read."""
+    import gc
+    import weakref
+    from nf4lora.lora_model import LayerwiseInjection
+    alive, seen = [], []
+    original = LayerwiseInjection.wrap
+
+    def wrap(self, name, dense):
+        gc.collect()
+        seen.append(sum(r() is not None for r in alive))
+        alive.append(weakref.ref(dense.weight))
+        return original(self, name, dense)
+
+    monkeypatch.setattr(LayerwiseInjection, "wrap", wrap)
+    load_model(tiny, lora=nl.LoraConfig(r=2, init="loftq"))
+    assert len(seen) == 14 and seen == [0] * 14
+
+
+def test_loftq_while_loading_bad_input(tmp_path, tiny):
+    with pytest.raises(ValueError, match="needs quantize='nf4'"):
+        load_model(tiny, quantize=None, lora=nl.LoraConfig(r=2, init="loftq"))
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed: no 4-bit checkpoint to load")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    AutoModelForCausalLM.from_pretrained(str(tiny), quantization_config=qc).save_pretrained(str(tmp_path / "bnb"))
+    with pytest.raises(ValueError, match="already quantized"):
+        load_model(tmp_path / "bnb", lora=nl.LoraConfig(r=2, init="loftq"))

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .functional import _packed_bytes, quantize_4bit
+from .lora import LoraLinear
 from .nn import Linear4bit
 from .quant_state import QuantState
 
@@ -211,21 +212,44 @@ def _linear_names(model: nn.Module, skip_modules: tuple[str, ...]) -> set[str]:
 
 def _fill(model: nn.Module, tensors: Iterator[tuple[str, Tensor]], quantize: Optional[str],
           double_quant: bool, blocksize: int, compute_dtype: torch.dtype, skip_modules: tuple[str, ...],
-          reader: Optional[SafetensorsFolder] = None) -> None:
+          reader: Optional[SafetensorsFolder] = None, layerwise: Any = None) -> None:
     """Puts each (key, tensor) into the meta model; the weight of a quantized linear is quantized
     at once and its module swapped for a Linear4bit. A weight that comes with bitsandbytes'
-    quant-state keys (looked up in `reader`) is taken as is, without requantization."""
-    linears = _linear_names(model, skip_modules) if quantize else set()
+    quant-state keys (looked up in `reader`) is taken as is, without requantization. With
+    `layerwise` (a lora_model.LayerwiseInjection), a LoRA target's dense weight goes to its
+    wrap() instead, which returns the LoRA layer (LoftQ / PiSSA start from the dense weight)."""
+    targets = layerwise.targets if layerwise is not None else set()
+    linears = (_linear_names(model, skip_modules) if quantize else set()) | targets
     if quantize and not linears:
         raise ValueError("source: the model has no nn.Linear to quantize (unsupported architecture?)")
     biases: dict[str, Tensor] = {}
     for key, t in tensors:
         module_name, _, leaf = key.rpartition(".")
         if module_name in linears and leaf == "bias":
-            if isinstance(model.get_submodule(module_name), Linear4bit):  # its weight came first
-                _set_tensor(model, key, t.to(compute_dtype))
+            module = model.get_submodule(module_name)
+            if isinstance(module, (Linear4bit, LoraLinear)):  # its weight came first
+                base = module.base_layer if isinstance(module, LoraLinear) else module
+                base.bias = nn.Parameter(t.to(compute_dtype), requires_grad=False)
             else:
                 biases[module_name] = t.to(compute_dtype)
+            continue
+        if module_name in targets and leaf == "weight":
+            bias = biases.pop(module_name, None)
+            if bias is None and reader is not None and module_name + ".bias" in reader:
+                bias = reader.get(module_name + ".bias").to(compute_dtype)
+            if not t.is_floating_point() or (reader is not None and any(k.startswith(key + ".") for k in reader.keys())):
+                raise ValueError(f"source: {key} is already quantized; LoRA init={layerwise.init!r} needs "
+                                 "the dense weight (load a bf16/fp32 checkpoint)")
+            parent_name, _, child = module_name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            old = getattr(parent, child)
+            # Cast first, as the plain path does before quantizing (the same codes).
+            dense = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
+            dense.weight = nn.Parameter(t.to(compute_dtype).contiguous(), requires_grad=False)
+            if bias is not None:
+                dense.bias = nn.Parameter(bias, requires_grad=False)
+            del t
+            setattr(parent, child, layerwise.wrap(module_name, dense))
             continue
         if module_name in linears and leaf == "weight":
             bias = biases.pop(module_name, None)
@@ -316,7 +340,10 @@ def load_model(source: Union[str, os.PathLike, None] = None, quantize: Optional[
     requantization), a .gguf file (or a folder holding exactly one), or None for the default
     SmolLM2-135M-Instruct. quantize: "nf4", "fp4", or None to keep the linears dense. Linears
     named in skip_modules (lm_head by default) and embeddings stay dense, in compute_dtype, as do
-    all other tensors. lora: an nf4lora LoraConfig to inject while loading (see get_lora_model)."""
+    all other tensors. lora: an nf4lora LoraConfig to inject while loading (see get_lora_model);
+    with init="loftq" or "pissa" each target's adapters are made from its dense weight as it is
+    read, so no more than one dense layer is alive at a time (the source must be a dense
+    checkpoint or GGUF, not a 4-bit one)."""
     if quantize not in ("nf4", "fp4", None):
         raise ValueError(f"quantize must be 'nf4', 'fp4' or None, got {quantize!r}")
     if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
@@ -324,13 +351,30 @@ def load_model(source: Union[str, os.PathLike, None] = None, quantize: Optional[
     transformers = _hf()
     kind, path = _resolve(source)
     skip = tuple(skip_modules)
+    layerwise = None
+
+    def plan_lora(model: nn.Module) -> None:
+        """LoftQ / PiSSA start from the dense weight: those adapters are made while loading, layer by
+        layer. Other inits are added to the loaded model (nothing dense is needed for them)."""
+        nonlocal layerwise, skip
+        if lora is None or getattr(lora, "init", None) not in ("loftq", "pissa"):
+            return
+        if lora.init == "loftq" and quantize is None:
+            raise ValueError("lora init='loftq' picks the 4-bit base itself: it needs quantize='nf4' or 'fp4'")
+        from .lora_model import LayerwiseInjection
+        layerwise = LayerwiseInjection(model, lora, quantize, compute_dtype=compute_dtype,
+                                       blocksize=blocksize, double_quant=double_quant)
+        skip = skip + tuple(layerwise.keep_dense)
+
     if kind == "gguf":
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
         # Parsing a GGUF's metadata takes seconds (49k-token vocabularies in pure Python): once.
         parsed = load_gguf_checkpoint(str(path), return_tensors=False)
         config = transformers.AutoConfig.for_model(**parsed["config"])
         model = _empty_model(config, compute_dtype)
-        _fill(model, _gguf_tensors(path, parsed, model), quantize, double_quant, blocksize, compute_dtype, skip)
+        plan_lora(model)
+        _fill(model, _gguf_tensors(path, parsed, model), quantize, double_quant, blocksize, compute_dtype, skip,
+              layerwise=layerwise)
         tokenizer = _tokenizer(path.parent, gguf_file=path.name)
     else:
         config = transformers.AutoConfig.from_pretrained(str(path))
@@ -346,12 +390,15 @@ def load_model(source: Union[str, os.PathLike, None] = None, quantize: Optional[
             skip = tuple(qconfig.get("llm_int8_skip_modules") or ()) or skip
             del config.quantization_config
         model = _empty_model(config, compute_dtype)
+        plan_lora(model)
         reader = SafetensorsFolder(path)
         _fill(model, ((k, reader.get(k)) for k in reader.keys()), quantize, double_quant, blocksize,
-              compute_dtype, skip, reader=reader)
+              compute_dtype, skip, reader=reader, layerwise=layerwise)
         tokenizer = _tokenizer(path)
     model.eval()
-    if lora is not None:
+    if layerwise is not None:
+        model = layerwise.finish(model)
+    elif lora is not None:
         from . import get_lora_model  # issue 4's API
         model = get_lora_model(model, lora)
     return model, tokenizer

@@ -248,9 +248,52 @@ def get_lora_model(model: nn.Module, config: LoraConfig, quantize: Optional[str]
         for name, m in list(_walk(model)):
             if isinstance(m, nn.Linear) and name not in keep:
                 _set_module(model, name, quant.linear4bit(m))
+    return _activate(model, config, adapter_name)
+
+
+def _activate(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
     setattr(model, _ADAPTERS, {adapter_name: config})
     set_adapter(model, adapter_name)
     return model
+
+
+class LayerwiseInjection:
+    """get_lora_model for a loader that fills an empty (meta-device) model one tensor at a time,
+    as load_model(lora=...) does: the plan and every check run on the empty model, each target is
+    wrapped by wrap() as soon as its dense weight has arrived (LoftQ and PiSSA start from it, so
+    no more than one dense layer is alive at any time), and finish() makes the adapter active and
+    the only trainable part. Same adapters, same quantized bases as get_lora_model(dense model,
+    config, quantize) (tests/test_loading.py)."""
+
+    def __init__(self, model: nn.Module, config: LoraConfig, quantize: Optional[str],
+                 adapter_name: str = "default", *, compute_dtype: Optional[torch.dtype] = torch.bfloat16,
+                 adapter_dtype: Optional[torch.dtype] = torch.float32, blocksize: int = 64,
+                 double_quant: bool = True) -> None:
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
+        _check_quantize(quantize)
+        targets, self._saves = _plan(model, config, adapter_name)
+        _check_inits(config, targets, quantize)
+        self.targets = {n for n, _ in targets}
+        self.init = config.init
+        self.keep_dense = {n for n, _ in self._saves}  # modules_to_save are trained in full
+        self._config, self._adapter_name, self._adapter_dtype = config, adapter_name, adapter_dtype
+        self._quant = _QuantOptions(quantize, compute_dtype, blocksize, double_quant)
+        self._wrapped: set[str] = set()
+
+    def wrap(self, name: str, dense: nn.Linear) -> nn.Module:
+        """The LoRA layer (over a Linear4bit when quantizing) for target `name`, from its dense layer."""
+        if name not in self.targets or name in self._wrapped:
+            raise ValueError(f"{name} is not a LoRA target still waiting for its weight")
+        self._wrapped.add(name)
+        return _wrap(name, dense, self._config, self._adapter_name, self._quant, self._adapter_dtype)
+
+    def finish(self, model: nn.Module) -> nn.Module:
+        missing = sorted(self.targets - self._wrapped)
+        if missing:
+            raise ValueError(f"{len(missing)} LoRA targets never received their weight, e.g. {missing[:3]}")
+        _inject(model, self._config, self._adapter_name, [], self._saves, self._quant, self._adapter_dtype)
+        return _activate(model, self._config, self._adapter_name)
 
 
 def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig,
