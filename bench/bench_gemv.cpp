@@ -4,7 +4,8 @@
 // (a memcpy of them with the same threads). Each variant is checked against the reference first.
 // --shape N K times one shape instead; a small one (256 4096: 512 KiB of codes, L2-resident)
 // measures the decode throughput of each kernel without the memory bound.
-// Usage: bench_gemv [--threads T] [--iters I] [--shape N K] [--smoke]
+// --plain-absmax: fp32 absmax instead of double quantization (what the nested decode costs).
+// Usage: bench_gemv [--threads T] [--iters I] [--shape N K] [--plain-absmax] [--smoke]
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -34,14 +35,16 @@ int main(int argc, char** argv) {
   int iters = 20;
   bool smoke = false;
   int64_t shape_n = 0, shape_k = 0;
+  bool plain_absmax = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--threads" && i + 1 < argc) threads = std::atoi(argv[++i]);
     else if (a == "--iters" && i + 1 < argc) iters = std::atoi(argv[++i]);
     else if (a == "--smoke") smoke = true;
+    else if (a == "--plain-absmax") plain_absmax = true;
     else if (a == "--shape" && i + 2 < argc) shape_n = std::atoll(argv[++i]), shape_k = std::atoll(argv[++i]);
     else {
-      std::fprintf(stderr, "usage: bench_gemv [--threads T] [--iters I] [--shape N K] [--smoke]\n");
+      std::fprintf(stderr, "usage: bench_gemv [--threads T] [--iters I] [--shape N K] [--plain-absmax] [--smoke]\n");
       return 2;
     }
   }
@@ -49,14 +52,16 @@ int main(int argc, char** argv) {
   std::vector<Shape> shapes = {{4096, 4096}, {11008, 4096}, {4096, 11008}};
   if (shape_n > 0 && shape_k > 0) shapes = {{shape_n, shape_k}};
   if (smoke) shapes = {{256, 512}}, iters = 2;
-  std::printf("bench_gemv: bf16 x, NF4 + double quant (blocksize 64), threads %d, median of %d\n", threads, iters);
+  std::printf("bench_gemv: bf16 x, NF4 + %s (blocksize 64), threads %d, median of %d\n",
+              plain_absmax ? "fp32 absmax" : "double quant", threads, iters);
   std::printf("%-12s %3s %-7s %10s %9s %12s %9s\n", "N x K", "M", "variant", "ms", "GB/s", "memcpy ms", "vs bound");
   std::mt19937 rng(42);
   for (const Shape s : shapes) {
     const int64_t n = s.N * s.K;
     Quantized q;
     quantize_dq(random_bf16(n, 0.02f, rng), n, threads, q);
-    const AbsmaxSource src = q.source();
+    AbsmaxSource src = q.source();
+    if (plain_absmax) src = AbsmaxSource{}, src.absmax = q.absmax.data();
     const double weight_bytes = double(q.packed.size());
     // The bound: read the packed bytes once (and write a copy, which a GEMV does not).
     std::vector<uint8_t> copy(q.packed.size());
