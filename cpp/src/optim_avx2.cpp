@@ -64,15 +64,17 @@ struct Avx2 {
   // An 8-bit map through gathers: the map itself for decoding; for encoding format.h's nearest
   // entry in two gathers (optim_kernels.h's 16-bit bucket table, then one midpoint).
   struct Codec {
+    static constexpr int kGroup = W;
     const float* map;
     const float* mids;
     const uint8_t* lut;
     Codec(const float* map_, const float* mids_, const uint8_t* lut_) : map(map_), mids(mids_), lut(lut_) {}
-    F decode(const uint8_t* q) const {
+    void decode(const uint8_t* q, F* out) const {
       const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
-      return _mm256_i32gather_ps(map, idx, 4);
+      out[0] = _mm256_i32gather_ps(map, idx, 4);
     }
-    void encode(F s, uint8_t* out) const {
+    void encode(const F* x, uint8_t* out) const {
+      const F s = x[0];
       const __m256i h = _mm256_srli_epi32(_mm256_castps_si256(s), 16);
       __m256i c = _mm256_and_si256(_mm256_i32gather_epi32(reinterpret_cast<const int*>(lut), h, 1),
                                    _mm256_set1_epi32(0xFF));

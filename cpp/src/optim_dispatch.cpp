@@ -16,6 +16,10 @@
 #include "optim_kernels.h"
 #include "parallel.h"
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
+
 namespace nf4lora {
 namespace {
 
@@ -23,10 +27,29 @@ using namespace detail;
 
 constexpr int64_t kGrainBlocks = (int64_t{1} << 16) / kOptimBlock;  // ~64K elements per thread
 
+// AVX512-VBMI (CPUID 7.0 ECX bit 1) and GFNI (bit 8); the AVX-512 variant checks the rest.
+bool cpu_has_vbmi_gfni() {
+#if defined(NF4LORA_HAVE_AVX512VBMI) && (defined(__x86_64__) || defined(_M_X64))
+  if (__get_cpuid_max(0, nullptr) < 7) return false;
+  unsigned a, b, c, d;
+  __cpuid_count(7, 0, a, b, c, d);
+  return (c & (1u << 1)) && (c & (1u << 8));
+#else
+  return false;
+#endif
+}
+
+std::atomic<bool> g_vbmi_enabled{true};
+
 const OptimKernels& optim_kernels() {
   switch (active_cpu_variant()) {
 #if defined(NF4LORA_HAVE_AVX512)
-    case CpuVariant::AVX512: return kOptimAvx512Kernels;
+    case CpuVariant::AVX512:
+    case CpuVariant::AVX512_BF16:  // the bf16 variant only changes the fused matmul
+#if defined(NF4LORA_HAVE_AVX512VBMI)
+      if (g_vbmi_enabled.load() && optim_vbmi_supported()) return kOptimAvx512VbmiKernels;
+#endif
+      return kOptimAvx512Kernels;
 #endif
 #if defined(NF4LORA_HAVE_AVX2)
     case CpuVariant::AVX2: return kOptimAvx2Kernels;
@@ -45,6 +68,10 @@ void build_tables(const float* map, float* mids, uint8_t* lut, const char* which
     mids[j] = midpoint_8bit(map, j);
     if (j > 0 && !(mids[j] > mids[j - 1]))
       throw std::logic_error(std::string("8-bit map '") + which + "' is not strictly increasing");
+    // optim_avx512_vbmi.cpp's encoder searches on the top 16 bits of the midpoints.
+    if (j > 0 && (float_bits(mids[j]) >> 16) == (float_bits(mids[j - 1]) >> 16))
+      throw std::logic_error(std::string("8-bit map '") + which +
+                             "': two midpoints share their top 16 bits");
   }
   mids[255] = std::numeric_limits<float>::infinity();
   for (uint32_t h = 0; h < 65536; ++h) {
@@ -74,6 +101,29 @@ int64_t run_blocks(AdamWBlocksFn fn, const AdamWArgs& a, int num_threads) {
 }
 
 }  // namespace
+
+bool optim_vbmi_supported() {
+  static const bool ok = cpu_variant_supported(CpuVariant::AVX512) && cpu_has_vbmi_gfni();
+  return ok;
+}
+
+void set_optim_vbmi(bool enabled) { g_vbmi_enabled.store(enabled); }
+
+void encode_8bit_state_cpu(bool signed_map, const float* scaled, int64_t n, uint8_t* codes) {
+  check_n(n);
+  if (n == 0) return;
+  check_ptr(scaled, "scaled");
+  check_ptr(codes, "codes");
+  optim_kernels().encode_8bit(signed_map, scaled, n, codes);
+}
+
+void decode_8bit_state_cpu(bool signed_map, const uint8_t* codes, int64_t n, float* values) {
+  check_n(n);
+  if (n == 0) return;
+  check_ptr(codes, "codes");
+  check_ptr(values, "values");
+  optim_kernels().decode_8bit(signed_map, codes, n, values);
+}
 
 const Optim8bitTables& detail::optim_8bit_tables() {
   static const std::unique_ptr<Optim8bitTables> t = [] {

@@ -39,9 +39,16 @@ struct AdamWArgs {
 // Updates blocks [block_begin, block_end) of kOptimBlock elements; returns the skipped ones.
 using AdamWBlocksFn = int64_t (*)(const AdamWArgs& a, int64_t block_begin, int64_t block_end);
 
+// The 8-bit state codec alone (tests): n scaled values -> codes of the signed (m) or unsigned (v)
+// map as encode_8bit_mids gives them, and codes -> map values.
+using Encode8bitFn = void (*)(bool signed_map, const float* x, int64_t n, uint8_t* out);
+using Decode8bitFn = void (*)(bool signed_map, const uint8_t* q, int64_t n, float* out);
+
 struct OptimKernels {
   AdamWBlocksFn adamw_32bit;
   AdamWBlocksFn adamw_8bit;
+  Encode8bitFn encode_8bit;
+  Decode8bitFn decode_8bit;
 };
 
 extern const OptimKernels kOptimRefKernels;
@@ -50,6 +57,9 @@ extern const OptimKernels kOptimAvx2Kernels;
 #endif
 #if defined(NF4LORA_HAVE_AVX512)
 extern const OptimKernels kOptimAvx512Kernels;
+#endif
+#if defined(NF4LORA_HAVE_AVX512VBMI)
+extern const OptimKernels kOptimAvx512VbmiKernels;  // AVX-512 + VBMI + GFNI codec
 #endif
 
 // Scalar bodies, also used by the SIMD variants for the elements after their last full vector.

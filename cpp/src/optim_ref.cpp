@@ -78,8 +78,18 @@ int64_t adamw_8bit_blocks_ref(const AdamWArgs& a, int64_t b0, int64_t b1) {
   return skipped;
 }
 
+void encode_8bit_ref(bool signed_map, const float* x, int64_t n, uint8_t* out) {
+  const Optim8bitTables& t = optim_8bit_tables();
+  for (int64_t i = 0; i < n; ++i) out[i] = encode_8bit_mids(signed_map ? t.mids_m : t.mids_v, x[i]);
+}
+
+void decode_8bit_ref(bool signed_map, const uint8_t* q, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = (signed_map ? kDynamicSigned : kDynamicUnsigned)[q[i]];
+}
+
 }  // namespace
 
-const OptimKernels kOptimRefKernels = {adamw_32bit_blocks_ref, adamw_8bit_blocks_ref};
+const OptimKernels kOptimRefKernels = {adamw_32bit_blocks_ref, adamw_8bit_blocks_ref, encode_8bit_ref,
+                                       decode_8bit_ref};
 
 }  // namespace nf4lora::detail

@@ -75,6 +75,19 @@ int64_t adamw_8bit_cpu(void* param, DType dtype, const void* grad, uint8_t* qm, 
                        float* absmax_m, float* absmax_v, int64_t n, const AdamWHyper& h,
                        int num_threads);
 
+// The AVX-512 8-bit kernels have a second codec for CPUs with AVX512-VBMI and GFNI (byte
+// permutes for the 8-bit map lookups); it is used whenever the CPU has them and the AVX-512
+// variant is active. set_optim_vbmi(false) makes the AVX-512 variant use its plain codec (the
+// tests force both); optim_vbmi_supported() says whether this build and CPU can run the VBMI one.
+bool optim_vbmi_supported();
+void set_optim_vbmi(bool enabled);
+
+// The active kernel's 8-bit state codec on its own, one thread (for tests: its encoder must equal
+// encode_8bit_mids on every input, NaN -> 0, and its decoder the map): `signed_map` picks
+// kDynamicSigned (first moment) or kDynamicUnsigned (second moment).
+void encode_8bit_state_cpu(bool signed_map, const float* scaled, int64_t n, uint8_t* codes);
+void decode_8bit_state_cpu(bool signed_map, const uint8_t* codes, int64_t n, float* values);
+
 // ---- CUDA (builds with NF4LORA_WITH_CUDA only; device or managed pointers; `stream` is a
 // cudaStream_t as void*; `skipped` is a device int32 that the kernels add skipped blocks to) ---
 
