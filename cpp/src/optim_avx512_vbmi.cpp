@@ -1,17 +1,17 @@
 // optim_avx512_vbmi.cpp — the AVX-512 fused AdamW kernels of optim_simd.h with an 8-bit codec for
-// CPUs with AVX512-VBMI and GFNI, 64 codes per call (optim_avx512.cpp's codec does 16 codes with
-// float permutes: 15 shuffle-port ops per decode and ~40 per encode of 16 lanes).
+// CPUs with AVX512-VBMI and GFNI, 64 codes per call (optim_avx512.cpp's codec does 16).
 //  - Decode: the 256 map values as 4 byte planes; each plane is one 256-byte table lookup for 64
 //    codes (2 vpermi2b + a blend on bit 7), then the planes are interleaved into floats by
 //    vpunpck{l,h}{bw,wd}. Those work within 128-bit lanes, so the codes are first permuted
-//    (4x4 transpose of 4-byte groups) such that the floats come out in element order.
-//  - Encode: format.h's 8-step binary search, run on 16-bit keys, 32 lanes per op: the top 16 bits
-//    of each value and of each midpoint as order-preserving integers (negative floats get their
-//    magnitude bits flipped). Consecutive midpoints differ in those bits (optim_dispatch.cpp checks
-//    it), so the search finds c with code = c + (x > mids[c]), and that last exact fp32 compare
-//    reads mids[c] with the byte-plane lookup. NaN is mapped to -inf first (code 0, as the
-//    reference). The search index is kept bit-reversed (level k sets bit k: one masked OR; the
-//    level tables are stored in that order) and GFNI reverses it back.
+//    (4x4 transpose of 4-byte groups) such that the floats come out in element order. ~5 ops per
+//    16 codes instead of 8 vpermi2ps + 7 blends.
+//  - Encode: format.h's 8-step binary search over the fp32 midpoints, as optim_avx512.cpp, but the
+//    index is built bit-reversed (step k sets bit k: one masked OR instead of a shift and an OR;
+//    the level tables are stored in that order), the register pair of levels 6 and 7 is picked
+//    by the compare masks of levels 5 and 6 (no bit tests), and GFNI reverses the 64 codes back.
+//    Tried and dropped: the search on 16-bit keys, 32 lanes per op, plus one exact fp32 compare
+//    against a byte-plane lookup of mids[c]: ~1.4x slower than this (vpermw/vpermi2w cost more
+//    than their fp32 counterparts here).
 // Reference: optim_ref.cpp, bit for bit on finite data; tested by tests/cpp/test_optim.cpp.
 #include <cstdint>
 
@@ -25,12 +25,6 @@ namespace {
 // vpunpck{l,h}wd put element i's float in element order (4x4 transpose of 4-byte groups; it is its
 // own inverse).
 constexpr int transposed(int i) { return (i / 16) * 4 + ((i / 4) % 4) * 16 + i % 4; }
-
-// Order-preserving 16-bit key of an fp32 value's top 16 bits (its sign flips the magnitude bits).
-inline int16_t key16(float x) {
-  const uint32_t u = float_bits(x) >> 16;
-  return static_cast<int16_t>(u & 0x8000u ? u ^ 0x7fffu : u);
-}
 
 inline int bit_reverse(int x, int bits) {
   int r = 0;
@@ -69,26 +63,25 @@ struct Avx512Vbmi : Avx512Ops {
 
   struct Codec {
     static constexpr int kGroup = 64;
-    BytePlanes values, mids;
-    __m512i transpose;     // byte permutation: element order <-> transposed order
-    __m512i hi_words;      // word permutation: the top halves of two fp32 vectors
-    __m512i low_bytes;     // byte permutation: the low bytes of two 16-bit vectors
-    __m512i level[7][4];   // search level k >= 1: 2^k keys in bit-reversed order (<= 4 registers)
-    __m512i root;          // level 0: the key of mids[127], broadcast
+    BytePlanes values;
+    __m512i transpose;    // byte permutation: element order <-> transposed order (its own inverse)
+    __m512i dword_bytes;  // byte permutation: byte 0 of each dword of two vectors
+    F root;               // search level 0: mids[127], broadcast
+    F level[7][8];        // level k >= 1: its 2^k midpoints in bit-reversed order, 16 per register
 
-    Codec(const float* map, const float* mids_, const uint8_t*) : values(map), mids(mids_) {
-      alignas(64) uint8_t tr[64], lb[64];
-      alignas(64) uint16_t hw[32];
-      for (int i = 0; i < 64; ++i) tr[i] = static_cast<uint8_t>(transposed(i)), lb[i] = static_cast<uint8_t>(2 * i);
-      for (int i = 0; i < 32; ++i) hw[i] = static_cast<uint16_t>(2 * i + 1);
+    Codec(const float* map, const float* mids, const uint8_t*) : values(map) {
+      alignas(64) uint8_t tr[64], db[64];
+      for (int i = 0; i < 64; ++i) {
+        tr[i] = static_cast<uint8_t>(transposed(i));
+        db[i] = static_cast<uint8_t>(4 * (i % 32));  // i < 16: a's dwords; 16..31: b's (index bit 6)
+      }
       transpose = _mm512_load_si512(tr);
-      low_bytes = _mm512_load_si512(lb);
-      hi_words = _mm512_load_si512(hw);
-      root = _mm512_set1_epi16(key16(mids_[127]));
+      dword_bytes = _mm512_load_si512(db);
+      root = _mm512_set1_ps(mids[127]);
       for (int k = 1; k < 8; ++k) {
-        alignas(64) int16_t t[128] = {};
-        for (int j = 0; j < (1 << k); ++j) t[bit_reverse(j, k)] = key16(mids_[((2 * j + 1) << (7 - k)) - 1]);
-        for (int r = 0; r < 4; ++r) level[k - 1][r] = _mm512_load_si512(t + 32 * r);
+        alignas(64) float t[128] = {};
+        for (int j = 0; j < (1 << k); ++j) t[bit_reverse(j, k)] = mids[((2 * j + 1) << (7 - k)) - 1];
+        for (int r = 0; r < 8; ++r) level[k - 1][r] = _mm512_load_ps(t + 16 * r);
       }
     }
 
@@ -96,43 +89,40 @@ struct Avx512Vbmi : Avx512Ops {
       values.lookup(_mm512_permutexvar_epi8(transpose, _mm512_loadu_si512(q)), out);
     }
 
-    // 32 order-preserving keys -> the search result c (bit-reversed, in the low byte of each word).
-    __m512i search(__m512i w) const {
-      __mmask32 gt = _mm512_cmpgt_epi16_mask(w, root);
-      __m512i idx = _mm512_maskz_mov_epi16(gt, _mm512_set1_epi16(1));
-      for (int k = 1; k <= 5; ++k) {
-        gt = _mm512_cmpgt_epi16_mask(w, _mm512_permutexvar_epi16(idx, level[k - 1][0]));
-        idx = _mm512_mask_add_epi16(idx, gt, idx, _mm512_set1_epi16(static_cast<int16_t>(1 << k)));  // bit k is clear
+    // encode_8bit_mids' 8 steps on 16 lanes; returns the code bit-reversed (bit k = step k's outcome).
+    // Levels 6 and 7 span 4 and 8 registers: vpermi2ps reads index bits 0-4, and bits 5 and 6
+    // are the outcomes of levels 5 and 6, still in mask registers, which pick the register pair.
+    __m512i search(F s) const {
+      __mmask16 gt = _mm512_cmp_ps_mask(s, root, _CMP_GT_OQ);  // NaN compares false: code 0
+      __m512i idx = _mm512_maskz_mov_epi32(gt, _mm512_set1_epi32(1));
+      for (int k = 1; k <= 4; ++k) {
+        gt = _mm512_cmp_ps_mask(s, _mm512_permutexvar_ps(idx, level[k - 1][0]), _CMP_GT_OQ);
+        idx = _mm512_mask_or_epi32(idx, gt, idx, _mm512_set1_epi32(1 << k));
       }
-      gt = _mm512_cmpgt_epi16_mask(w, _mm512_permutex2var_epi16(level[5][0], idx, level[5][1]));
-      idx = _mm512_mask_add_epi16(idx, gt, idx, _mm512_set1_epi16(1 << 6));
-      // Level 7 has 128 keys: vpermi2w reads index bits 0-5; bit 6 is level 6's outcome.
-      const __m512i t7 = _mm512_mask_blend_epi16(gt, _mm512_permutex2var_epi16(level[6][0], idx, level[6][1]),
-                                                 _mm512_permutex2var_epi16(level[6][2], idx, level[6][3]));
-      gt = _mm512_cmpgt_epi16_mask(w, t7);
-      return _mm512_mask_add_epi16(idx, gt, idx, _mm512_set1_epi16(1 << 7));
-    }
-
-    __m512i keys(F a, F b) const {
-      const __m512i w = _mm512_permutex2var_epi16(_mm512_castps_si512(a), hi_words, _mm512_castps_si512(b));
-      // w ^ (sign ? 0x7fff : 0)
-      return _mm512_ternarylogic_epi32(w, _mm512_srai_epi16(w, 15), _mm512_set1_epi16(0x7fff), 0x78);
+      gt = _mm512_cmp_ps_mask(s, _mm512_permutex2var_ps(level[4][0], idx, level[4][1]), _CMP_GT_OQ);
+      idx = _mm512_mask_or_epi32(idx, gt, idx, _mm512_set1_epi32(1 << 5));
+      const __mmask16 g5 = gt;
+      const F m6 = _mm512_mask_blend_ps(g5, _mm512_permutex2var_ps(level[5][0], idx, level[5][1]),
+                                        _mm512_permutex2var_ps(level[5][2], idx, level[5][3]));
+      gt = _mm512_cmp_ps_mask(s, m6, _CMP_GT_OQ);
+      idx = _mm512_mask_or_epi32(idx, gt, idx, _mm512_set1_epi32(1 << 6));
+      const F lo = _mm512_mask_blend_ps(g5, _mm512_permutex2var_ps(level[6][0], idx, level[6][1]),
+                                        _mm512_permutex2var_ps(level[6][2], idx, level[6][3]));
+      const F hi = _mm512_mask_blend_ps(g5, _mm512_permutex2var_ps(level[6][4], idx, level[6][5]),
+                                        _mm512_permutex2var_ps(level[6][6], idx, level[6][7]));
+      gt = _mm512_cmp_ps_mask(s, _mm512_mask_blend_ps(gt, lo, hi), _CMP_GT_OQ);
+      return _mm512_mask_or_epi32(idx, gt, idx, _mm512_set1_epi32(1 << 7));
     }
 
     void encode(const F* x, uint8_t* out) const {
-      const F neg_inf = _mm512_set1_ps(-__builtin_inff());
-      F s[4];
-      for (int r = 0; r < 4; ++r) s[r] = _mm512_max_ps(x[r], neg_inf);  // NaN -> -inf (vmaxps returns its 2nd operand)
-      const __m512i c01 = search(keys(s[0], s[1])), c23 = search(keys(s[2], s[3]));
-      // Bit-reverse each byte (GF(2) affine map with the anti-diagonal matrix).
-      const __m512i c = _mm512_gf2p8affine_epi64_epi8(_mm512_permutex2var_epi8(c01, low_bytes, c23),
-                                                      _mm512_set1_epi64(static_cast<long long>(0x8040201008040201ULL)), 0);
-      F mid[4];
-      mids.lookup(_mm512_permutexvar_epi8(transpose, c), mid);
-      __mmask16 gt[4];
-      for (int r = 0; r < 4; ++r) gt[r] = _mm512_cmp_ps_mask(s[r], mid[r], _CMP_GT_OQ);
-      const __mmask64 up = _mm512_kunpackd(_mm512_kunpackw(gt[3], gt[2]), _mm512_kunpackw(gt[1], gt[0]));
-      _mm512_storeu_si512(out, _mm512_mask_add_epi8(c, up, c, _mm512_set1_epi8(1)));
+      __m512i c[4];
+      for (int r = 0; r < 4; ++r) c[r] = search(x[r]);
+      const __m512i c01 = _mm512_permutex2var_epi8(c[0], dword_bytes, c[1]);  // 32 codes in bytes 0-31
+      const __m512i c23 = _mm512_permutex2var_epi8(c[2], dword_bytes, c[3]);
+      const __m512i all = _mm512_inserti64x4(c01, _mm512_castsi512_si256(c23), 1);
+      // Bit-reverse each byte: GF(2) affine map with the anti-diagonal matrix.
+      _mm512_storeu_si512(out, _mm512_gf2p8affine_epi64_epi8(
+                                   all, _mm512_set1_epi64(static_cast<long long>(0x8040201008040201ULL)), 0));
     }
   };
 };
