@@ -24,6 +24,11 @@ struct Avx2 {
   static F sqrt(F a) { return _mm256_sqrt_ps(a); }
   static F max(F a, F b) { return _mm256_max_ps(a, b); }
   static F abs(F a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  // +1, -1 or 0 (also for NaN), as lion_update's sign
+  static F sign(F a, F one, F minus_one) {
+    return _mm256_or_ps(_mm256_and_ps(_mm256_cmp_ps(a, zero(), _CMP_GT_OQ), one),
+                        _mm256_and_ps(_mm256_cmp_ps(a, zero(), _CMP_LT_OQ), minus_one));
+  }
   static bool all_zero(F a) { return _mm256_movemask_ps(_mm256_cmp_ps(a, zero(), _CMP_EQ_OQ)) == 0xFF; }
   static float hmax(F a) {
     alignas(32) float t[8];

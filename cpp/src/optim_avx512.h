@@ -23,6 +23,11 @@ struct Avx512Ops {
   static F sqrt(F a) { return _mm512_sqrt_ps(a); }
   static F max(F a, F b) { return _mm512_max_ps(a, b); }
   static F abs(F a) { return _mm512_abs_ps(a); }
+  // +1, -1 or 0 (also for NaN), as lion_update's sign
+  static F sign(F a, F one, F minus_one) {
+    const __mmask16 pos = _mm512_cmp_ps_mask(a, zero(), _CMP_GT_OQ), neg = _mm512_cmp_ps_mask(a, zero(), _CMP_LT_OQ);
+    return _mm512_mask_blend_ps(neg, _mm512_maskz_mov_ps(pos, one), minus_one);
+  }
   static bool all_zero(F a) { return _mm512_cmp_ps_mask(a, zero(), _CMP_EQ_OQ) == 0xFFFF; }
   static float hmax(F a) {
     alignas(64) float t[16];

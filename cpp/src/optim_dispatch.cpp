@@ -1,4 +1,4 @@
-// optim_dispatch.cpp — the public CPU entry points of optim.h: hyperparameter and argument checks,
+// optim_dispatch.cpp — the public CPU entry points of optim.h (AdamW and Lion): hyperparameter and argument checks,
 // the 8-bit encoder tables (built once from format.h's maps and verified), the choice of the
 // kernel variant by active_cpu_variant() (the switch quantize.h's kernels use) and the split of
 // the blocks over threads. Tested by tests/cpp/test_optim.cpp and tests/test_optim.py.
@@ -163,6 +163,54 @@ AdamWScalars adamw_scalars(const AdamWHyper& h) {
   return s;
 }
 
+LionScalars lion_scalars(const LionHyper& h) {
+  check_finite_param(h.lr, "lr");
+  check_finite_param(h.beta1, "beta1");
+  check_finite_param(h.beta2, "beta2");
+  check_finite_param(h.weight_decay, "weight_decay");
+  if (h.lr < 0) throw std::invalid_argument("lr must be >= 0, got " + std::to_string(h.lr));
+  if (h.beta1 < 0 || h.beta1 >= 1)
+    throw std::invalid_argument("beta1 must be in [0, 1), got " + std::to_string(h.beta1));
+  if (h.beta2 < 0 || h.beta2 >= 1)
+    throw std::invalid_argument("beta2 must be in [0, 1), got " + std::to_string(h.beta2));
+  if (h.weight_decay < 0)
+    throw std::invalid_argument("weight_decay must be >= 0, got " + std::to_string(h.weight_decay));
+  LionScalars s;
+  s.decay = static_cast<float>(1.0 - h.lr * h.weight_decay);
+  s.lr = static_cast<float>(h.lr);
+  s.beta1 = static_cast<float>(h.beta1);
+  s.one_minus_beta1 = static_cast<float>(1.0 - h.beta1);
+  s.beta2 = static_cast<float>(h.beta2);
+  s.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
+  return s;
+}
+
+int64_t lion_32bit_cpu(void* param, DType dtype, const void* grad, float* m, int64_t n,
+                       const LionHyper& h, int num_threads) {
+  check_n(n);
+  check_dtype(dtype, "dtype");
+  AdamWArgs a{param, dtype, grad, m, nullptr, nullptr, nullptr, nullptr, nullptr, n, {}, nullptr, lion_scalars(h)};
+  if (n == 0) return 0;
+  check_ptr(param, "param");
+  check_ptr(grad, "grad");
+  check_ptr(m, "exp_avg");
+  return run_blocks(optim_kernels().lion_32bit, a, num_threads);
+}
+
+int64_t lion_8bit_cpu(void* param, DType dtype, const void* grad, uint8_t* qm, float* absmax_m,
+                      int64_t n, const LionHyper& h, int num_threads) {
+  check_n(n);
+  check_dtype(dtype, "dtype");
+  AdamWArgs a{param, dtype, grad, nullptr, nullptr, qm, nullptr, absmax_m, nullptr, n, {},
+              &optim_8bit_tables(), lion_scalars(h)};
+  if (n == 0) return 0;
+  check_ptr(param, "param");
+  check_ptr(grad, "grad");
+  check_ptr(qm, "state1");
+  check_ptr(absmax_m, "absmax1");
+  return run_blocks(optim_kernels().lion_8bit, a, num_threads);
+}
+
 int64_t adamw_32bit_cpu(void* param, DType dtype, const void* grad, float* m, float* v, int64_t n,
                         const AdamWHyper& h, int num_threads) {
   check_n(n);
@@ -173,7 +221,7 @@ int64_t adamw_32bit_cpu(void* param, DType dtype, const void* grad, float* m, fl
   check_ptr(grad, "grad");
   check_ptr(m, "exp_avg");
   check_ptr(v, "exp_avg_sq");
-  const AdamWArgs a{param, dtype, grad, m, v, nullptr, nullptr, nullptr, nullptr, n, s, nullptr};
+  const AdamWArgs a{param, dtype, grad, m, v, nullptr, nullptr, nullptr, nullptr, n, s, nullptr, {}};
   return run_blocks(optim_kernels().adamw_32bit, a, num_threads);
 }
 
@@ -191,7 +239,7 @@ int64_t adamw_8bit_cpu(void* param, DType dtype, const void* grad, uint8_t* qm, 
   check_ptr(absmax_m, "absmax1");
   check_ptr(absmax_v, "absmax2");
   const AdamWArgs a{param, dtype, grad, nullptr, nullptr, qm, qv, absmax_m, absmax_v, n, s,
-                    &optim_8bit_tables()};
+                    &optim_8bit_tables(), {}};
   return run_blocks(optim_kernels().adamw_8bit, a, num_threads);
 }
 

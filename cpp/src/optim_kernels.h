@@ -34,6 +34,7 @@ struct AdamWArgs {
   int64_t n;
   AdamWScalars s;
   const Optim8bitTables* tables;
+  LionScalars ls;  // Lion kernels: m / qm + absmax_m hold the single momentum
 };
 
 // Updates blocks [block_begin, block_end) of kOptimBlock elements; returns the skipped ones.
@@ -49,6 +50,8 @@ struct OptimKernels {
   AdamWBlocksFn adamw_8bit;
   Encode8bitFn encode_8bit;
   Decode8bitFn decode_8bit;
+  AdamWBlocksFn lion_32bit;
+  AdamWBlocksFn lion_8bit;
 };
 
 extern const OptimKernels kOptimRefKernels;
@@ -67,6 +70,10 @@ bool grad_finite_ref(const void* grad, DType dtype, int64_t begin, int64_t end);
 void adamw_32bit_range_ref(const AdamWArgs& a, int64_t begin, int64_t end);
 // Dequantizes + updates [begin, end) of block b, writing the new fp32 m, v to mb, vb (indexed from
 // the block start) and folding |m|, v into the running maxima.
+void lion_32bit_range_ref(const AdamWArgs& a, int64_t begin, int64_t end);
+// As adamw_8bit_update_range_ref, for Lion's single momentum.
+void lion_8bit_update_range_ref(const AdamWArgs& a, int64_t b, int64_t begin, int64_t end, float* mb,
+                                float& max_m);
 void adamw_8bit_update_range_ref(const AdamWArgs& a, int64_t b, int64_t begin, int64_t end,
                                  float* mb, float* vb, float& max_m, float& max_v);
 

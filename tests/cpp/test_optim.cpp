@@ -266,6 +266,68 @@ void expect_invalid(const char* what, const char* needle, Fn fn) {
   }
 }
 
+// Lion: every configuration equals the reference bit for bit (fp32 and 8-bit state, all dtypes,
+// awkward sizes, 1 and 2 threads), and the reference follows the formula on fp32 data.
+void run_lion(Problem& p, bool eight_bit, int threads) {
+  LionHyper h;
+  h.lr = 1e-3;
+  h.weight_decay = 0.1;
+  for (const auto& g : p.grads) {
+    if (eight_bit) lion_8bit_cpu(p.param.data(), p.dt, g.data(), p.qm.data(), p.am.data(), p.n, h, threads);
+    else lion_32bit_cpu(p.param.data(), p.dt, g.data(), p.m.data(), p.n, h, threads);
+  }
+}
+
+void test_lion_variants_match_reference() {
+  for (DType dt : kDTypes)
+    for (int64_t n : kSizes)
+      for (bool eight : {false, true}) {
+        Problem ref = make_problem(dt, n, 3, 77u + static_cast<uint32_t>(n));
+        force_cpu_variant(CpuVariant::Ref);
+        run_lion(ref, eight, 1);
+        for (const Config& cfg : configs())
+          for (int threads : {1, 2}) {
+            Problem p = make_problem(dt, n, 3, 77u + static_cast<uint32_t>(n));
+            cfg.apply();
+            run_lion(p, eight, threads);
+            const std::string what = "lion " + cfg.name() + " " + dtype_name(dt) + " n=" + std::to_string(n) +
+                                     (eight ? " 8bit" : " 32bit") + " threads=" + std::to_string(threads);
+            check(same_bytes(p.param.data(), ref.param.data(), p.param.size()), what + ": params");
+            if (eight)
+              check(p.qm == ref.qm && same_bytes(p.am.data(), ref.am.data(), 4 * p.am.size()), what + ": 8-bit state");
+            else
+              check(same_bytes(p.m.data(), ref.m.data(), 4 * n), what + ": fp32 state");
+          }
+      }
+  reset_config();
+
+  // The formula, written out: p <- p (1 - lr wd) - lr sign(b1 m + (1 - b1) g); m <- b2 m + (1 - b2) g.
+  Problem p = make_problem(DType::F32, 1000, 2, 3u);
+  std::vector<float> param(p.n), m(p.n, 0.0f);
+  std::memcpy(param.data(), p.param.data(), 4 * p.n);
+  run_lion(p, false, 2);
+  int64_t bad = 0;
+  for (const auto& gb : p.grads)
+    for (int64_t i = 0; i < p.n; ++i) {
+      float g;
+      std::memcpy(&g, gb.data() + 4 * i, 4);
+      const float c = 0.9f * m[i] + 0.1f * g;
+      param[i] = param[i] * (1.0f - 1e-3f * 0.1f) - 1e-3f * float((c > 0) - (c < 0));
+      m[i] = 0.99f * m[i] + (1.0f - 0.99f) * g;
+    }
+  for (int64_t i = 0; i < p.n; ++i) {
+    float got;
+    std::memcpy(&got, p.param.data() + 4 * i, 4);
+    bad += std::fabs(got - param[i]) > 1e-6f * (1 + std::fabs(param[i])) || std::fabs(p.m[i] - m[i]) > 1e-6f;
+  }
+  check(bad == 0, "lion follows its formula (" + std::to_string(bad) + " elements differ)");
+  LionHyper h;
+  h.beta2 = 1.0;
+  float x = 1, g = 1, mm = 0;
+  expect_invalid("lion beta2=1", "beta2", [&] { lion_32bit_cpu(&x, DType::F32, &g, &mm, 1, h, 1); });
+  check(x == 1 && mm == 0, "a rejected Lion step leaves param and state as they were");
+}
+
 void test_bad_hyperparameters() {
   float p = 1, g = 1, m = 0, v = 0;
   auto step = [&](AdamWHyper h) { adamw_32bit_cpu(&p, DType::F32, &g, &m, &v, 1, h, 1); };
@@ -289,6 +351,7 @@ int main() {
   test_8bit_state_tracks_fp32();
   test_nonfinite_blocks_skipped();
   test_bad_hyperparameters();
+  test_lion_variants_match_reference();
   std::printf("test_optim: %d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }
