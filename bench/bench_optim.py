@@ -1,6 +1,8 @@
 """Optimizer step benchmark, one process, one run: nf4lora's fused AdamW (32-bit and 8-bit state,
 plain and paged) against every torch.optim.AdamW implementation (for-loop, foreach, fused) and,
-when installed, bitsandbytes' AdamW8bit, on fp32 params of 10M/50M/100M elements. Prints time per
+when installed, bitsandbytes' AdamW8bit, on fp32 params of 10M/50M/100M elements; plus nf4lora's
+Lion / Lion8bit (and bitsandbytes' Lion8bit), whose ratio column is against the same torch fused
+AdamW (torch has no fused Lion). Prints time per
 step (median over interleaved rounds, so machine noise hits every variant alike), GB/s of the bytes
 a step must move, the ratio to torch fused, state bytes per parameter, and the bytes-moved limit
 (bytes / this machine's streaming bandwidth, measured in the same process).
@@ -25,6 +27,8 @@ from nf4lora import optim
 # Bytes a step moves per fp32 parameter (reads + writes of param, grad and state).
 BYTES_32 = 4 + 4 + 4 + 8 + 8   # param r/w, grad r, m and v r/w = 28
 BYTES_8 = 4 + 4 + 4 + 2 + 2    # param r/w, grad r, two uint8 codes r/w = 16 (+ 16 B per 256 of absmax)
+BYTES_LION_32 = 4 + 4 + 4 + 8  # param r/w, grad r, m r/w = 20
+BYTES_LION_8 = 4 + 4 + 4 + 2   # param r/w, grad r, one uint8 code r/w = 14
 
 
 def stream_bandwidth_gbs(device: str, n: int = 1 << 26) -> float:
@@ -67,6 +71,12 @@ def make_optimizers(p: torch.Tensor, device: str, page_dir: str, with_bnb: bool)
     if with_bnb:
         import bitsandbytes as bnb
         yield "bitsandbytes AdamW8bit", b8, BYTES_8, lambda: bnb.optim.AdamW8bit([p], **hp)
+    if device == "cpu":  # Lion: CPU kernels only
+        yield "nf4lora Lion 32-bit", 4.0, BYTES_LION_32, lambda: optim.Lion([p], **hp)
+        l8 = optim.state_bytes_per_param(p.numel(), 8, moments=1)
+        yield "nf4lora Lion8bit", l8, BYTES_LION_8, lambda: optim.Lion8bit([p], **hp)
+        if with_bnb:
+            yield "bitsandbytes Lion8bit", l8, BYTES_LION_8, lambda: bnb.optim.Lion8bit([p], **hp)
 
 
 def main() -> None:
