@@ -256,6 +256,10 @@ PYBIND11_MODULE(_C, m) {
     h.lr = lr; h.beta1 = beta1; h.beta2 = beta2; h.weight_decay = weight_decay;
     return h;
   };
+  m.def("optim_vbmi_supported", &optim_vbmi_supported,
+        "Whether the AVX-512 optimizer kernels can use their VBMI+GFNI 8-bit codec here");
+  m.def("set_optim_vbmi", &set_optim_vbmi,
+        "Let (True, the default) or stop (False) the AVX-512 optimizer kernels using the VBMI codec");
   m.def("lion_check", [lion_hyper](double lr, double beta1, double beta2, double weight_decay) {
     lion_scalars(lion_hyper(lr, beta1, beta2, weight_decay));
   }, "Raises ValueError naming the first invalid Lion hyperparameter");
