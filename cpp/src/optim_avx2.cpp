@@ -1,4 +1,4 @@
-// optim_avx2.cpp — AVX2 (+FMA, F16C) fused AdamW: 8 lanes of optim_simd.h's kernels (FMA is
+// optim_avx2.cpp — AVX2 (+FMA, F16C) fused AdamW and Lion: 8 lanes of optim_simd.h's kernels (FMA is
 // allowed by the flags but never used: the update rounds every operation, as the reference).
 // Reference: optim_ref.cpp, bit for bit on finite data (fp16 NaN payloads may differ); tested by
 // tests/cpp/test_optim.cpp.

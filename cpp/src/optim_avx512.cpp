@@ -1,4 +1,4 @@
-// optim_avx512.cpp — AVX-512 (F/BW/VL/DQ) fused AdamW: 16 lanes of optim_simd.h's kernels. The
+// optim_avx512.cpp — AVX-512 (F/BW/VL/DQ) fused AdamW and Lion: 16 lanes of optim_simd.h's kernels. The
 // 8-bit maps live in registers and are read with vpermi2ps/vpermps rather than gathers (slowed by
 // microcode mitigations on many Intel CPUs; the gather version of this file was ~1.4x slower here):
 // decoding is a 256-entry table lookup, encoding format.h's 8-step binary search over the

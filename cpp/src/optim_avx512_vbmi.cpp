@@ -1,5 +1,5 @@
-// optim_avx512_vbmi.cpp — the AVX-512 fused AdamW kernels of optim_simd.h with an 8-bit codec for
-// CPUs with AVX512-VBMI and GFNI, 64 codes per call (optim_avx512.cpp's codec does 16).
+// optim_avx512_vbmi.cpp — the AVX-512 fused AdamW and Lion kernels of optim_simd.h with an 8-bit
+// codec for CPUs with AVX512-VBMI and GFNI, 64 codes per call (optim_avx512.cpp's codec does 16).
 //  - Decode: the 256 map values as 4 byte planes; each plane is one 256-byte table lookup for 64
 //    codes (2 vpermi2b + a blend on bit 7), then the planes are interleaved into floats by
 //    vpunpck{l,h}{bw,wd}. Those work within 128-bit lanes, so the codes are first permuted
@@ -11,7 +11,8 @@
 //    by the compare masks of levels 5 and 6 (no bit tests), and GFNI reverses the 64 codes back.
 //    Tried and dropped: the search on 16-bit keys, 32 lanes per op, plus one exact fp32 compare
 //    against a byte-plane lookup of mids[c]: ~1.4x slower than this (vpermw/vpermi2w cost more
-//    than their fp32 counterparts here).
+//    than their fp32 counterparts here); level 7 as a byte-plane lookup of 64 lanes (no gain);
+//    levels 1-2 compared by subtract + sign bit to move work off the shuffle port (no gain).
 // Reference: optim_ref.cpp, bit for bit on finite data; tested by tests/cpp/test_optim.cpp.
 #include <cstdint>
 

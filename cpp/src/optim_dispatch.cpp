@@ -68,10 +68,6 @@ void build_tables(const float* map, float* mids, uint8_t* lut, const char* which
     mids[j] = midpoint_8bit(map, j);
     if (j > 0 && !(mids[j] > mids[j - 1]))
       throw std::logic_error(std::string("8-bit map '") + which + "' is not strictly increasing");
-    // optim_avx512_vbmi.cpp's encoder searches on the top 16 bits of the midpoints.
-    if (j > 0 && (float_bits(mids[j]) >> 16) == (float_bits(mids[j - 1]) >> 16))
-      throw std::logic_error(std::string("8-bit map '") + which +
-                             "': two midpoints share their top 16 bits");
   }
   mids[255] = std::numeric_limits<float>::infinity();
   for (uint32_t h = 0; h < 65536; ++h) {

@@ -1,7 +1,8 @@
-// optim_kernels.h — the per-ISA table of fused AdamW block kernels (internal). optim_ref.cpp,
-// optim_avx2.cpp and optim_avx512.cpp each fill one OptimKernels; optim_dispatch.cpp picks one with
-// active_cpu_variant() and splits the blocks over threads. Every variant equals the reference
-// bit for bit on finite data (tests/cpp/test_optim.cpp forces each one).
+// optim_kernels.h — the per-ISA table of fused AdamW and Lion block kernels (internal).
+// optim_ref.cpp, optim_avx2.cpp, optim_avx512.cpp and optim_avx512_vbmi.cpp each fill one
+// OptimKernels; optim_dispatch.cpp picks one with active_cpu_variant() (and the VBMI check) and
+// splits the blocks over threads. Every variant equals the reference bit for bit on finite data
+// (tests/cpp/test_optim.cpp forces each one).
 #pragma once
 
 #include <cstdint>
