@@ -251,6 +251,32 @@ PYBIND11_MODULE(_C, m) {
                                 ptr<float>(absmax_v), n,
                                 hyper(lr, beta1, beta2, eps, weight_decay, step), num_threads);
         }, gil());
+  auto lion_hyper = [](double lr, double beta1, double beta2, double weight_decay) {
+    LionHyper h;
+    h.lr = lr; h.beta1 = beta1; h.beta2 = beta2; h.weight_decay = weight_decay;
+    return h;
+  };
+  m.def("optim_vbmi_supported", &optim_vbmi_supported,
+        "Whether the AVX-512 optimizer kernels can use their VBMI+GFNI 8-bit codec here");
+  m.def("set_optim_vbmi", &set_optim_vbmi,
+        "Let (True, the default) or stop (False) the AVX-512 optimizer kernels using the VBMI codec");
+  m.def("lion_check", [lion_hyper](double lr, double beta1, double beta2, double weight_decay) {
+    lion_scalars(lion_hyper(lr, beta1, beta2, weight_decay));
+  }, "Raises ValueError naming the first invalid Lion hyperparameter");
+  m.def("lion_32bit_cpu",
+        [lion_hyper](uintptr_t param, int dt, uintptr_t grad, uintptr_t m1, int64_t n, double lr,
+                     double beta1, double beta2, double weight_decay, int num_threads) {
+          return lion_32bit_cpu(ptr<void>(param), dtype(dt), ptr<const void>(grad), ptr<float>(m1), n,
+                                lion_hyper(lr, beta1, beta2, weight_decay), num_threads);
+        }, gil());
+  m.def("lion_8bit_cpu",
+        [lion_hyper](uintptr_t param, int dt, uintptr_t grad, uintptr_t qm, uintptr_t absmax_m,
+                     int64_t n, double lr, double beta1, double beta2, double weight_decay,
+                     int num_threads) {
+          return lion_8bit_cpu(ptr<void>(param), dtype(dt), ptr<const void>(grad), ptr<uint8_t>(qm),
+                               ptr<float>(absmax_m), n, lion_hyper(lr, beta1, beta2, weight_decay),
+                               num_threads);
+        }, gil());
 #if defined(NF4LORA_WITH_CUDA)
   m.def("adamw_32bit_cuda",
         [hyper](uintptr_t param, int dt, uintptr_t grad, uintptr_t m1, uintptr_t v1, int64_t n,

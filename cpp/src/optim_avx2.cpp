@@ -1,4 +1,4 @@
-// optim_avx2.cpp — AVX2 (+FMA, F16C) fused AdamW: 8 lanes of optim_simd.h's kernels (FMA is
+// optim_avx2.cpp — AVX2 (+FMA, F16C) fused AdamW and Lion: 8 lanes of optim_simd.h's kernels (FMA is
 // allowed by the flags but never used: the update rounds every operation, as the reference).
 // Reference: optim_ref.cpp, bit for bit on finite data (fp16 NaN payloads may differ); tested by
 // tests/cpp/test_optim.cpp.
@@ -24,6 +24,11 @@ struct Avx2 {
   static F sqrt(F a) { return _mm256_sqrt_ps(a); }
   static F max(F a, F b) { return _mm256_max_ps(a, b); }
   static F abs(F a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  // +1, -1 or 0 (also for NaN), as lion_update's sign
+  static F sign(F a, F one, F minus_one) {
+    return _mm256_or_ps(_mm256_and_ps(_mm256_cmp_ps(a, zero(), _CMP_GT_OQ), one),
+                        _mm256_and_ps(_mm256_cmp_ps(a, zero(), _CMP_LT_OQ), minus_one));
+  }
   static bool all_zero(F a) { return _mm256_movemask_ps(_mm256_cmp_ps(a, zero(), _CMP_EQ_OQ)) == 0xFF; }
   static float hmax(F a) {
     alignas(32) float t[8];
@@ -64,15 +69,17 @@ struct Avx2 {
   // An 8-bit map through gathers: the map itself for decoding; for encoding format.h's nearest
   // entry in two gathers (optim_kernels.h's 16-bit bucket table, then one midpoint).
   struct Codec {
+    static constexpr int kGroup = W;
     const float* map;
     const float* mids;
     const uint8_t* lut;
     Codec(const float* map_, const float* mids_, const uint8_t* lut_) : map(map_), mids(mids_), lut(lut_) {}
-    F decode(const uint8_t* q) const {
+    void decode(const uint8_t* q, F* out) const {
       const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
-      return _mm256_i32gather_ps(map, idx, 4);
+      out[0] = _mm256_i32gather_ps(map, idx, 4);
     }
-    void encode(F s, uint8_t* out) const {
+    void encode(const F* x, uint8_t* out) const {
+      const F s = x[0];
       const __m256i h = _mm256_srli_epi32(_mm256_castps_si256(s), 16);
       __m256i c = _mm256_and_si256(_mm256_i32gather_epi32(reinterpret_cast<const int*>(lut), h, 1),
                                    _mm256_set1_epi32(0xFF));

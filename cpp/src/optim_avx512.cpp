@@ -1,63 +1,18 @@
-// optim_avx512.cpp — AVX-512 (F/BW/VL/DQ) fused AdamW: 16 lanes of optim_simd.h's kernels. The
+// optim_avx512.cpp — AVX-512 (F/BW/VL/DQ) fused AdamW and Lion: 16 lanes of optim_simd.h's kernels. The
 // 8-bit maps live in registers and are read with vpermi2ps/vpermps rather than gathers (slowed by
 // microcode mitigations on many Intel CPUs; the gather version of this file was ~1.4x slower here):
 // decoding is a 256-entry table lookup, encoding format.h's 8-step binary search over the
 // midpoints, one tree level at a time. Reference: optim_ref.cpp, bit for bit on finite data (fp16
 // NaN payloads may differ); tested by tests/cpp/test_optim.cpp.
-#include "simd.h"
-
 #include <cstdint>
 
+#include "optim_avx512.h"
 #include "optim_simd.h"
 
 namespace nf4lora::detail {
 namespace {
 
-struct Avx512 {
-  using F = __m512;
-  static constexpr int W = 16;
-  static F zero() { return _mm512_setzero_ps(); }
-  static F set1(float x) { return _mm512_set1_ps(x); }
-  static F add(F a, F b) { return _mm512_add_ps(a, b); }
-  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
-  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
-  static F div(F a, F b) { return _mm512_div_ps(a, b); }
-  static F sqrt(F a) { return _mm512_sqrt_ps(a); }
-  static F max(F a, F b) { return _mm512_max_ps(a, b); }
-  static F abs(F a) { return _mm512_abs_ps(a); }
-  static bool all_zero(F a) { return _mm512_cmp_ps_mask(a, zero(), _CMP_EQ_OQ) == 0xFFFF; }
-  static float hmax(F a) {
-    alignas(64) float t[16];
-    _mm512_store_ps(t, a);
-    float r = t[0];
-    for (int i = 1; i < 16; ++i) r = r < t[i] ? t[i] : r;
-    return r;
-  }
-
-  static F load_f32(const float* p) { return _mm512_loadu_ps(p); }
-  static void store_f32(float* p, F x) { _mm512_storeu_ps(p, x); }
-  static F load_bf16(const uint16_t* p) {
-    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-  }
-  // format.h's float_to_bf16_bits: round to nearest even; NaN keeps its top bits, made quiet.
-  static void store_bf16(uint16_t* p, F x) {
-    const __m512i u = _mm512_castps_si512(x);
-    const __m512i top = _mm512_srli_epi32(u, 16);
-    const __m512i lsb = _mm512_and_si512(top, _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    r = _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(top, _mm512_set1_epi32(0x40)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
-  }
-  static F load_f16(const uint16_t* p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-  static void store_f16(uint16_t* p, F x) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                        _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
-
+struct Avx512 : Avx512Ops {
   // A lookup in a table of 16 * N floats (N a power of two <= 16), unrolled at compile time:
   // vpermps (16 entries) or vpermi2ps (32 entries, index bits 0-4), then blends on the next bits.
   template <int N>
@@ -76,6 +31,7 @@ struct Avx512 {
   // tree of encode_8bit_mids (level k holds mids[(2j + 1) * 2^(7 - k) - 1], j < 2^k), so that
   // each of the 8 steps is one lookup by the index found so far. Same compares, same result.
   struct Codec {
+    static constexpr int kGroup = W;
     static constexpr int kLevelReg[8] = {0, 1, 2, 3, 4, 5, 7, 11};  // first register of level k
     F values[16];
     F tree[19];
@@ -86,8 +42,8 @@ struct Avx512 {
         for (int j = 0; j < (1 << k); ++j) t[16 * kLevelReg[k] + j] = mids[((2 * j + 1) << (7 - k)) - 1];
       for (int r = 0; r < 19; ++r) tree[r] = _mm512_load_ps(t + 16 * r);
     }
-    F decode(const uint8_t* q) const {
-      return lookup<16>(values, _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+    void decode(const uint8_t* q, F* out) const {
+      out[0] = lookup<16>(values, _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
     }
     // Step k of the search: is s above the midpoint that the index found so far points to?
     template <int K>
@@ -97,7 +53,8 @@ struct Avx512 {
       const __m512i twice = _mm512_slli_epi32(idx, 1);
       idx = _mm512_mask_or_epi32(twice, gt, twice, _mm512_set1_epi32(1));
     }
-    void encode(F s, uint8_t* out) const {  // NaN compares false at every step: code 0, as the reference
+    void encode(const F* x, uint8_t* out) const {
+      const F s = x[0];  // NaN compares false at every step: code 0, as the reference
       __m512i idx = _mm512_setzero_si512();
       step<0>(s, idx), step<1>(s, idx), step<2>(s, idx), step<3>(s, idx);
       step<4>(s, idx), step<5>(s, idx), step<6>(s, idx), step<7>(s, idx);

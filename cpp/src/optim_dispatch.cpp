@@ -1,4 +1,4 @@
-// optim_dispatch.cpp — the public CPU entry points of optim.h: hyperparameter and argument checks,
+// optim_dispatch.cpp — the public CPU entry points of optim.h (AdamW and Lion): hyperparameter and argument checks,
 // the 8-bit encoder tables (built once from format.h's maps and verified), the choice of the
 // kernel variant by active_cpu_variant() (the switch quantize.h's kernels use) and the split of
 // the blocks over threads. Tested by tests/cpp/test_optim.cpp and tests/test_optim.py.
@@ -16,6 +16,10 @@
 #include "optim_kernels.h"
 #include "parallel.h"
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
+
 namespace nf4lora {
 namespace {
 
@@ -23,10 +27,29 @@ using namespace detail;
 
 constexpr int64_t kGrainBlocks = (int64_t{1} << 16) / kOptimBlock;  // ~64K elements per thread
 
+// AVX512-VBMI (CPUID 7.0 ECX bit 1) and GFNI (bit 8); the AVX-512 variant checks the rest.
+bool cpu_has_vbmi_gfni() {
+#if defined(NF4LORA_HAVE_AVX512VBMI) && (defined(__x86_64__) || defined(_M_X64))
+  if (__get_cpuid_max(0, nullptr) < 7) return false;
+  unsigned a, b, c, d;
+  __cpuid_count(7, 0, a, b, c, d);
+  return (c & (1u << 1)) && (c & (1u << 8));
+#else
+  return false;
+#endif
+}
+
+std::atomic<bool> g_vbmi_enabled{true};
+
 const OptimKernels& optim_kernels() {
   switch (active_cpu_variant()) {
 #if defined(NF4LORA_HAVE_AVX512)
-    case CpuVariant::AVX512: return kOptimAvx512Kernels;
+    case CpuVariant::AVX512:
+    case CpuVariant::AVX512_BF16:  // the bf16 variant only changes the fused matmul
+#if defined(NF4LORA_HAVE_AVX512VBMI)
+      if (g_vbmi_enabled.load() && optim_vbmi_supported()) return kOptimAvx512VbmiKernels;
+#endif
+      return kOptimAvx512Kernels;
 #endif
 #if defined(NF4LORA_HAVE_AVX2)
     case CpuVariant::AVX2: return kOptimAvx2Kernels;
@@ -75,6 +98,29 @@ int64_t run_blocks(AdamWBlocksFn fn, const AdamWArgs& a, int num_threads) {
 
 }  // namespace
 
+bool optim_vbmi_supported() {
+  static const bool ok = cpu_variant_supported(CpuVariant::AVX512) && cpu_has_vbmi_gfni();
+  return ok;
+}
+
+void set_optim_vbmi(bool enabled) { g_vbmi_enabled.store(enabled); }
+
+void encode_8bit_state_cpu(bool signed_map, const float* scaled, int64_t n, uint8_t* codes) {
+  check_n(n);
+  if (n == 0) return;
+  check_ptr(scaled, "scaled");
+  check_ptr(codes, "codes");
+  optim_kernels().encode_8bit(signed_map, scaled, n, codes);
+}
+
+void decode_8bit_state_cpu(bool signed_map, const uint8_t* codes, int64_t n, float* values) {
+  check_n(n);
+  if (n == 0) return;
+  check_ptr(codes, "codes");
+  check_ptr(values, "values");
+  optim_kernels().decode_8bit(signed_map, codes, n, values);
+}
+
 const Optim8bitTables& detail::optim_8bit_tables() {
   static const std::unique_ptr<Optim8bitTables> t = [] {
     auto p = std::make_unique<Optim8bitTables>();
@@ -113,6 +159,54 @@ AdamWScalars adamw_scalars(const AdamWHyper& h) {
   return s;
 }
 
+LionScalars lion_scalars(const LionHyper& h) {
+  check_finite_param(h.lr, "lr");
+  check_finite_param(h.beta1, "beta1");
+  check_finite_param(h.beta2, "beta2");
+  check_finite_param(h.weight_decay, "weight_decay");
+  if (h.lr < 0) throw std::invalid_argument("lr must be >= 0, got " + std::to_string(h.lr));
+  if (h.beta1 < 0 || h.beta1 >= 1)
+    throw std::invalid_argument("beta1 must be in [0, 1), got " + std::to_string(h.beta1));
+  if (h.beta2 < 0 || h.beta2 >= 1)
+    throw std::invalid_argument("beta2 must be in [0, 1), got " + std::to_string(h.beta2));
+  if (h.weight_decay < 0)
+    throw std::invalid_argument("weight_decay must be >= 0, got " + std::to_string(h.weight_decay));
+  LionScalars s;
+  s.decay = static_cast<float>(1.0 - h.lr * h.weight_decay);
+  s.lr = static_cast<float>(h.lr);
+  s.beta1 = static_cast<float>(h.beta1);
+  s.one_minus_beta1 = static_cast<float>(1.0 - h.beta1);
+  s.beta2 = static_cast<float>(h.beta2);
+  s.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
+  return s;
+}
+
+int64_t lion_32bit_cpu(void* param, DType dtype, const void* grad, float* m, int64_t n,
+                       const LionHyper& h, int num_threads) {
+  check_n(n);
+  check_dtype(dtype, "dtype");
+  AdamWArgs a{param, dtype, grad, m, nullptr, nullptr, nullptr, nullptr, nullptr, n, {}, nullptr, lion_scalars(h)};
+  if (n == 0) return 0;
+  check_ptr(param, "param");
+  check_ptr(grad, "grad");
+  check_ptr(m, "exp_avg");
+  return run_blocks(optim_kernels().lion_32bit, a, num_threads);
+}
+
+int64_t lion_8bit_cpu(void* param, DType dtype, const void* grad, uint8_t* qm, float* absmax_m,
+                      int64_t n, const LionHyper& h, int num_threads) {
+  check_n(n);
+  check_dtype(dtype, "dtype");
+  AdamWArgs a{param, dtype, grad, nullptr, nullptr, qm, nullptr, absmax_m, nullptr, n, {},
+              &optim_8bit_tables(), lion_scalars(h)};
+  if (n == 0) return 0;
+  check_ptr(param, "param");
+  check_ptr(grad, "grad");
+  check_ptr(qm, "state1");
+  check_ptr(absmax_m, "absmax1");
+  return run_blocks(optim_kernels().lion_8bit, a, num_threads);
+}
+
 int64_t adamw_32bit_cpu(void* param, DType dtype, const void* grad, float* m, float* v, int64_t n,
                         const AdamWHyper& h, int num_threads) {
   check_n(n);
@@ -123,7 +217,7 @@ int64_t adamw_32bit_cpu(void* param, DType dtype, const void* grad, float* m, fl
   check_ptr(grad, "grad");
   check_ptr(m, "exp_avg");
   check_ptr(v, "exp_avg_sq");
-  const AdamWArgs a{param, dtype, grad, m, v, nullptr, nullptr, nullptr, nullptr, n, s, nullptr};
+  const AdamWArgs a{param, dtype, grad, m, v, nullptr, nullptr, nullptr, nullptr, n, s, nullptr, {}};
   return run_blocks(optim_kernels().adamw_32bit, a, num_threads);
 }
 
@@ -141,7 +235,7 @@ int64_t adamw_8bit_cpu(void* param, DType dtype, const void* grad, uint8_t* qm, 
   check_ptr(absmax_m, "absmax1");
   check_ptr(absmax_v, "absmax2");
   const AdamWArgs a{param, dtype, grad, nullptr, nullptr, qm, qv, absmax_m, absmax_v, n, s,
-                    &optim_8bit_tables()};
+                    &optim_8bit_tables(), {}};
   return run_blocks(optim_kernels().adamw_8bit, a, num_threads);
 }
 

@@ -1,7 +1,8 @@
-// optim_kernels.h — the per-ISA table of fused AdamW block kernels (internal). optim_ref.cpp,
-// optim_avx2.cpp and optim_avx512.cpp each fill one OptimKernels; optim_dispatch.cpp picks one with
-// active_cpu_variant() and splits the blocks over threads. Every variant equals the reference
-// bit for bit on finite data (tests/cpp/test_optim.cpp forces each one).
+// optim_kernels.h — the per-ISA table of fused AdamW and Lion block kernels (internal).
+// optim_ref.cpp, optim_avx2.cpp, optim_avx512.cpp and optim_avx512_vbmi.cpp each fill one
+// OptimKernels; optim_dispatch.cpp picks one with active_cpu_variant() (and the VBMI check) and
+// splits the blocks over threads. Every variant equals the reference bit for bit on finite data
+// (tests/cpp/test_optim.cpp forces each one).
 #pragma once
 
 #include <cstdint>
@@ -34,14 +35,24 @@ struct AdamWArgs {
   int64_t n;
   AdamWScalars s;
   const Optim8bitTables* tables;
+  LionScalars ls;  // Lion kernels: m / qm + absmax_m hold the single momentum
 };
 
 // Updates blocks [block_begin, block_end) of kOptimBlock elements; returns the skipped ones.
 using AdamWBlocksFn = int64_t (*)(const AdamWArgs& a, int64_t block_begin, int64_t block_end);
 
+// The 8-bit state codec alone (tests): n scaled values -> codes of the signed (m) or unsigned (v)
+// map as encode_8bit_mids gives them, and codes -> map values.
+using Encode8bitFn = void (*)(bool signed_map, const float* x, int64_t n, uint8_t* out);
+using Decode8bitFn = void (*)(bool signed_map, const uint8_t* q, int64_t n, float* out);
+
 struct OptimKernels {
   AdamWBlocksFn adamw_32bit;
   AdamWBlocksFn adamw_8bit;
+  Encode8bitFn encode_8bit;
+  Decode8bitFn decode_8bit;
+  AdamWBlocksFn lion_32bit;
+  AdamWBlocksFn lion_8bit;
 };
 
 extern const OptimKernels kOptimRefKernels;
@@ -51,12 +62,19 @@ extern const OptimKernels kOptimAvx2Kernels;
 #if defined(NF4LORA_HAVE_AVX512)
 extern const OptimKernels kOptimAvx512Kernels;
 #endif
+#if defined(NF4LORA_HAVE_AVX512VBMI)
+extern const OptimKernels kOptimAvx512VbmiKernels;  // AVX-512 + VBMI + GFNI codec
+#endif
 
 // Scalar bodies, also used by the SIMD variants for the elements after their last full vector.
 bool grad_finite_ref(const void* grad, DType dtype, int64_t begin, int64_t end);
 void adamw_32bit_range_ref(const AdamWArgs& a, int64_t begin, int64_t end);
 // Dequantizes + updates [begin, end) of block b, writing the new fp32 m, v to mb, vb (indexed from
 // the block start) and folding |m|, v into the running maxima.
+void lion_32bit_range_ref(const AdamWArgs& a, int64_t begin, int64_t end);
+// As adamw_8bit_update_range_ref, for Lion's single momentum.
+void lion_8bit_update_range_ref(const AdamWArgs& a, int64_t b, int64_t begin, int64_t end, float* mb,
+                                float& max_m);
 void adamw_8bit_update_range_ref(const AdamWArgs& a, int64_t b, int64_t begin, int64_t end,
                                  float* mb, float* vb, float& max_m, float& max_v);
 

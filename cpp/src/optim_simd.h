@@ -1,6 +1,7 @@
-// optim_simd.h — the fused AdamW block kernels written once over a small vector-ISA interface V
+// optim_simd.h — the fused AdamW and Lion block kernels written once over a small vector-ISA interface V
 // (F: a vector of V::W floats; arithmetic, loads/stores per param dtype; V::Codec, built once per
-// call from one 8-bit map, decodes W codes and encodes W scaled values). Included only by optim_avx2.cpp and optim_avx512.cpp, each compiled with its own ISA
+// call from one 8-bit map, decodes kGroup codes into kGroup / W vectors and encodes as many scaled
+// values). Included only by optim_avx2.cpp and optim_avx512.cpp, each compiled with its own ISA
 // flags, which define V. Same operations in the same order as optim_ref.cpp (no FMA), so equal to
 // it bit for bit on finite data; tested by tests/cpp/test_optim.cpp.
 #pragma once
@@ -85,6 +86,7 @@ int64_t adamw_8bit_blocks(const AdamWArgs& a, int64_t b0, int64_t b1) {
   const Optim8bitTables& t = *a.tables;
   const typename V::Codec codec_m(kDynamicSigned, t.mids_m, t.lut_m);
   const typename V::Codec codec_v(kDynamicUnsigned, t.mids_v, t.lut_v);
+  constexpr int G = V::Codec::kGroup;  // codes per decode/encode call, a multiple of V::W
   alignas(64) float mb[kOptimBlock], vb[kOptimBlock];
   int64_t skipped = 0;
   for (int64_t b = b0; b < b1; ++b) {
@@ -97,16 +99,21 @@ int64_t adamw_8bit_blocks(const AdamWArgs& a, int64_t b0, int64_t b1) {
     const typename V::F am = V::set1(a.absmax_m[b]), av = V::set1(a.absmax_v[b]);
     typename V::F max_m = V::zero(), max_v = V::zero();
     int64_t i = begin;
-    for (; i + V::W <= end; i += V::W) {
-      typename V::F p = load_elems<V, D>(a.param, i);
-      typename V::F m = V::mul(codec_m.decode(a.qm + i), am);
-      typename V::F v = V::mul(codec_v.decode(a.qv + i), av);
-      update<V>(p, m, v, load_elems<V, D>(a.grad, i), s);
-      store_elems<V, D>(a.param, i, p);
-      V::store_f32(mb + (i - begin), m);
-      V::store_f32(vb + (i - begin), v);
-      max_m = V::max(max_m, V::abs(m));
-      max_v = V::max(max_v, v);
+    for (; i + G <= end; i += G) {
+      typename V::F dm[G / V::W], dv[G / V::W];
+      codec_m.decode(a.qm + i, dm);
+      codec_v.decode(a.qv + i, dv);
+      for (int r = 0; r < G / V::W; ++r) {
+        const int64_t k = i + r * V::W;
+        typename V::F p = load_elems<V, D>(a.param, k);
+        typename V::F m = V::mul(dm[r], am), v = V::mul(dv[r], av);
+        update<V>(p, m, v, load_elems<V, D>(a.grad, k), s);
+        store_elems<V, D>(a.param, k, p);
+        V::store_f32(mb + (k - begin), m);
+        V::store_f32(vb + (k - begin), v);
+        max_m = V::max(max_m, V::abs(m));
+        max_v = V::max(max_v, v);
+      }
     }
     float mm = V::hmax(max_m), mv = V::hmax(max_v);
     adamw_8bit_update_range_ref(a, b, i, end, mb, vb, mm, mv);
@@ -114,9 +121,14 @@ int64_t adamw_8bit_blocks(const AdamWArgs& a, int64_t b0, int64_t b1) {
     const float sm = block_scale(mm), sv = block_scale(mv);
     const typename V::F vsm = V::set1(sm), vsv = V::set1(sv);
     int64_t j = begin;
-    for (; j + V::W <= end; j += V::W) {
-      codec_m.encode(V::mul(V::load_f32(mb + (j - begin)), vsm), a.qm + j);
-      codec_v.encode(V::mul(V::load_f32(vb + (j - begin)), vsv), a.qv + j);
+    for (; j + G <= end; j += G) {
+      typename V::F xm[G / V::W], xv[G / V::W];
+      for (int r = 0; r < G / V::W; ++r) {
+        xm[r] = V::mul(V::load_f32(mb + (j - begin) + r * V::W), vsm);
+        xv[r] = V::mul(V::load_f32(vb + (j - begin) + r * V::W), vsv);
+      }
+      codec_m.encode(xm, a.qm + j);
+      codec_v.encode(xv, a.qv + j);
     }
     for (; j < end; ++j) {
       a.qm[j] = encode_8bit_mids(t.mids_m, mb[j - begin] * sm);
@@ -124,6 +136,90 @@ int64_t adamw_8bit_blocks(const AdamWArgs& a, int64_t b0, int64_t b1) {
     }
     a.absmax_m[b] = mm;
     a.absmax_v[b] = mv;
+  }
+  return skipped;
+}
+
+template <class V>
+struct LionVec {
+  typename V::F decay, lr, beta1, omb1, beta2, omb2, one, minus_one;
+  explicit LionVec(const LionScalars& s)
+      : decay(V::set1(s.decay)), lr(V::set1(s.lr)), beta1(V::set1(s.beta1)), omb1(V::set1(s.one_minus_beta1)),
+        beta2(V::set1(s.beta2)), omb2(V::set1(s.one_minus_beta2)), one(V::set1(1.0f)), minus_one(V::set1(-1.0f)) {}
+};
+
+// optim.h's lion_update, lane-wise, the same operations in the same order.
+template <class V>
+inline void lion(typename V::F& p, typename V::F& m, typename V::F g, const LionVec<V>& s) {
+  p = V::mul(p, s.decay);
+  const typename V::F c = V::add(V::mul(m, s.beta1), V::mul(s.omb1, g));
+  p = V::sub(p, V::mul(s.lr, V::sign(c, s.one, s.minus_one)));
+  m = V::add(V::mul(m, s.beta2), V::mul(s.omb2, g));
+}
+
+template <class V, DType D>
+int64_t lion_32bit_blocks(const AdamWArgs& a, int64_t b0, int64_t b1) {
+  const LionVec<V> s(a.ls);
+  int64_t skipped = 0;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t begin = b * kOptimBlock, end = std::min(a.n, begin + kOptimBlock);
+    if (!grad_finite<V, D>(a.grad, begin, end)) {
+      ++skipped;
+      continue;
+    }
+    int64_t i = begin;
+    for (; i + V::W <= end; i += V::W) {
+      typename V::F p = load_elems<V, D>(a.param, i), m = V::load_f32(a.m + i);
+      lion<V>(p, m, load_elems<V, D>(a.grad, i), s);
+      store_elems<V, D>(a.param, i, p);
+      V::store_f32(a.m + i, m);
+    }
+    lion_32bit_range_ref(a, i, end);
+  }
+  return skipped;
+}
+
+template <class V, DType D>
+int64_t lion_8bit_blocks(const AdamWArgs& a, int64_t b0, int64_t b1) {
+  const LionVec<V> s(a.ls);
+  const Optim8bitTables& t = *a.tables;
+  const typename V::Codec codec_m(kDynamicSigned, t.mids_m, t.lut_m);
+  constexpr int G = V::Codec::kGroup;
+  alignas(64) float mb[kOptimBlock];
+  int64_t skipped = 0;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t begin = b * kOptimBlock, end = std::min(a.n, begin + kOptimBlock);
+    if (!grad_finite<V, D>(a.grad, begin, end)) {
+      ++skipped;
+      continue;
+    }
+    const typename V::F am = V::set1(a.absmax_m[b]);
+    typename V::F max_m = V::zero();
+    int64_t i = begin;
+    for (; i + G <= end; i += G) {
+      typename V::F dm[G / V::W];
+      codec_m.decode(a.qm + i, dm);
+      for (int r = 0; r < G / V::W; ++r) {
+        const int64_t k = i + r * V::W;
+        typename V::F p = load_elems<V, D>(a.param, k), m = V::mul(dm[r], am);
+        lion<V>(p, m, load_elems<V, D>(a.grad, k), s);
+        store_elems<V, D>(a.param, k, p);
+        V::store_f32(mb + (k - begin), m);
+        max_m = V::max(max_m, V::abs(m));
+      }
+    }
+    float mm = V::hmax(max_m);
+    lion_8bit_update_range_ref(a, b, i, end, mb, mm);
+    const float sm = block_scale(mm);
+    const typename V::F vsm = V::set1(sm);
+    int64_t j = begin;
+    for (; j + G <= end; j += G) {
+      typename V::F xm[G / V::W];
+      for (int r = 0; r < G / V::W; ++r) xm[r] = V::mul(V::load_f32(mb + (j - begin) + r * V::W), vsm);
+      codec_m.encode(xm, a.qm + j);
+    }
+    for (; j < end; ++j) a.qm[j] = encode_8bit_mids(t.mids_m, mb[j - begin] * sm);
+    a.absmax_m[b] = mm;
   }
   return skipped;
 }
@@ -144,9 +240,48 @@ template <class V, DType D> struct Adamw8 {
   static int64_t run(const AdamWArgs& a, int64_t b0, int64_t b1) { return adamw_8bit_blocks<V, D>(a, b0, b1); }
 };
 
+template <class V, DType D> struct Lion32 {
+  static int64_t run(const AdamWArgs& a, int64_t b0, int64_t b1) { return lion_32bit_blocks<V, D>(a, b0, b1); }
+};
+template <class V, DType D> struct Lion8 {
+  static int64_t run(const AdamWArgs& a, int64_t b0, int64_t b1) { return lion_8bit_blocks<V, D>(a, b0, b1); }
+};
+
+template <class V>
+void encode_8bit(bool signed_map, const float* x, int64_t n, uint8_t* out) {
+  const Optim8bitTables& t = optim_8bit_tables();
+  const float* mids = signed_map ? t.mids_m : t.mids_v;
+  const typename V::Codec codec(signed_map ? kDynamicSigned : kDynamicUnsigned, mids,
+                                signed_map ? t.lut_m : t.lut_v);
+  constexpr int G = V::Codec::kGroup;
+  int64_t i = 0;
+  for (; i + G <= n; i += G) {
+    typename V::F s[G / V::W];
+    for (int r = 0; r < G / V::W; ++r) s[r] = V::load_f32(x + i + r * V::W);
+    codec.encode(s, out + i);
+  }
+  for (; i < n; ++i) out[i] = encode_8bit_mids(mids, x[i]);
+}
+
+template <class V>
+void decode_8bit(bool signed_map, const uint8_t* q, int64_t n, float* out) {
+  const Optim8bitTables& t = optim_8bit_tables();
+  const float* map = signed_map ? kDynamicSigned : kDynamicUnsigned;
+  const typename V::Codec codec(map, signed_map ? t.mids_m : t.mids_v, signed_map ? t.lut_m : t.lut_v);
+  constexpr int G = V::Codec::kGroup;
+  int64_t i = 0;
+  for (; i + G <= n; i += G) {
+    typename V::F d[G / V::W];
+    codec.decode(q + i, d);
+    for (int r = 0; r < G / V::W; ++r) V::store_f32(out + i + r * V::W, d[r]);
+  }
+  for (; i < n; ++i) out[i] = map[q[i]];
+}
+
 template <class V>
 constexpr OptimKernels make_kernels() {
-  return {by_dtype<V, Adamw32>, by_dtype<V, Adamw8>};
+  return {by_dtype<V, Adamw32>, by_dtype<V, Adamw8>, encode_8bit<V>, decode_8bit<V>,
+          by_dtype<V, Lion32>, by_dtype<V, Lion8>};
 }
 
 }  // namespace simd_optim

@@ -1,7 +1,8 @@
-"""Paged AdamW optimizers with fp32 or 8-bit blockwise state on one fused native update kernel
-(``nf4lora._C.adamw_{32,8}bit_{cpu,cuda}``; nf4lora/optim.h holds the math, cuda/optim.cu the GPU).
-Reference: torch.optim.AdamW (the update) and bitsandbytes' AdamW8bit / PagedAdamW (the 8-bit
-state layout and what is paged). Tested by tests/test_optim.py against both.
+"""Paged AdamW and Lion optimizers with fp32 or 8-bit blockwise state on fused native update kernels
+(``nf4lora._C.adamw_{32,8}bit_{cpu,cuda}``, ``lion_{32,8}bit_cpu``; nf4lora/optim.h holds the math,
+cuda/optim.cu the GPU AdamW). Reference: torch.optim.AdamW and lion-pytorch's Lion (the updates)
+and bitsandbytes' AdamW8bit / Lion8bit / PagedAdamW (the 8-bit state layout and what is paged).
+Tested by tests/test_optim.py against them.
 
 Steps call ``_C`` directly rather than through torch.library custom ops: an optimizer step mutates
 its state in place and is not meant to be traced, so ``torch.compile`` graph-breaks around it.
@@ -39,7 +40,8 @@ from torch import Tensor
 
 from ._native import FLOAT_DTYPES, _C, dtype_code, num_threads
 
-__all__ = ["AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit"]
+__all__ = ["AdamW", "AdamW8bit", "Lion", "Lion8bit", "PagedAdamW", "PagedAdamW8bit", "PagedLion",
+           "PagedLion8bit"]
 
 BLOCK = int(_C.OPTIM_BLOCK)
 MIN_8BIT_SIZE = int(_C.MIN_8BIT_ELEMENTS)
@@ -103,6 +105,12 @@ class AdamW(torch.optim.Optimizer):
                  paged: bool = False, page_dir: Optional[str] = None,
                  min_8bit_size: int = MIN_8BIT_SIZE):
         _check_hyper(lr, betas, eps, weight_decay)
+        defaults = dict(lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
+                        weight_decay=float(weight_decay))
+        self._setup(params, defaults, optim_bits, paged, page_dir, min_8bit_size)
+
+    def _setup(self, params: Iterable[Any], defaults: Dict[str, Any], optim_bits: int, paged: bool,
+               page_dir: Optional[str], min_8bit_size: int) -> None:
         if optim_bits not in (8, 32) or isinstance(optim_bits, bool):
             raise ValueError(f"optim_bits must be 32 or 8, got {optim_bits!r}")
         if not isinstance(paged, bool):
@@ -111,9 +119,7 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError("page_dir is only used with paged=True")
         if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 1:
             raise ValueError(f"min_8bit_size must be a positive int, got {min_8bit_size!r}")
-        defaults = dict(lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
-                        weight_decay=float(weight_decay))
-        super().__init__(params, defaults)
+        torch.optim.Optimizer.__init__(self, params, defaults)
         self.optim_bits = optim_bits
         self.paged = paged
         self.min_8bit_size = min_8bit_size
@@ -217,11 +223,10 @@ class AdamW(torch.optim.Optimizer):
             state[key] = self._buffer(numel, dtype, p)
         state["step"] = 0
 
-    @staticmethod
-    def _check_param(p: Tensor, where: str) -> None:
+    def _check_param(self, p: Tensor, where: str) -> None:
         g = p.grad
         if g.is_sparse:
-            raise RuntimeError(f"{where}: AdamW does not support sparse gradients "
+            raise RuntimeError(f"{where}: {type(self).__name__} does not support sparse gradients "
                                "(use torch.optim.SparseAdam)")
         if p.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{where}: params must be float32, float16 or bfloat16, got {p.dtype}")
@@ -242,6 +247,15 @@ class AdamW(torch.optim.Optimizer):
 
     # ---- step ---------------------------------------------------------------------------------
 
+    def _check_group(self, group: Dict[str, Any]) -> None:
+        _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+
+    def _hyper(self, group: Dict[str, Any], state: Dict[str, Any]) -> Tuple:
+        """The kernel's hyperparameter arguments for one param of `group`."""
+        beta1, beta2 = group["betas"]
+        return (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
+                float(group["weight_decay"]), int(state["step"]))
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         loss = None
@@ -252,7 +266,7 @@ class AdamW(torch.optim.Optimizer):
         # bad input or a full page_dir raises with all parameters left as they were.
         work = []
         for gi, group in enumerate(self.param_groups):
-            _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            self._check_group(group)
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
@@ -269,9 +283,7 @@ class AdamW(torch.optim.Optimizer):
             state = self.state[p]
             state["step"] += 1
             grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
-            beta1, beta2 = group["betas"]
-            hyper = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
-                     float(group["weight_decay"]), int(state["step"]))
+            hyper = self._hyper(group, state)
             if p.device.type == "cpu":
                 skipped += self._step_cpu(p, grad, state, hyper)
             else:
@@ -331,7 +343,7 @@ class AdamW(torch.optim.Optimizer):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"group {gi} of state_dict has {len(saved['params'])} params, this "
                                  f"optimizer's has {len(group['params'])}")
-            _check_hyper(saved["lr"], saved["betas"], saved["eps"], saved["weight_decay"])
+            self._check_group(saved)
             id_to_param.update(zip(saved["params"], group["params"]))
         loaded: Dict[Tensor, Dict[str, Any]] = {}
         for pid, saved_state in state_dict["state"].items():
@@ -402,8 +414,89 @@ class PagedAdamW8bit(AdamW):
         super().__init__(params, *args, optim_bits=optim_bits, paged=paged, **kwargs)
 
 
-def state_bytes_per_param(n: int, optim_bits: int) -> float:
-    """Bytes of AdamW state per parameter for an n-element tensor (8-bit: codes + block absmax)."""
+def _check_lion_hyper(lr: Any, betas: Any, weight_decay: Any) -> None:
+    for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas):
+        raise TypeError(f"betas must be floats, got {betas!r}")
+    _C.lion_check(float(lr), float(betas[0]), float(betas[1]), float(weight_decay))
+
+
+class Lion(AdamW):
+    """Lion (Chen et al. 2023): ``c = beta1 m + (1 - beta1) g``, ``p <- p (1 - lr wd) - lr sign(c)``,
+    ``m <- beta2 m + (1 - beta2) g``, with a fused native CPU step, as bitsandbytes' Lion / Lion8bit.
+
+    ``optim_bits=32`` keeps the momentum in fp32 (4 bytes/param, ``state["exp_avg"]``); ``8`` in
+    bitsandbytes' 8-bit blockwise format with the signed dynamic map (``state1``, ``absmax1``: 1.02
+    bytes/param; tensors under ``min_8bit_size`` keep fp32). ``paged=True`` pages large buffers to
+    files in ``page_dir`` as AdamW does. Non-finite gradient blocks are skipped as in AdamW. CPU
+    only for now: a CUDA param raises before any update.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: Tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, *, optim_bits: int = 32, paged: bool = False,
+                 page_dir: Optional[str] = None, min_8bit_size: int = MIN_8BIT_SIZE):
+        _check_lion_hyper(lr, betas, weight_decay)
+        defaults = dict(lr=float(lr), betas=(float(betas[0]), float(betas[1])),
+                        weight_decay=float(weight_decay))
+        self._setup(params, defaults, optim_bits, paged, page_dir, min_8bit_size)
+
+    def _check_group(self, group: Dict[str, Any]) -> None:
+        _check_lion_hyper(group["lr"], group["betas"], group["weight_decay"])
+
+    def _hyper(self, group: Dict[str, Any], state: Dict[str, Any]) -> Tuple:
+        beta1, beta2 = group["betas"]
+        return float(group["lr"]), float(beta1), float(beta2), float(group["weight_decay"])
+
+    def _check_param(self, p: Tensor, where: str) -> None:
+        super()._check_param(p, where)
+        if p.device.type != "cpu":
+            raise NotImplementedError(f"{where}: {type(self).__name__} has CPU kernels only, the param "
+                                      f"is on {p.device}")
+
+    def _expected_shapes(self, p: Tensor) -> Dict[str, Tuple[int, torch.dtype]]:
+        n = p.numel()
+        if self._uses_8bit(p):
+            return {"state1": (n, torch.uint8), "absmax1": ((n + BLOCK - 1) // BLOCK, torch.float32)}
+        return {"exp_avg": (n, torch.float32)}
+
+    def _step_cpu(self, p: Tensor, grad: Tensor, state: Dict[str, Any], hyper: Tuple) -> int:
+        n, dt = p.numel(), dtype_code(p.dtype)
+        if "state1" in state:
+            return _C.lion_8bit_cpu(p.data_ptr(), dt, grad.data_ptr(), state["state1"].data_ptr(),
+                                    state["absmax1"].data_ptr(), n, *hyper, num_threads())
+        return _C.lion_32bit_cpu(p.data_ptr(), dt, grad.data_ptr(), state["exp_avg"].data_ptr(), n,
+                                 *hyper, num_threads())
+
+
+class PagedLion(Lion):
+    """Lion with paged state (``paged=True``); ``optim_bits=32`` or ``8``. Takes Lion's arguments."""
+
+    def __init__(self, params: Iterable[Any], *args: Any, paged: bool = True, **kwargs: Any):
+        super().__init__(params, *args, paged=paged, **kwargs)
+
+
+class Lion8bit(Lion):
+    """Lion with bitsandbytes-format 8-bit blockwise momentum (``optim_bits=8``)."""
+
+    def __init__(self, params: Iterable[Any], *args: Any, optim_bits: int = 8, **kwargs: Any):
+        super().__init__(params, *args, optim_bits=optim_bits, **kwargs)
+
+
+class PagedLion8bit(Lion):
+    """Lion with paged 8-bit blockwise momentum (``optim_bits=8, paged=True``)."""
+
+    def __init__(self, params: Iterable[Any], *args: Any, optim_bits: int = 8, paged: bool = True,
+                 **kwargs: Any):
+        super().__init__(params, *args, optim_bits=optim_bits, paged=paged, **kwargs)
+
+
+def state_bytes_per_param(n: int, optim_bits: int, moments: int = 2) -> float:
+    """Bytes of optimizer state per parameter for an n-element tensor (8-bit: codes + block
+    absmax); ``moments`` = 2 for AdamW, 1 for Lion."""
     if optim_bits == 8 and n >= MIN_8BIT_SIZE:
-        return (2 * n + 2 * 4 * math.ceil(n / BLOCK)) / n
-    return 8.0
+        return moments * (n + 4 * math.ceil(n / BLOCK)) / n
+    return 4.0 * moments

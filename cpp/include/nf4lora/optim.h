@@ -56,6 +56,31 @@ NF4LORA_HD void adamw_update(float& p, float& m, float& v, float g, const AdamWS
 
 constexpr int64_t optim_num_blocks(int64_t n) { return (n + kOptimBlock - 1) / kOptimBlock; }
 
+// Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), as bitsandbytes' Lion /
+// Lion8bit and lion-pytorch: one momentum, a sign update, decoupled weight decay.
+struct LionHyper {
+  double lr = 1e-4, beta1 = 0.9, beta2 = 0.99, weight_decay = 0.0;
+};
+struct LionScalars {
+  float decay;  // 1 - lr * weight_decay
+  float lr;
+  float beta1, one_minus_beta1, beta2, one_minus_beta2;
+};
+// Throws std::invalid_argument naming the hyperparameter: lr < 0, betas outside [0, 1),
+// weight_decay < 0, or any of them not finite.
+LionScalars lion_scalars(const LionHyper& h);
+
+// The Lion element update, every operation rounded to fp32 (no FMA, as adamw_update):
+// c = beta1 * m + (1 - beta1) * g; p = p * decay - lr * sign(c) (sign(0) = 0);
+// m = beta2 * m + (1 - beta2) * g.
+NF4LORA_HD void lion_update(float& p, float& m, float g, const LionScalars& s) {
+  p = p * s.decay;
+  const float c = m * s.beta1 + s.one_minus_beta1 * g;
+  const float sgn = c > 0.0f ? 1.0f : (c < 0.0f ? -1.0f : 0.0f);
+  p = p - s.lr * sgn;
+  m = m * s.beta2 + s.one_minus_beta2 * g;
+}
+
 // ---- CPU (threads: at most num_threads; the caller passes torch.get_num_threads()) -----------
 //
 // param and grad have dtype `dtype` (fp32, fp16 or bf16; the update runs in fp32 and the param is
@@ -74,6 +99,27 @@ int64_t adamw_32bit_cpu(void* param, DType dtype, const void* grad, float* m, fl
 int64_t adamw_8bit_cpu(void* param, DType dtype, const void* grad, uint8_t* qm, uint8_t* qv,
                        float* absmax_m, float* absmax_v, int64_t n, const AdamWHyper& h,
                        int num_threads);
+
+// The AVX-512 8-bit kernels have a second codec for CPUs with AVX512-VBMI and GFNI (byte
+// permutes for the 8-bit map lookups); it is used whenever the CPU has them and the AVX-512
+// variant is active. set_optim_vbmi(false) makes the AVX-512 variant use its plain codec (the
+// tests force both); optim_vbmi_supported() says whether this build and CPU can run the VBMI one.
+bool optim_vbmi_supported();
+void set_optim_vbmi(bool enabled);
+
+// The active kernel's 8-bit state codec on its own, one thread (for tests: its encoder must equal
+// encode_8bit_mids on every input, NaN -> 0, and its decoder the map): `signed_map` picks
+// kDynamicSigned (first moment) or kDynamicUnsigned (second moment).
+void encode_8bit_state_cpu(bool signed_map, const float* scaled, int64_t n, uint8_t* codes);
+void decode_8bit_state_cpu(bool signed_map, const uint8_t* codes, int64_t n, float* values);
+
+// Lion with fp32 state (m: n floats) or 8-bit blockwise state (qm: n codes of kDynamicSigned,
+// absmax_m: optim_num_blocks(n) floats), same rules as the AdamW entry points above (blocks with
+// non-finite gradients skipped and counted). CPU only.
+int64_t lion_32bit_cpu(void* param, DType dtype, const void* grad, float* m, int64_t n,
+                       const LionHyper& h, int num_threads);
+int64_t lion_8bit_cpu(void* param, DType dtype, const void* grad, uint8_t* qm, float* absmax_m,
+                      int64_t n, const LionHyper& h, int num_threads);
 
 // ---- CUDA (builds with NF4LORA_WITH_CUDA only; device or managed pointers; `stream` is a
 // cudaStream_t as void*; `skipped` is a device int32 that the kernels add skipped blocks to) ---
