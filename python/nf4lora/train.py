@@ -402,10 +402,24 @@ def finetune(opts: TrainOptions, model: Optional[nn.Module] = None, tokenizer: A
     order = D.BatchOrder(len(train_items), opts.batch_size, opts.seed)
     total = opts.steps or max(1, math.ceil(opts.epochs * order.steps_per_epoch))
 
-    # bf16 attention in fp32 on CPUs without AMX (same values, ~2x faster there; sdpa elsewhere)
+    # bf16 attention in fp32 on CPUs without AMX (same values, ~2x faster there; sdpa elsewhere),
+    # for this run only: the model goes back to its own attention afterwards
     from .attention import use_fp32_cpu_attention
-    use_fp32_cpu_attention(model)
+    attn_before = getattr(model.config, "_attn_implementation", None)
+    switched = use_fp32_cpu_attention(model)
+    try:
+        return _train(opts, model, tokenizer, on_step, say, rank, world, main, out, t_start, t_loaded,
+                      resume_path, train_items, eval_items, pad_id, order, total)
+    finally:
+        if switched:
+            model.set_attn_implementation(attn_before)
 
+
+def _train(opts: TrainOptions, model: nn.Module, tokenizer: Any, on_step: Optional[Callable[[int], None]],
+           say: Callable[..., None], rank: int, world: int, main: bool, out: Path, t_start: float,
+           t_loaded: float, resume_path: Optional[Path], train_items: list, eval_items: list,
+           pad_id: int, order: D.BatchOrder, total: int) -> dict[str, Any]:
+    """The rest of finetune (see there): adapters, optimizer, the loop, evaluation, outputs."""
     # -- adapters, optimizer, schedule (seeded identically on every rank: same adapter init)
     _seed_all(opts.seed)
     model = _add_lora(model, opts)
