@@ -76,7 +76,9 @@ def run_one(way: str, steps: int, batch: int, seq_len: int, lr: float, r: int, d
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
     tokens, t0, c0 = 0, time.perf_counter(), time.process_time()
+    step_rates = []
     for _ in range(steps):
+        ts = time.perf_counter()
         batch_items = [items[j] for j in order.next()]
         b = D.collate(batch_items, pad)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -87,9 +89,13 @@ def run_one(way: str, steps: int, batch: int, seq_len: int, lr: float, r: int, d
         sched.step()
         opt.zero_grad(set_to_none=True)
         tokens += int(b["attention_mask"].sum())
+        step_rates.append(int(b["attention_mask"].sum()) / (time.perf_counter() - ts))
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     after = evaluate(loss_mod, held_items, pad, batch, True)["loss"] if do_eval else nan
-    return {"way": way, "tokens_per_s": tokens / dt, "cpu_s_per_step": cpu / steps, "loss_before": before, "loss_after": after,
+    # steady state: the median step after the first (one-time allocations, library start-up)
+    steady = statistics.median(step_rates[1:]) if steps > 1 else step_rates[0]
+    return {"way": way, "tokens_per_s": tokens / dt, "steady_tokens_per_s": steady, "cpu_s_per_step": cpu / steps,
+            "loss_before": before, "loss_after": after,
             "improvement": before - after, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
@@ -126,19 +132,22 @@ def main() -> None:
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
             runs[way].append(r)
-            print(f"{way:10} {r['tokens_per_s']:8.1f} tok/s  {r['cpu_s_per_step']:6.2f} CPU s/step  held-out loss "
+            print(f"{way:10} {r['tokens_per_s']:8.1f} tok/s ({r['steady_tokens_per_s']:.1f} median step after the first)  "
+                  f"{r['cpu_s_per_step']:6.2f} CPU s/step  held-out loss "
                   f"{r['loss_before']:.4f} -> {r['loss_after']:.4f} (-{r['improvement']:.4f})  "
                   f"peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
     med = {w: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "way"} for w, rs in runs.items() if rs}
     if a.rounds > 1:
         for w, m in med.items():
-            print(f"median {w:10} {m['tokens_per_s']:8.1f} tok/s  {m['cpu_s_per_step']:6.2f} CPU s/step  "
+            print(f"median {w:10} {m['tokens_per_s']:8.1f} tok/s ({m['steady_tokens_per_s']:.1f} steady)  "
+                  f"{m['cpu_s_per_step']:6.2f} CPU s/step  "
                   f"peak RSS {m['peak_rss_gib']:.2f} GiB  ({len(runs[w])} runs)")
     if "nf4lora" in med and "peft_bf16" in med and a.eval:
         print(f"improvement vs bf16 LoRA (PEFT): {med['nf4lora']['improvement'] / med['peft_bf16']['improvement']:.1%}")
     if "nf4lora" in med and "peft_bnb4" in med:
         n, b = med["nf4lora"], med["peft_bnb4"]
-        print(f"tokens/s vs PEFT + bitsandbytes 4-bit: {n['tokens_per_s'] / b['tokens_per_s']:.2f}x wall clock, "
+        print(f"tokens/s vs PEFT + bitsandbytes 4-bit: {n['tokens_per_s'] / b['tokens_per_s']:.2f}x wall clock "
+              f"({n['steady_tokens_per_s'] / b['steady_tokens_per_s']:.2f}x steady), "
               f"{b['cpu_s_per_step'] / n['cpu_s_per_step']:.2f}x by CPU time; peak RSS ratio "
               f"{n['peak_rss_gib'] / b['peak_rss_gib']:.2f}")
 

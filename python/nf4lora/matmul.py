@@ -37,11 +37,13 @@ _SCRATCH = threading.local()  # per thread: concurrent forwards must not share a
 GEMV_MAX_M = 8
 GRAD_INPUT_MAX_M = 8
 # Above them, one design only: dequantize all of W into the scratch buffer + one dense GEMM
-# (oneDNN, AMX on this machine). Dequantizing L2-sized row panels of W and feeding each to the
-# dense GEMM as it is produced measured 5-11x SLOWER at M = 16 / 64 / 512 on all three shapes
+# (oneDNN for bf16; MKL fp32 where the CPU has no AMX, as on this VM: lscpu lists no amx flags and
+# torch.cpu._is_amx_tile_supported() is False, contrary to what an earlier note here said).
+# Dequantizing L2-sized row panels of W and feeding each to the dense GEMM as it is produced
+# measured 5-11x SLOWER at M = 16 / 64 / 512 on all three shapes
 # (`python bench/bench_large_m.py --rounds 2 --iters 3`, its final form; 1.7-38x for the other
 # forms tried): every panel is a separate oneDNN call with its own setup and thread hand-off.
-# A hand-written AVX-512 micro-kernel was not tried: it cannot approach AMX.
+# A hand-written AVX-512 micro-kernel was not tried (it cannot approach AMX where AMX exists).
 
 # bf16 GEMMs on a CPU without AMX: oneDNN's AVX512-BF16 micro-kernel measured 0.5-0.6x the speed
 # of MKL's fp32 GEMM on this 2-core VM (Xeon with AVX512-BF16/FP16, AMX not exposed; one thread,
