@@ -7,13 +7,22 @@ peak RSS). Timings on a shared machine are noisy: repeat, and read the ratios, n
 
     python bench/bench_finetune.py --steps 20        # all three
     python bench/bench_finetune.py --only nf4lora    # one
-    python bench/bench_finetune.py --steps 3 --no-eval   # tokens/s and peak RSS only"""
+    python bench/bench_finetune.py --steps 3 --no-eval   # tokens/s and peak RSS only
+    python bench/bench_finetune.py --steps 8 --no-eval --rounds 3 --only nf4lora,peft_bnb4   # medians
+
+All ways share one loss module (nf4lora.train.CausalLMLoss: logits only where a label is). The
+PEFT ways use its plain head + F.cross_entropy and transformers' sdpa attention, as they did
+before nf4lora's fused head (nf4lora.head_loss) and fp32-on-CPU attention (nf4lora.attention)
+existed; the nf4lora way uses both, as `nf4lora finetune` does. --baseline-fused-head gives the
+PEFT ways both too (what is then left is the 4-bit + LoRA layers and the optimizer). Besides wall-clock tokens/s each way reports its process CPU seconds per
+step: on a VM shared with other jobs the wall clock swings by 2-5x, CPU time much less."""
 from __future__ import annotations
 
 import argparse
 import json
 import math
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -21,7 +30,8 @@ import time
 WAYS = ("nf4lora", "peft_bf16", "peft_bnb4")
 
 
-def run_one(way: str, steps: int, batch: int, seq_len: int, lr: float, r: int, do_eval: bool = True) -> dict:
+def run_one(way: str, steps: int, batch: int, seq_len: int, lr: float, r: int, do_eval: bool = True,
+            baseline_fused_head: bool = False) -> dict:
     import torch
     import nf4lora as nl
     from nf4lora import data as D
@@ -30,7 +40,9 @@ def run_one(way: str, steps: int, batch: int, seq_len: int, lr: float, r: int, d
 
     torch.manual_seed(0)
     model, tok = load_model(None, quantize="nf4" if way == "nf4lora" else None)
-    if way == "nf4lora":
+    if way == "nf4lora":  # as `nf4lora finetune` does: fp32 attention on CPUs without AMX, fused head
+        from nf4lora.attention import use_fp32_cpu_attention
+        use_fp32_cpu_attention(model)
         model = nl.get_lora_model(model, nl.LoraConfig(r=r, lora_alpha=2 * r))
         params = [p for p in model.parameters() if p.requires_grad]
         opt = nl.optim.PagedAdamW(params, lr=lr, weight_decay=0.0)
@@ -51,7 +63,10 @@ def run_one(way: str, steps: int, batch: int, seq_len: int, lr: float, r: int, d
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    loss_mod = CausalLMLoss(base)
+    if way != "nf4lora" and baseline_fused_head:
+        from nf4lora.attention import use_fp32_cpu_attention
+        use_fp32_cpu_attention(base)
+    loss_mod = CausalLMLoss(base, fused_head=way == "nf4lora" or baseline_fused_head)
     train, held = D.split_examples(D.load_examples(None), 0.1)
     items, held_items = D.tokenize(train, tok, seq_len), D.tokenize(held, tok, seq_len)
     pad = tok.pad_token_id or 0
@@ -60,8 +75,10 @@ def run_one(way: str, steps: int, batch: int, seq_len: int, lr: float, r: int, d
     order = D.BatchOrder(len(items), batch, seed=0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
-    tokens, t0 = 0, time.perf_counter()
+    tokens, t0, c0 = 0, time.perf_counter(), time.process_time()
+    step_rates = []
     for _ in range(steps):
+        ts = time.perf_counter()
         batch_items = [items[j] for j in order.next()]
         b = D.collate(batch_items, pad)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -72,9 +89,13 @@ def run_one(way: str, steps: int, batch: int, seq_len: int, lr: float, r: int, d
         sched.step()
         opt.zero_grad(set_to_none=True)
         tokens += int(b["attention_mask"].sum())
-    dt = time.perf_counter() - t0
+        step_rates.append(int(b["attention_mask"].sum()) / (time.perf_counter() - ts))
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     after = evaluate(loss_mod, held_items, pad, batch, True)["loss"] if do_eval else nan
-    return {"way": way, "tokens_per_s": tokens / dt, "loss_before": before, "loss_after": after,
+    # steady state: the median step after the first (one-time allocations, library start-up)
+    steady = statistics.median(step_rates[1:]) if steps > 1 else step_rates[0]
+    return {"way": way, "tokens_per_s": tokens / dt, "steady_tokens_per_s": steady, "cpu_s_per_step": cpu / steps,
+            "loss_before": before, "loss_after": after,
             "improvement": before - after, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
@@ -85,31 +106,50 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=192)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--only", choices=WAYS)
+    ap.add_argument("--only", help="comma-separated subset of " + ",".join(WAYS))
+    ap.add_argument("--rounds", type=int, default=1, help="run the ways this many times, alternating; medians")
+    ap.add_argument("--baseline-fused-head", action="store_true",
+                    help="the PEFT ways use nf4lora's fused head and fp32-on-CPU attention too")
     ap.add_argument("--no-eval", dest="eval", action="store_false", help="tokens/s and RSS only")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(run_one(a.only, a.steps, a.batch, a.seq_len, a.lr, a.r, a.eval)))
+        print(json.dumps(run_one(a.only, a.steps, a.batch, a.seq_len, a.lr, a.r, a.eval, a.baseline_fused_head)))
         return
-    results = {}
-    for way in ([a.only] if a.only else WAYS):
-        cmd = [sys.executable, __file__, "--child", "--only", way, "--steps", str(a.steps), "--batch", str(a.batch),
-               "--seq-len", str(a.seq_len), "--lr", str(a.lr), "--r", str(a.r)] + ([] if a.eval else ["--no-eval"])
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-            print(f"{way}: failed\n{out.stderr[-2000:]}")
-            continue
-        results[way] = json.loads(out.stdout.strip().splitlines()[-1])
-        r = results[way]
-        print(f"{way:10} {r['tokens_per_s']:8.1f} tok/s  held-out loss {r['loss_before']:.4f} -> {r['loss_after']:.4f} "
-              f"(-{r['improvement']:.4f})  peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
-    if "nf4lora" in results and "peft_bf16" in results and a.eval:
-        print(f"improvement vs bf16 LoRA (PEFT): {results['nf4lora']['improvement'] / results['peft_bf16']['improvement']:.1%}")
-    if "nf4lora" in results and "peft_bnb4" in results:
-        print(f"tokens/s vs PEFT + bitsandbytes 4-bit: "
-              f"{results['nf4lora']['tokens_per_s'] / results['peft_bnb4']['tokens_per_s']:.2f}x; peak RSS ratio "
-              f"{results['nf4lora']['peak_rss_gib'] / results['peft_bnb4']['peak_rss_gib']:.2f}")
+    ways = a.only.split(",") if a.only else list(WAYS)
+    for way in ways:
+        if way not in WAYS:
+            ap.error(f"--only: unknown way {way!r}; ways: {', '.join(WAYS)}")
+    runs: dict[str, list[dict]] = {w: [] for w in ways}
+    for k in range(a.rounds):
+        for way in (ways if k % 2 == 0 else ways[::-1]):
+            cmd = [sys.executable, __file__, "--child", "--only", way, "--steps", str(a.steps), "--batch", str(a.batch),
+                   "--seq-len", str(a.seq_len), "--lr", str(a.lr), "--r", str(a.r)]
+            cmd += ([] if a.eval else ["--no-eval"]) + (["--baseline-fused-head"] if a.baseline_fused_head else [])
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                print(f"{way}: failed\n{out.stderr[-2000:]}")
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            runs[way].append(r)
+            print(f"{way:10} {r['tokens_per_s']:8.1f} tok/s ({r['steady_tokens_per_s']:.1f} median step after the first)  "
+                  f"{r['cpu_s_per_step']:6.2f} CPU s/step  held-out loss "
+                  f"{r['loss_before']:.4f} -> {r['loss_after']:.4f} (-{r['improvement']:.4f})  "
+                  f"peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
+    med = {w: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "way"} for w, rs in runs.items() if rs}
+    if a.rounds > 1:
+        for w, m in med.items():
+            print(f"median {w:10} {m['tokens_per_s']:8.1f} tok/s ({m['steady_tokens_per_s']:.1f} steady)  "
+                  f"{m['cpu_s_per_step']:6.2f} CPU s/step  "
+                  f"peak RSS {m['peak_rss_gib']:.2f} GiB  ({len(runs[w])} runs)")
+    if "nf4lora" in med and "peft_bf16" in med and a.eval:
+        print(f"improvement vs bf16 LoRA (PEFT): {med['nf4lora']['improvement'] / med['peft_bf16']['improvement']:.1%}")
+    if "nf4lora" in med and "peft_bnb4" in med:
+        n, b = med["nf4lora"], med["peft_bnb4"]
+        print(f"tokens/s vs PEFT + bitsandbytes 4-bit: {n['tokens_per_s'] / b['tokens_per_s']:.2f}x wall clock "
+              f"({n['steady_tokens_per_s'] / b['steady_tokens_per_s']:.2f}x steady), "
+              f"{b['cpu_s_per_step'] / n['cpu_s_per_step']:.2f}x by CPU time; peak RSS ratio "
+              f"{n['peak_rss_gib'] / b['peak_rss_gib']:.2f}")
 
 
 if __name__ == "__main__":

@@ -63,9 +63,12 @@ def grads_of(fn, layer, x, gy):
     return out
 
 
+@pytest.mark.parametrize("fp32_gemm", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_forward_and_backward_within_twice_the_unfused_error(dtype, device):
+def test_fused_forward_and_backward_within_twice_the_unfused_error(dtype, device, fp32_gemm, monkeypatch):
+    # fp32_gemm: bf16 products above the fused-kernel sizes as fp32 GEMMs (nf4lora.matmul), forced on and off
+    monkeypatch.setattr(nl.matmul, "CPU_GEMM_FP32", fp32_gemm)
     # Max errors are taken over all M for one layer: with a handful of bf16 outputs both paths sit
     # at one rounding of the output, and which one lands nearer a rounding boundary is chance.
     g = torch.Generator().manual_seed(1)
@@ -84,6 +87,23 @@ def test_fused_forward_and_backward_within_twice_the_unfused_error(dtype, device
                                max(scale, r.abs().max().item()))
         for what, (err, same_err, scale) in worst.items():
             assert err <= 2 * same_err + 1e-6 * scale, (N, K, what, err, same_err)
+
+
+def test_fp32_gemm_route_is_the_same_under_autocast(monkeypatch):
+    """The fp32 route (bf16, more rows than the fused kernels take) gives the same bits with and
+    without autocast around it: autocast must not turn its fp32 GEMMs back into bf16 ones."""
+    monkeypatch.setattr(nl.matmul, "CPU_GEMM_FP32", True)
+    layer = lora_layer_4bit(96, 130, dtype=torch.bfloat16)
+    x = torch.randn(40, 130).bfloat16()
+    gy = torch.randn(40, 96)
+    plain = grads_of(layer, layer, x, gy)
+
+    def under_autocast(t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return layer(t)
+
+    for a, b in zip(plain, grads_of(under_autocast, layer, x, gy)):
+        assert torch.equal(a, b)
 
 
 def test_dropout_mask_reaches_the_lora_branch_only():

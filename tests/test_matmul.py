@@ -64,10 +64,37 @@ def test_fused_kernels_error_within_twice_dense_same_dtype(cpu_variant, dtype, m
         check_error_within_twice_dense_same_dtype(dtype)
 
 
+@pytest.mark.parametrize("fp32_gemm", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dispatch_error_within_twice_dense_same_dtype(dtype):
-    """matmul_4bit's own choice per M (fused kernel or scratch dequantize + dense GEMM)."""
+def test_dispatch_error_within_twice_dense_same_dtype(dtype, fp32_gemm, monkeypatch):
+    """matmul_4bit's own choice per M (fused kernel or scratch dequantize + dense GEMM), with bf16
+    scratch-path GEMMs run as fp32 GEMMs (CPU_GEMM_FP32) forced on and off."""
+    monkeypatch.setattr(nf4lora.matmul, "CPU_GEMM_FP32", fp32_gemm)
     check_error_within_twice_dense_same_dtype(dtype)
+
+
+def test_fp32_gemm_of_bf16_is_the_bf16_product_up_to_summation_order(monkeypatch):
+    """The fp32 route multiplies the same bf16 values (x and the bf16-rounded W) and rounds once:
+    against the dense product in float64 over those values, at most one bf16 rounding apart."""
+    packed, state = weight(1100, 416, seed=3)
+    w = nf4lora.dequantize_4bit(packed, state, dtype=torch.bfloat16)
+    bias = torch.randn(1100).bfloat16()
+    x = torch.randn(70, 416).bfloat16()
+    gy = torch.randn(70, 1100).bfloat16()
+    exact_y = x.double() @ w.double().T + bias.double()
+    exact_gx = gy.double() @ w.double()
+    monkeypatch.setattr(nf4lora.matmul, "CPU_GEMM_FP32", True)
+    y, gx = matmul_4bit(x, packed, state, bias), grad_input(gy, packed, state)
+    assert y.dtype == gx.dtype == torch.bfloat16
+    # one rounding to bf16 (relative 2^-8) of an fp32 sum that is exact to ~1e-6 here
+    assert ((y.double() - exact_y).abs() <= exact_y.abs() * 2 ** -8 + 1e-4).all()
+    assert ((gx.double() - exact_gx).abs() <= exact_gx.abs() * 2 ** -8 + 1e-4).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast must not turn the fp32 GEMMs back to bf16
+        assert torch.equal(matmul_4bit(x, packed, state, bias), y) and torch.equal(grad_input(gy, packed, state), gx)
+    assert nf4lora.matmul.cpu_gemm_in_fp32(torch.bfloat16)
+    assert not nf4lora.matmul.cpu_gemm_in_fp32(torch.float16) and not nf4lora.matmul.cpu_gemm_in_fp32(torch.float32)
+    monkeypatch.setattr(nf4lora.matmul, "CPU_GEMM_FP32", False)
+    assert not nf4lora.matmul.cpu_gemm_in_fp32(torch.bfloat16)
 
 
 def test_leading_dims_and_empty_batch():

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from . import matmul as _mm
 from .functional import _packed_bytes, dequantize_4bit, quantize_4bit
 from .nn import Linear4bit
 
@@ -43,12 +44,40 @@ class LoraMatmul4bit(torch.autograd.Function):
         dL/db   = sum over rows of g
         dL/dW   = none (frozen)
     Saved for backward: x_d (or x), x_a, and A, B in the compute dtype; never the dense W.
-    Gradients of A and B come back in their own dtype (fp32 adapters stay fp32)."""
+    Gradients of A and B come back in their own dtype (fp32 adapters stay fp32).
+
+    bf16 on a CPU where bf16 GEMMs run as fp32 ones (nf4lora.matmul.cpu_gemm_in_fp32; more rows
+    than the fused kernels take): the same formulas in fp32 over x widened from bf16, the
+    bf16-rounded W widened to fp32, and the fp32 adapter weights as they are; x_a stays fp32, y
+    and dL/dx are rounded to bf16 once at the end. That is the base product's values and at least
+    the precision of the bf16 route for the adapter term (no bf16 rounding of A, B, x_a or of the
+    partial sums), at fp32 GEMM speed (~2x bf16 without AMX)."""
 
     @staticmethod
     def forward(ctx, x, x_d, A, B, scaling, bias, packed, absmax, blocksize, quant_type, shape,
                 nested_absmax, nested_code, offset, nested_blocksize):
         N, K = int(shape[0]), int(shape[1])
+        ctx.scaling = scaling
+        ctx.separate_dropout = x_d is not None
+        ctx.adapter_dtypes = (A.dtype, B.dtype)
+        ctx.weight_args = (packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code,
+                           offset, nested_blocksize)
+        rows = x.numel() // K if K else 0
+        ctx.fp32 = (x.device.type == "cpu" and rows > max(_mm.GEMV_MAX_M, _mm.GRAD_INPUT_MAX_M)
+                    and _mm.cpu_gemm_in_fp32(x.dtype) and not torch.compiler.is_compiling())
+        if ctx.fp32:
+            _mm._check_matmul(x, packed, absmax, shape, bias)
+            src = x if x_d is None else x_d
+            w = _mm._dequantized_fp32(packed, absmax, blocksize, quant_type, N, K, nested_absmax,
+                                      nested_code, offset, nested_blocksize, x.dtype)
+            x32 = x.reshape(-1, K).float()
+            A32, B32 = A.float(), B.float()
+            with torch.autocast("cpu", enabled=False):  # fp32 GEMMs, not autocast's bf16 ones
+                y = torch.nn.functional.linear(x32, w, None if bias is None else bias.float())
+                x_a = torch.mm(x32 if x_d is None else x_d.reshape(-1, K).float(), A32.t()).mul_(scaling)
+                y.addmm_(x_a, B32.t())
+            ctx.save_for_backward(src, x_a, A32, B32)
+            return y.to(x.dtype).view(*x.shape[:-1], N)
         y = torch.ops.nf4lora.matmul_4bit(x, packed, absmax, blocksize, quant_type, shape, nested_absmax,
                                           nested_code, offset, nested_blocksize, bias)
         y = y.contiguous()  # the LoRA term is added in place into this buffer
@@ -57,11 +86,6 @@ class LoraMatmul4bit(torch.autograd.Function):
         x_a = torch.mm(src.reshape(-1, K), Ac.t()).mul_(scaling)
         y.view(-1, N).addmm_(x_a, Bc.t())
         ctx.save_for_backward(src, x_a, Ac, Bc)
-        ctx.scaling = scaling
-        ctx.separate_dropout = x_d is not None
-        ctx.adapter_dtypes = (A.dtype, B.dtype)
-        ctx.weight_args = (packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code,
-                           offset, nested_blocksize)
         return y
 
     @staticmethod
@@ -72,6 +96,9 @@ class LoraMatmul4bit(torch.autograd.Function):
         g = grad_y.reshape(-1, N)
         grad_x = grad_xd = grad_A = grad_B = grad_bias = None
         lora_x = need_xd or (need_x and not ctx.separate_dropout)
+        if ctx.fp32:
+            with torch.autocast("cpu", enabled=False):
+                return LoraMatmul4bit._backward_fp32(ctx, g, src, x_a, Ac, Bc, lora_x) + (None,) * 9
         g_b = torch.mm(g, Bc).mul_(ctx.scaling) if (lora_x or need_A) else None
         if need_x:
             grad_x = torch.ops.nf4lora.matmul_4bit_grad_input(grad_y, *ctx.weight_args).contiguous()
@@ -86,6 +113,32 @@ class LoraMatmul4bit(torch.autograd.Function):
         if need_bias:
             grad_bias = g.sum(0)
         return (grad_x, grad_xd, grad_A, grad_B, None, grad_bias) + (None,) * 9
+
+    @staticmethod
+    def _backward_fp32(ctx, g, src, x_a, A32, B32, lora_x):
+        """The backward formulas above in fp32 (see the class docstring); g is [M, N] in bf16."""
+        need_x, need_xd, need_A, need_B, _, need_bias = ctx.needs_input_grad[:6]
+        dtype, K = src.dtype, src.shape[-1]
+        g32 = g.float()
+        grad_x = grad_xd = grad_A = grad_B = grad_bias = None
+        g_b = torch.mm(g32, B32).mul_(ctx.scaling) if (lora_x or need_A) else None
+        if need_x:
+            packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nbs = ctx.weight_args
+            w = _mm._dequantized_fp32(packed, absmax, blocksize, quant_type, int(shape[0]), int(shape[1]),
+                                      nested_absmax, nested_code, offset, nbs, dtype)
+            gx = torch.mm(g32, w)
+            if not ctx.separate_dropout:
+                gx.addmm_(g_b, A32)
+            grad_x = gx.to(dtype).view(src.shape)
+        if need_xd:
+            grad_xd = torch.mm(g_b, A32).to(dtype).view(src.shape)
+        if need_A:
+            grad_A = torch.mm(g_b.t(), src.reshape(-1, K).float()).to(ctx.adapter_dtypes[0])
+        if need_B:
+            grad_B = torch.mm(g32.t(), x_a).to(ctx.adapter_dtypes[1])
+        if need_bias:
+            grad_bias = g32.sum(0).to(dtype)
+        return (grad_x, grad_xd, grad_A, grad_B, None, grad_bias)
 
 
 def lora_matmul_4bit(x: Tensor, base: Linear4bit, A: Tensor, B: Tensor, scaling: float,

@@ -11,7 +11,9 @@ CPU (_forward_cpu, _grad_input_cpu): for up to GEMV_MAX_M (GRAD_INPUT_MAX_M) row
 (grad_y), the fused native kernels (the weight is dequantized in registers, never
 materialized); above that, dequantize into a reused per-thread scratch buffer and run a dense
 torch GEMM in x's dtype. CUDA: matmul_cuda.py picks the fused GEMV / tensor-core kernels or the
-scratch path. Under torch.autocast, x is first cast to the autocast dtype.
+scratch path. Under torch.autocast, x is first cast to the autocast dtype. A bf16 product on
+the scratch path runs as an fp32 GEMM over the same bf16 values where the CPU has no AMX
+(cpu_gemm_in_fp32).
 Tested by tests/test_matmul.py (float64 reference, finite differences, torch.compile)."""
 from __future__ import annotations
 
@@ -35,11 +37,41 @@ _SCRATCH = threading.local()  # per thread: concurrent forwards must not share a
 GEMV_MAX_M = 8
 GRAD_INPUT_MAX_M = 8
 # Above them, one design only: dequantize all of W into the scratch buffer + one dense GEMM
-# (oneDNN, AMX on this machine). Dequantizing L2-sized row panels of W and feeding each to the
-# dense GEMM as it is produced measured 5-11x SLOWER at M = 16 / 64 / 512 on all three shapes
+# (oneDNN for bf16; MKL fp32 where the CPU has no AMX, as on this VM: lscpu lists no amx flags and
+# torch.cpu._is_amx_tile_supported() is False, contrary to what an earlier note here said).
+# Dequantizing L2-sized row panels of W and feeding each to the dense GEMM as it is produced
+# measured 5-11x SLOWER at M = 16 / 64 / 512 on all three shapes
 # (`python bench/bench_large_m.py --rounds 2 --iters 3`, its final form; 1.7-38x for the other
 # forms tried): every panel is a separate oneDNN call with its own setup and thread hand-off.
-# A hand-written AVX-512 micro-kernel was not tried: it cannot approach AMX.
+# A hand-written AVX-512 micro-kernel was not tried (it cannot approach AMX where AMX exists).
+
+# bf16 GEMMs on a CPU without AMX: oneDNN's AVX512-BF16 micro-kernel measured 0.5-0.6x the speed
+# of MKL's fp32 GEMM on this 2-core VM (Xeon with AVX512-BF16/FP16, AMX not exposed; one thread,
+# thread CPU time, min of 7 rounds: M=768 x 576 x 1536 13.5 ms bf16, 6.9 ms fp32, 7.4 ms fp16;
+# the LoRA-sized products 768 x 576 x 16 0.16 / 0.08 ms). So where the CPU has no AMX, a bf16
+# product on the scratch path widens x and the bf16-rounded W to fp32 (exact), runs the fp32
+# GEMM and rounds the result to bf16 once: the same values as the bf16 GEMM, which accumulates in
+# fp32 too; only the summation order differs. fp16 GEMMs are as fast as fp32 here and stay as they
+# are. None: automatic (fp32 unless torch reports AMX); True/False force it (tests, benchmarks).
+CPU_GEMM_FP32: Optional[bool] = None
+
+
+def _cpu_has_amx() -> bool:
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:  # pragma: no cover - torch without the probe compiled in
+        return False
+
+
+_HAS_AMX = _cpu_has_amx()
+
+
+def cpu_gemm_in_fp32(dtype: torch.dtype) -> bool:
+    """Whether a CPU GEMM in `dtype` above the fused-kernel sizes runs as an fp32 GEMM (bf16 only)."""
+    if dtype != torch.bfloat16:
+        return False
+    return (not _HAS_AMX) if CPU_GEMM_FP32 is None else bool(CPU_GEMM_FP32)
 
 
 def _scratch(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -107,6 +139,15 @@ def _dequantized(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nes
     return w
 
 
+def _dequantized_fp32(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
+                      nested_blocksize, dtype) -> Tensor:
+    """W [N, K] rounded to `dtype` as _dequantized gives it, widened to fp32 (exactly), in this
+    thread's fp32 scratch buffer."""
+    w = _dequantized(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
+                     nested_blocksize, dtype, torch.device("cpu"))
+    return _scratch((N, K), torch.float32, torch.device("cpu")).copy_(w)
+
+
 def _native_cpu(fn, inp, weight, cols_in, cols_out, *extra):
     """One call of a fused native product: fn(inp [rows, cols_in], W, *extra) -> [rows, cols_out]."""
     packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset, nested_blocksize = weight
@@ -126,6 +167,10 @@ def _forward_cpu(x, weight, bias):
     if 0 < rows <= GEMV_MAX_M:
         b = None if bias is None else bias.contiguous()  # kept alive across the native call
         return _native_cpu(_C.gemm_4bit_cpu, x, weight, K, N, _ops._ptr(b))
+    if cpu_gemm_in_fp32(x.dtype):
+        w = _dequantized_fp32(*weight, x.dtype)
+        with torch.autocast("cpu", enabled=False):  # an fp32 GEMM even when called under autocast
+            return torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
     return torch.nn.functional.linear(x, _dequantized(*weight, x.dtype, x.device), bias)
 
 
@@ -134,6 +179,10 @@ def _grad_input_cpu(grad_y, weight):
     rows = grad_y.numel() // N if N else 0
     if 0 < rows <= GRAD_INPUT_MAX_M:
         return _native_cpu(_C.gemm_4bit_grad_input_cpu, grad_y, weight, N, K)
+    if cpu_gemm_in_fp32(grad_y.dtype):
+        w = _dequantized_fp32(*weight, grad_y.dtype)
+        with torch.autocast("cpu", enabled=False):
+            return (grad_y.float() @ w).to(grad_y.dtype)
     return grad_y @ _dequantized(*weight, grad_y.dtype, grad_y.device)
 
 

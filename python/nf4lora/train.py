@@ -147,11 +147,24 @@ def _schedule(opts: TrainOptions, total: int) -> Callable[[int], float]:
 class CausalLMLoss(nn.Module):
     """(sum of token losses, token count) for a batch; logits are computed only where a label
     is, so prompt tokens skip the vocabulary-sized output head (most of the head's cost on
-    instruction data). Wrapping this, not the model, in DDP keeps DDP's hooks on the real call."""
+    instruction data). Wrapping this, not the model, in DDP keeps DDP's hooks on the real call.
 
-    def __init__(self, model: nn.Module) -> None:
+    fused_head: under bf16 autocast on a CPU where bf16 GEMMs run as fp32 ones
+    (nf4lora.matmul.cpu_gemm_in_fp32), a frozen nn.Linear head and the cross entropy go through
+    nf4lora.head_loss (the same rounding points, fp32 GEMMs, no fp32 [tokens, vocab] tensors);
+    False keeps the plain head + F.cross_entropy (what bench_finetune's PEFT baselines use)."""
+
+    def __init__(self, model: nn.Module, fused_head: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.fused_head = fused_head
+
+    def _fused(self, head: nn.Module, hidden: torch.Tensor) -> bool:
+        from .matmul import cpu_gemm_in_fp32
+        return (self.fused_head and type(head) is nn.Linear and not head.weight.requires_grad
+                and (head.bias is None or not head.bias.requires_grad) and hidden.device.type == "cpu"
+                and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+                and head.weight.dtype in (torch.bfloat16, torch.float32) and cpu_gemm_in_fp32(torch.bfloat16))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
         base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
@@ -163,6 +176,10 @@ class CausalLMLoss(nn.Module):
             picked = logits[keep]
         else:
             hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+            if self._fused(head, hidden):
+                from .head_loss import head_cross_entropy
+                return head_cross_entropy(hidden[keep].to(torch.bfloat16), head.weight, head.bias,
+                                          targets[keep]), keep.sum()
             picked = head(hidden[keep])
         loss = F.cross_entropy(picked.float(), targets[keep], reduction="sum")
         return loss, keep.sum()
@@ -385,6 +402,24 @@ def finetune(opts: TrainOptions, model: Optional[nn.Module] = None, tokenizer: A
     order = D.BatchOrder(len(train_items), opts.batch_size, opts.seed)
     total = opts.steps or max(1, math.ceil(opts.epochs * order.steps_per_epoch))
 
+    # bf16 attention in fp32 on CPUs without AMX (same values, ~2x faster there; sdpa elsewhere),
+    # for this run only: the model goes back to its own attention afterwards
+    from .attention import use_fp32_cpu_attention
+    attn_before = getattr(model.config, "_attn_implementation", None)
+    switched = use_fp32_cpu_attention(model)
+    try:
+        return _train(opts, model, tokenizer, on_step, say, rank, world, main, out, t_start, t_loaded,
+                      resume_path, train_items, eval_items, pad_id, order, total)
+    finally:
+        if switched:
+            model.set_attn_implementation(attn_before)
+
+
+def _train(opts: TrainOptions, model: nn.Module, tokenizer: Any, on_step: Optional[Callable[[int], None]],
+           say: Callable[..., None], rank: int, world: int, main: bool, out: Path, t_start: float,
+           t_loaded: float, resume_path: Optional[Path], train_items: list, eval_items: list,
+           pad_id: int, order: D.BatchOrder, total: int) -> dict[str, Any]:
+    """The rest of finetune (see there): adapters, optimizer, the loop, evaluation, outputs."""
     # -- adapters, optimizer, schedule (seeded identically on every rank: same adapter init)
     _seed_all(opts.seed)
     model = _add_lora(model, opts)

@@ -1,0 +1,87 @@
+"""head_cross_entropy: sum over rows of cross_entropy(h W^T + b, t) for a frozen dense output head
+(the lm_head over a vocabulary of V tokens), computed the way bf16 autocast computes it on the CPU
+but without its float32 [rows, V] tensors and with fp32 GEMMs over bf16 values.
+
+    reference (bf16 autocast):  z = bf16(h W^T + b)        (bf16 GEMM, fp32 accumulation)
+                                loss = sum_i  logsumexp(z_i) - z_i[t_i]       (fp32)
+                                dL/dz = g * (softmax(z) - onehot(t)), rounded to bf16
+                                dL/dh = bf16(dL/dz W)
+    here: z is written into one bf16 [rows, V] buffer, a vocabulary slice of W at a time widened to
+    fp32 for the GEMM (exact); the loss is taken from z in fp32 a few rows at a time, and the same
+    buffer is overwritten in place with softmax(z) - onehot(t) rounded to bf16 (the only thing
+    backward keeps); backward multiplies by g and runs dL/dh the same way. The GEMMs are the slow
+    part on a CPU without AMX, where fp32 GEMMs are ~2x bf16 ones (nf4lora.matmul.cpu_gemm_in_fp32).
+    Against the reference: the same rounding points except that softmax - onehot is rounded before
+    the multiplication by g rather than after (g is a scalar 1/tokens in training), and summation
+    order. Memory: one bf16 [rows, V] buffer instead of bf16 logits + fp32 logits + fp32 log-softmax.
+Tested by tests/test_head_loss.py (against the autocast reference: loss, dL/dh, bias, odd sizes)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+VOCAB_CHUNK = 4096  # rows of W widened to fp32 at a time (9.4 MB for hidden 576)
+ROW_CHUNK = 64      # rows of z taken to fp32 at a time for the softmax
+
+
+class HeadCrossEntropy(torch.autograd.Function):
+    """(h [T, H] bf16, W [V, H], b [V] or None, targets [T] int64) -> sum of the T token losses
+    (fp32 scalar); differentiable in h only (the head is frozen). See the module docstring."""
+
+    @staticmethod
+    @torch.autocast("cpu", enabled=False)  # fp32 GEMMs: autocast would run them in bf16
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
+        T, V = hidden.shape[0], weight.shape[0]
+        dtype = hidden.dtype
+        h32 = hidden.float()
+        z = torch.empty((T, V), dtype=dtype, device=hidden.device)
+        for v0 in range(0, V, VOCAB_CHUNK):
+            v1 = min(V, v0 + VOCAB_CHUNK)
+            w = weight[v0:v1].to(dtype).float()
+            part = h32 @ w.t()
+            if bias is not None:
+                part += bias[v0:v1].to(dtype).float()
+            z[:, v0:v1].copy_(part)  # rounded to bf16 here, as the autocast GEMM rounds its output
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        need_grad = ctx.needs_input_grad[0]
+        for r0 in range(0, T, ROW_CHUNK):
+            r1 = min(T, r0 + ROW_CHUNK)
+            zc = z[r0:r1].float()
+            tc = targets[r0:r1]
+            lse = torch.logsumexp(zc, dim=1)
+            total += (lse - zc.gather(1, tc[:, None])[:, 0]).sum()
+            if need_grad:
+                zc.sub_(lse[:, None]).exp_()
+                zc.scatter_add_(1, tc[:, None], torch.full((r1 - r0, 1), -1.0, device=zc.device))
+                z[r0:r1].copy_(zc)
+        if need_grad:
+            ctx.save_for_backward(z, weight)
+        return total
+
+    @staticmethod
+    @torch.autocast("cpu", enabled=False)
+    def backward(ctx, grad_total: Tensor):
+        z, weight = ctx.saved_tensors
+        T, V = z.shape
+        g = float(grad_total)  # the loss is a scalar
+        grad_h = torch.zeros((T, weight.shape[1]), dtype=torch.float32, device=z.device)
+        for v0 in range(0, V, VOCAB_CHUNK):
+            v1 = min(V, v0 + VOCAB_CHUNK)
+            w = weight[v0:v1].to(z.dtype).float()
+            grad_h.addmm_(z[:, v0:v1].float(), w, alpha=g)
+        return grad_h.to(z.dtype), None, None, None
+
+
+def head_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
+    """Sum over rows of cross_entropy(hidden @ weight.T + bias, targets) in fp32, hidden in bf16."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [T, H] and [V, H]")
+    if targets.shape != (hidden.shape[0],):
+        raise ValueError(f"targets has shape {tuple(targets.shape)}, expected ({hidden.shape[0]},)")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    if hidden.shape[0] and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
+        raise ValueError(f"targets must be in [0, {weight.shape[0]}) (ignored positions removed first)")
+    return HeadCrossEntropy.apply(hidden, weight, bias, targets.long())
