@@ -73,11 +73,11 @@ def test_dispatch_error_within_twice_dense_same_dtype(dtype, fp32_gemm, monkeypa
     check_error_within_twice_dense_same_dtype(dtype)
 
 
-def test_fp32_gemm_of_bf16_is_the_bf16_product_up_to_summation_order(monkeypatch):
-    """The fp32 route multiplies the same bf16 values (x and the bf16-rounded W) and rounds once:
-    against the dense product in float64 over those values, at most one bf16 rounding apart."""
+def test_fp32_gemm_of_bf16_rounds_once(monkeypatch):
+    """The fp32 route multiplies x (bf16, exact in fp32) by W dequantized in fp32 and rounds once:
+    against the product in float64 over those values, at most one bf16 rounding apart."""
     packed, state = weight(1100, 416, seed=3)
-    w = nf4lora.dequantize_4bit(packed, state, dtype=torch.bfloat16)
+    w = nf4lora.dequantize_4bit(packed, state, dtype=torch.float32)
     bias = torch.randn(1100).bfloat16()
     x = torch.randn(70, 416).bfloat16()
     gy = torch.randn(70, 1100).bfloat16()

@@ -47,11 +47,11 @@ class LoraMatmul4bit(torch.autograd.Function):
     Gradients of A and B come back in their own dtype (fp32 adapters stay fp32).
 
     bf16 on a CPU where bf16 GEMMs run as fp32 ones (nf4lora.matmul.cpu_gemm_in_fp32; more rows
-    than the fused kernels take): the same formulas in fp32 over x widened from bf16, the
-    bf16-rounded W widened to fp32, and the fp32 adapter weights as they are; x_a stays fp32, y
-    and dL/dx are rounded to bf16 once at the end. That is the base product's values and at least
-    the precision of the bf16 route for the adapter term (no bf16 rounding of A, B, x_a or of the
-    partial sums), at fp32 GEMM speed (~2x bf16 without AMX)."""
+    than the fused kernels take): the same formulas in fp32 over x widened from bf16, W dequantized
+    in fp32 (as matmul_4bit's fp32 route and the fused kernels use it), and the fp32 adapter
+    weights as they are; x_a stays fp32, y and dL/dx are rounded to bf16 once at the end. At least
+    the precision of the bf16 route (no bf16 rounding of W, A, B, x_a or of the partial sums), at
+    fp32 GEMM speed (~2x bf16 without AMX)."""
 
     @staticmethod
     def forward(ctx, x, x_d, A, B, scaling, bias, packed, absmax, blocksize, quant_type, shape,
@@ -69,7 +69,7 @@ class LoraMatmul4bit(torch.autograd.Function):
             _mm._check_matmul(x, packed, absmax, shape, bias)
             src = x if x_d is None else x_d
             w = _mm._dequantized_fp32(packed, absmax, blocksize, quant_type, N, K, nested_absmax,
-                                      nested_code, offset, nested_blocksize, x.dtype)
+                                      nested_code, offset, nested_blocksize)
             x32 = x.reshape(-1, K).float()
             A32, B32 = A.float(), B.float()
             with torch.autocast("cpu", enabled=False):  # fp32 GEMMs, not autocast's bf16 ones
@@ -125,7 +125,7 @@ class LoraMatmul4bit(torch.autograd.Function):
         if need_x:
             packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nbs = ctx.weight_args
             w = _mm._dequantized_fp32(packed, absmax, blocksize, quant_type, int(shape[0]), int(shape[1]),
-                                      nested_absmax, nested_code, offset, nbs, dtype)
+                                      nested_absmax, nested_code, offset, nbs)
             gx = torch.mm(g32, w)
             if not ctx.separate_dropout:
                 gx.addmm_(g_b, A32)

@@ -49,10 +49,12 @@ GRAD_INPUT_MAX_M = 8
 # of MKL's fp32 GEMM on this 2-core VM (Xeon with AVX512-BF16/FP16, AMX not exposed; one thread,
 # thread CPU time, min of 7 rounds: M=768 x 576 x 1536 13.5 ms bf16, 6.9 ms fp32, 7.4 ms fp16;
 # the LoRA-sized products 768 x 576 x 16 0.16 / 0.08 ms). So where the CPU has no AMX, a bf16
-# product on the scratch path widens x and the bf16-rounded W to fp32 (exact), runs the fp32
-# GEMM and rounds the result to bf16 once: the same values as the bf16 GEMM, which accumulates in
-# fp32 too; only the summation order differs. fp16 GEMMs are as fast as fp32 here and stay as they
-# are. None: automatic (fp32 unless torch reports AMX); True/False force it (tests, benchmarks).
+# product on the scratch path widens x to fp32 (exact), dequantizes W straight into an fp32
+# scratch buffer (the fp32 weight values the fused kernels use, not rounded to bf16; one pass and
+# no bf16 buffer besides), runs the fp32 GEMM and rounds the result to bf16 once. fp16 GEMMs are as
+# fast as fp32 here and stay as they are. The cost: the fp32 scratch buffer is twice the bf16 one
+# (per weight shape and thread, as before). None: automatic (fp32 unless torch reports AMX);
+# True/False force it (tests, benchmarks).
 CPU_GEMM_FP32: Optional[bool] = None
 
 
@@ -140,12 +142,11 @@ def _dequantized(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nes
 
 
 def _dequantized_fp32(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
-                      nested_blocksize, dtype) -> Tensor:
-    """W [N, K] rounded to `dtype` as _dequantized gives it, widened to fp32 (exactly), in this
-    thread's fp32 scratch buffer."""
-    w = _dequantized(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
-                     nested_blocksize, dtype, torch.device("cpu"))
-    return _scratch((N, K), torch.float32, torch.device("cpu")).copy_(w)
+                      nested_blocksize) -> Tensor:
+    """W [N, K] in fp32 (code * absmax, as the fused CPU kernels use it), in this thread's fp32
+    scratch buffer."""
+    return _dequantized(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
+                        nested_blocksize, torch.float32, torch.device("cpu"))
 
 
 def _native_cpu(fn, inp, weight, cols_in, cols_out, *extra):
@@ -168,7 +169,7 @@ def _forward_cpu(x, weight, bias):
         b = None if bias is None else bias.contiguous()  # kept alive across the native call
         return _native_cpu(_C.gemm_4bit_cpu, x, weight, K, N, _ops._ptr(b))
     if cpu_gemm_in_fp32(x.dtype):
-        w = _dequantized_fp32(*weight, x.dtype)
+        w = _dequantized_fp32(*weight)
         with torch.autocast("cpu", enabled=False):  # an fp32 GEMM even when called under autocast
             return torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
     return torch.nn.functional.linear(x, _dequantized(*weight, x.dtype, x.device), bias)
@@ -180,7 +181,7 @@ def _grad_input_cpu(grad_y, weight):
     if 0 < rows <= GRAD_INPUT_MAX_M:
         return _native_cpu(_C.gemm_4bit_grad_input_cpu, grad_y, weight, N, K)
     if cpu_gemm_in_fp32(grad_y.dtype):
-        w = _dequantized_fp32(*weight, grad_y.dtype)
+        w = _dequantized_fp32(*weight)
         with torch.autocast("cpu", enabled=False):
             return (grad_y.float() @ w).to(grad_y.dtype)
     return grad_y @ _dequantized(*weight, grad_y.dtype, grad_y.device)
