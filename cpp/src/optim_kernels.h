@@ -5,6 +5,7 @@
 // (tests/cpp/test_optim.cpp forces each one).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "nf4lora/optim.h"
@@ -65,6 +66,20 @@ extern const OptimKernels kOptimAvx512Kernels;
 #if defined(NF4LORA_HAVE_AVX512VBMI)
 extern const OptimKernels kOptimAvx512VbmiKernels;  // AVX-512 + VBMI + GFNI codec
 #endif
+
+// The block loop every kernel shares: body(b, begin, end) for each block b in [b0, b1) whose
+// gradient finite(begin, end) finds all finite; the others are skipped, their params and state
+// left as they were, and counted (the return value).
+template <class Finite, class Body>
+int64_t for_finite_blocks(const AdamWArgs& a, int64_t b0, int64_t b1, const Finite& finite, const Body& body) {
+  int64_t skipped = 0;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t begin = b * kOptimBlock, end = std::min(a.n, begin + kOptimBlock);
+    if (finite(begin, end)) body(b, begin, end);
+    else ++skipped;
+  }
+  return skipped;
+}
 
 // Scalar bodies, also used by the SIMD variants for the elements after their last full vector.
 bool grad_finite_ref(const void* grad, DType dtype, int64_t begin, int64_t end);

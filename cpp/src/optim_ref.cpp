@@ -65,59 +65,36 @@ void lion_8bit_update_range_ref(const AdamWArgs& a, int64_t b, int64_t begin, in
 
 namespace {
 
+auto finite_ref(const AdamWArgs& a) {
+  return [&a](int64_t begin, int64_t end) { return grad_finite_ref(a.grad, a.dtype, begin, end); };
+}
+
 int64_t lion_32bit_blocks_ref(const AdamWArgs& a, int64_t b0, int64_t b1) {
-  int64_t skipped = 0;
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t begin = b * kOptimBlock, end = std::min(a.n, begin + kOptimBlock);
-    if (!grad_finite_ref(a.grad, a.dtype, begin, end)) {
-      ++skipped;
-      continue;
-    }
+  return for_finite_blocks(a, b0, b1, finite_ref(a), [&](int64_t, int64_t begin, int64_t end) {
     lion_32bit_range_ref(a, begin, end);
-  }
-  return skipped;
+  });
 }
 
 int64_t lion_8bit_blocks_ref(const AdamWArgs& a, int64_t b0, int64_t b1) {
-  int64_t skipped = 0;
   float mb[kOptimBlock];
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t begin = b * kOptimBlock, end = std::min(a.n, begin + kOptimBlock);
-    if (!grad_finite_ref(a.grad, a.dtype, begin, end)) {
-      ++skipped;
-      continue;
-    }
+  return for_finite_blocks(a, b0, b1, finite_ref(a), [&](int64_t b, int64_t begin, int64_t end) {
     float max_m = 0.0f;
     lion_8bit_update_range_ref(a, b, begin, end, mb, max_m);
     const float sm = block_scale(max_m);
     for (int64_t i = begin; i < end; ++i) a.qm[i] = encode_8bit_mids(a.tables->mids_m, mb[i - begin] * sm);
     a.absmax_m[b] = max_m;
-  }
-  return skipped;
+  });
 }
 
 int64_t adamw_32bit_blocks_ref(const AdamWArgs& a, int64_t b0, int64_t b1) {
-  int64_t skipped = 0;
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t begin = b * kOptimBlock, end = std::min(a.n, begin + kOptimBlock);
-    if (!grad_finite_ref(a.grad, a.dtype, begin, end)) {
-      ++skipped;
-      continue;
-    }
+  return for_finite_blocks(a, b0, b1, finite_ref(a), [&](int64_t, int64_t begin, int64_t end) {
     adamw_32bit_range_ref(a, begin, end);
-  }
-  return skipped;
+  });
 }
 
 int64_t adamw_8bit_blocks_ref(const AdamWArgs& a, int64_t b0, int64_t b1) {
-  int64_t skipped = 0;
   float mb[kOptimBlock], vb[kOptimBlock];
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t begin = b * kOptimBlock, end = std::min(a.n, begin + kOptimBlock);
-    if (!grad_finite_ref(a.grad, a.dtype, begin, end)) {
-      ++skipped;
-      continue;
-    }
+  return for_finite_blocks(a, b0, b1, finite_ref(a), [&](int64_t b, int64_t begin, int64_t end) {
     float max_m = 0.0f, max_v = 0.0f;
     adamw_8bit_update_range_ref(a, b, begin, end, mb, vb, max_m, max_v);
     const float sm = block_scale(max_m), sv = block_scale(max_v);
@@ -127,8 +104,7 @@ int64_t adamw_8bit_blocks_ref(const AdamWArgs& a, int64_t b0, int64_t b1) {
     }
     a.absmax_m[b] = max_m;
     a.absmax_v[b] = max_v;
-  }
-  return skipped;
+  });
 }
 
 void encode_8bit_ref(bool signed_map, const float* x, int64_t n, uint8_t* out) {

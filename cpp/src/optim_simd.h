@@ -57,15 +57,14 @@ bool grad_finite(const void* grad, int64_t begin, int64_t end) {
 }
 
 template <class V, DType D>
+auto finite_simd(const AdamWArgs& a) {
+  return [&a](int64_t begin, int64_t end) { return grad_finite<V, D>(a.grad, begin, end); };
+}
+
+template <class V, DType D>
 int64_t adamw_32bit_blocks(const AdamWArgs& a, int64_t b0, int64_t b1) {
   const Scalars<V> s(a.s);
-  int64_t skipped = 0;
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t begin = b * kOptimBlock, end = std::min(a.n, begin + kOptimBlock);
-    if (!grad_finite<V, D>(a.grad, begin, end)) {
-      ++skipped;
-      continue;
-    }
+  return for_finite_blocks(a, b0, b1, finite_simd<V, D>(a), [&](int64_t, int64_t begin, int64_t end) {
     int64_t i = begin;
     for (; i + V::W <= end; i += V::W) {
       typename V::F p = load_elems<V, D>(a.param, i), m = V::load_f32(a.m + i),
@@ -76,8 +75,7 @@ int64_t adamw_32bit_blocks(const AdamWArgs& a, int64_t b0, int64_t b1) {
       V::store_f32(a.v + i, v);
     }
     adamw_32bit_range_ref(a, i, end);
-  }
-  return skipped;
+  });
 }
 
 template <class V, DType D>
@@ -88,13 +86,7 @@ int64_t adamw_8bit_blocks(const AdamWArgs& a, int64_t b0, int64_t b1) {
   const typename V::Codec codec_v(kDynamicUnsigned, t.mids_v, t.lut_v);
   constexpr int G = V::Codec::kGroup;  // codes per decode/encode call, a multiple of V::W
   alignas(64) float mb[kOptimBlock], vb[kOptimBlock];
-  int64_t skipped = 0;
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t begin = b * kOptimBlock, end = std::min(a.n, begin + kOptimBlock);
-    if (!grad_finite<V, D>(a.grad, begin, end)) {
-      ++skipped;
-      continue;
-    }
+  return for_finite_blocks(a, b0, b1, finite_simd<V, D>(a), [&](int64_t b, int64_t begin, int64_t end) {
     // Dequantize with the old absmax, update, keep the new fp32 moments for the requantization.
     const typename V::F am = V::set1(a.absmax_m[b]), av = V::set1(a.absmax_v[b]);
     typename V::F max_m = V::zero(), max_v = V::zero();
@@ -136,8 +128,7 @@ int64_t adamw_8bit_blocks(const AdamWArgs& a, int64_t b0, int64_t b1) {
     }
     a.absmax_m[b] = mm;
     a.absmax_v[b] = mv;
-  }
-  return skipped;
+  });
 }
 
 template <class V>
@@ -160,13 +151,7 @@ inline void lion(typename V::F& p, typename V::F& m, typename V::F g, const Lion
 template <class V, DType D>
 int64_t lion_32bit_blocks(const AdamWArgs& a, int64_t b0, int64_t b1) {
   const LionVec<V> s(a.ls);
-  int64_t skipped = 0;
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t begin = b * kOptimBlock, end = std::min(a.n, begin + kOptimBlock);
-    if (!grad_finite<V, D>(a.grad, begin, end)) {
-      ++skipped;
-      continue;
-    }
+  return for_finite_blocks(a, b0, b1, finite_simd<V, D>(a), [&](int64_t, int64_t begin, int64_t end) {
     int64_t i = begin;
     for (; i + V::W <= end; i += V::W) {
       typename V::F p = load_elems<V, D>(a.param, i), m = V::load_f32(a.m + i);
@@ -175,8 +160,7 @@ int64_t lion_32bit_blocks(const AdamWArgs& a, int64_t b0, int64_t b1) {
       V::store_f32(a.m + i, m);
     }
     lion_32bit_range_ref(a, i, end);
-  }
-  return skipped;
+  });
 }
 
 template <class V, DType D>
@@ -186,13 +170,7 @@ int64_t lion_8bit_blocks(const AdamWArgs& a, int64_t b0, int64_t b1) {
   const typename V::Codec codec_m(kDynamicSigned, t.mids_m, t.lut_m);
   constexpr int G = V::Codec::kGroup;
   alignas(64) float mb[kOptimBlock];
-  int64_t skipped = 0;
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t begin = b * kOptimBlock, end = std::min(a.n, begin + kOptimBlock);
-    if (!grad_finite<V, D>(a.grad, begin, end)) {
-      ++skipped;
-      continue;
-    }
+  return for_finite_blocks(a, b0, b1, finite_simd<V, D>(a), [&](int64_t b, int64_t begin, int64_t end) {
     const typename V::F am = V::set1(a.absmax_m[b]);
     typename V::F max_m = V::zero();
     int64_t i = begin;
@@ -220,8 +198,7 @@ int64_t lion_8bit_blocks(const AdamWArgs& a, int64_t b0, int64_t b1) {
     }
     for (; j < end; ++j) a.qm[j] = encode_8bit_mids(t.mids_m, mb[j - begin] * sm);
     a.absmax_m[b] = mm;
-  }
-  return skipped;
+  });
 }
 
 // Dispatch on the param dtype once per call, so the inner loops have no dtype switch.
