@@ -14,22 +14,14 @@ import nf4lora
 from nf4lora import optim
 from nf4lora._native import _C
 
+from .test_optim import _grads, _params  # the same random problems as the AdamW tests
+
 SIGNED = torch.tensor(_C.dynamic_map(True))
 HYPER = dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
 
 
 def bits(t):
     return t.detach().reshape(-1).view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
-def _params(seed=0, shapes=((300, 70), (33,), (1,), (4097,))):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g).requires_grad_() for s in shapes]
-
-
-def _grads(params, step):
-    g = torch.Generator().manual_seed(1000 + step)
-    return [torch.randn(p.shape, generator=g) for p in params]
 
 
 def torch_lion_step(p, g, m, lr, betas, weight_decay):

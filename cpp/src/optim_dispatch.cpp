@@ -131,20 +131,29 @@ const Optim8bitTables& detail::optim_8bit_tables() {
   return *t;
 }
 
+namespace {
+
+// The hyperparameters AdamW and Lion share: finite, lr >= 0, betas in [0, 1), weight_decay >= 0.
+void check_common_hyper(double lr, double beta1, double beta2, double weight_decay) {
+  check_finite_param(lr, "lr");
+  check_finite_param(beta1, "beta1");
+  check_finite_param(beta2, "beta2");
+  check_finite_param(weight_decay, "weight_decay");
+  if (lr < 0) throw std::invalid_argument("lr must be >= 0, got " + std::to_string(lr));
+  if (beta1 < 0 || beta1 >= 1)
+    throw std::invalid_argument("beta1 must be in [0, 1), got " + std::to_string(beta1));
+  if (beta2 < 0 || beta2 >= 1)
+    throw std::invalid_argument("beta2 must be in [0, 1), got " + std::to_string(beta2));
+  if (weight_decay < 0)
+    throw std::invalid_argument("weight_decay must be >= 0, got " + std::to_string(weight_decay));
+}
+
+}  // namespace
+
 AdamWScalars adamw_scalars(const AdamWHyper& h) {
-  check_finite_param(h.lr, "lr");
-  check_finite_param(h.beta1, "beta1");
-  check_finite_param(h.beta2, "beta2");
+  check_common_hyper(h.lr, h.beta1, h.beta2, h.weight_decay);
   check_finite_param(h.eps, "eps");
-  check_finite_param(h.weight_decay, "weight_decay");
-  if (h.lr < 0) throw std::invalid_argument("lr must be >= 0, got " + std::to_string(h.lr));
-  if (h.beta1 < 0 || h.beta1 >= 1)
-    throw std::invalid_argument("beta1 must be in [0, 1), got " + std::to_string(h.beta1));
-  if (h.beta2 < 0 || h.beta2 >= 1)
-    throw std::invalid_argument("beta2 must be in [0, 1), got " + std::to_string(h.beta2));
   if (!(h.eps > 0)) throw std::invalid_argument("eps must be > 0, got " + std::to_string(h.eps));
-  if (h.weight_decay < 0)
-    throw std::invalid_argument("weight_decay must be >= 0, got " + std::to_string(h.weight_decay));
   if (h.step < 1) throw std::invalid_argument("step must be >= 1, got " + std::to_string(h.step));
   const double bc1 = 1.0 - std::pow(h.beta1, static_cast<double>(h.step));
   const double bc2 = 1.0 - std::pow(h.beta2, static_cast<double>(h.step));
@@ -160,17 +169,7 @@ AdamWScalars adamw_scalars(const AdamWHyper& h) {
 }
 
 LionScalars lion_scalars(const LionHyper& h) {
-  check_finite_param(h.lr, "lr");
-  check_finite_param(h.beta1, "beta1");
-  check_finite_param(h.beta2, "beta2");
-  check_finite_param(h.weight_decay, "weight_decay");
-  if (h.lr < 0) throw std::invalid_argument("lr must be >= 0, got " + std::to_string(h.lr));
-  if (h.beta1 < 0 || h.beta1 >= 1)
-    throw std::invalid_argument("beta1 must be in [0, 1), got " + std::to_string(h.beta1));
-  if (h.beta2 < 0 || h.beta2 >= 1)
-    throw std::invalid_argument("beta2 must be in [0, 1), got " + std::to_string(h.beta2));
-  if (h.weight_decay < 0)
-    throw std::invalid_argument("weight_decay must be >= 0, got " + std::to_string(h.weight_decay));
+  check_common_hyper(h.lr, h.beta1, h.beta2, h.weight_decay);
   LionScalars s;
   s.decay = static_cast<float>(1.0 - h.lr * h.weight_decay);
   s.lr = static_cast<float>(h.lr);
