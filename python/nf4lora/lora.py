@@ -60,16 +60,16 @@ class LoraMatmul4bit(torch.autograd.Function):
         ctx.scaling = scaling
         ctx.separate_dropout = x_d is not None
         ctx.adapter_dtypes = (A.dtype, B.dtype)
-        ctx.weight_args = (packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code,
-                           offset, nested_blocksize)
+        # nf4lora.matmul's weight tuple: its _forward / _grad_input / _dequantized_fp32 take it
+        ctx.weight = (packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
+                      nested_blocksize)
         rows = x.numel() // K if K else 0
-        ctx.fp32 = (x.device.type == "cpu" and rows > max(_mm.GEMV_MAX_M, _mm.GRAD_INPUT_MAX_M)
-                    and _mm.cpu_gemm_in_fp32(x.dtype) and not torch.compiler.is_compiling())
+        ctx.fp32 = (_mm._plain_eager_cpu(x) and rows > max(_mm.GEMV_MAX_M, _mm.GRAD_INPUT_MAX_M)
+                    and _mm.cpu_gemm_in_fp32(x.dtype))
         if ctx.fp32:
             _mm._check_matmul(x, packed, absmax, shape, bias)
             src = x if x_d is None else x_d
-            w = _mm._dequantized_fp32(packed, absmax, blocksize, quant_type, N, K, nested_absmax,
-                                      nested_code, offset, nested_blocksize)
+            w = _mm._dequantized_fp32(*ctx.weight)
             x32 = x.reshape(-1, K).float()
             A32, B32 = A.float(), B.float()
             with torch.autocast("cpu", enabled=False):  # fp32 GEMMs, not autocast's bf16 ones
@@ -78,9 +78,7 @@ class LoraMatmul4bit(torch.autograd.Function):
                 y.addmm_(x_a, B32.t())
             ctx.save_for_backward(src, x_a, A32, B32)
             return y.to(x.dtype).view(*x.shape[:-1], N)
-        y = torch.ops.nf4lora.matmul_4bit(x, packed, absmax, blocksize, quant_type, shape, nested_absmax,
-                                          nested_code, offset, nested_blocksize, bias)
-        y = y.contiguous()  # the LoRA term is added in place into this buffer
+        y = _mm._forward(x, ctx.weight, bias).contiguous()  # the LoRA term is added in place into this buffer
         src = x if x_d is None else x_d
         Ac, Bc = A.to(x.dtype), B.to(x.dtype)
         x_a = torch.mm(src.reshape(-1, K), Ac.t()).mul_(scaling)
@@ -101,7 +99,7 @@ class LoraMatmul4bit(torch.autograd.Function):
                 return LoraMatmul4bit._backward_fp32(ctx, g, src, x_a, Ac, Bc, lora_x) + (None,) * 9
         g_b = torch.mm(g, Bc).mul_(ctx.scaling) if (lora_x or need_A) else None
         if need_x:
-            grad_x = torch.ops.nf4lora.matmul_4bit_grad_input(grad_y, *ctx.weight_args).contiguous()
+            grad_x = _mm._grad_input(grad_y, ctx.weight).contiguous()
             if not ctx.separate_dropout:
                 grad_x.view(-1, K).addmm_(g_b, Ac)
         if need_xd:
@@ -123,10 +121,7 @@ class LoraMatmul4bit(torch.autograd.Function):
         grad_x = grad_xd = grad_A = grad_B = grad_bias = None
         g_b = torch.mm(g32, B32).mul_(ctx.scaling) if (lora_x or need_A) else None
         if need_x:
-            packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nbs = ctx.weight_args
-            w = _mm._dequantized_fp32(packed, absmax, blocksize, quant_type, int(shape[0]), int(shape[1]),
-                                      nested_absmax, nested_code, offset, nbs)
-            gx = torch.mm(g32, w)
+            gx = torch.mm(g32, _mm._dequantized_fp32(*ctx.weight))
             if not ctx.separate_dropout:
                 gx.addmm_(g_b, A32)
             grad_x = gx.to(dtype).view(src.shape)

@@ -93,11 +93,15 @@ def _scratch(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> 
     return buf
 
 
-def _check_matmul(x: Tensor, packed: Tensor, absmax: Tensor, shape: Sequence[int],
-                  bias: Optional[Tensor]) -> tuple[int, int]:
+def _weight_shape(shape: Sequence[int]) -> tuple[int, int]:
     if len(shape) != 2:
         raise ValueError(f"the 4-bit weight must be 2-D [N, K], its QuantState shape is {list(shape)}")
-    N, K = int(shape[0]), int(shape[1])
+    return int(shape[0]), int(shape[1])
+
+
+def _check_matmul(x: Tensor, packed: Tensor, absmax: Tensor, shape: Sequence[int],
+                  bias: Optional[Tensor]) -> tuple[int, int]:
+    N, K = _weight_shape(shape)
     _ops.check_float_dtype(x.dtype, "x.dtype")
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"x has shape {tuple(x.shape)} but the weight is [{N}, {K}]: x.shape[-1] must be {K}")
@@ -203,6 +207,12 @@ def _(x, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_cod
     return x.new_empty((*x.shape[:-1], N))
 
 
+def _check_grad_input(grad_y: Tensor, N: int) -> None:
+    _ops.check_float_dtype(grad_y.dtype, "grad_y.dtype")
+    if grad_y.dim() < 1 or grad_y.shape[-1] != N:
+        raise ValueError(f"grad_y has shape {tuple(grad_y.shape)}, its last dimension must be {N}")
+
+
 @torch.library.custom_op("nf4lora::matmul_4bit_grad_input", mutates_args=())
 def matmul_4bit_grad_input(grad_y: Tensor, packed: Tensor, absmax: Tensor, blocksize: int,
                            quant_type: str, shape: Sequence[int], nested_absmax: Optional[Tensor],
@@ -210,9 +220,7 @@ def matmul_4bit_grad_input(grad_y: Tensor, packed: Tensor, absmax: Tensor, block
                            nested_blocksize: int) -> Tensor:
     """grad_y [..., N] @ W [N, K] -> [..., K], in grad_y's dtype."""
     N, K = int(shape[0]), int(shape[1])
-    _ops.check_float_dtype(grad_y.dtype, "grad_y.dtype")
-    if grad_y.dim() < 1 or grad_y.shape[-1] != N:
-        raise ValueError(f"grad_y has shape {tuple(grad_y.shape)}, its last dimension must be {N}")
+    _check_grad_input(grad_y, N)
     weight = (packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
               nested_blocksize)
     if grad_y.device.type == "cuda":
@@ -249,42 +257,58 @@ def _backward(ctx, grad_y):
 torch.library.register_autograd("nf4lora::matmul_4bit", _backward, setup_context=_setup_context)
 
 
-class _EagerCpu(torch.autograd.Function):
-    """matmul_4bit on plain CPU tensors in eager mode: the op's own CPU code (_forward_cpu /
-    _grad_input_cpu, same checks, same kernels, same numbers) under a torch.autograd.Function
-    instead of the custom op's dispatcher, which costs ~30 us a call (half the time of a
-    small-layer forward; `python bench/bench_matmul.py --overhead`). Like the op's autograd, it
-    keeps only references to the frozen weight."""
-
-    @staticmethod
-    def forward(ctx, x, bias, weight):
-        ctx.weight = weight
-        ctx.has_bias = bias is not None
-        return _forward_cpu(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            if torch.is_grad_enabled():  # create_graph: the op, which has no double backward either
-                packed, absmax, blocksize, quant_type, N, K, *nested = ctx.weight
-                grad_x = torch.ops.nf4lora.matmul_4bit_grad_input(grad_y, packed, absmax, blocksize,
-                                                                  quant_type, [N, K], *nested)
-            else:
-                grad_x = _grad_input_cpu(grad_y, ctx.weight)
-        if ctx.has_bias and ctx.needs_input_grad[1]:
-            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
-        return grad_x, grad_bias, None
-
-
 def _plain_eager_cpu(x: Tensor) -> bool:
-    """True when matmul_4bit may skip the custom op: a plain CPU tensor, run eagerly. Under
+    """True when a product may skip the custom op: a plain CPU tensor, run eagerly. Under
     torch.compile/export, a dispatch mode (fake tensors, FlopCounterMode, ...), functorch
     transforms or functionalization, and for tensor subclasses, the op is called as registered."""
     return (x.device.type == "cpu" and (type(x) is Tensor or type(x) is torch.nn.Parameter)
             and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._functorch.is_functorch_wrapped_tensor(x)
             and not torch._is_functional_tensor(x))
+
+
+def _forward(x: Tensor, weight: tuple, bias: Optional[Tensor]) -> Tensor:
+    """x W^T + b, no autograd of its own (matmul_4bit, LoraMatmul4bit). Plain CPU tensors in eager
+    mode run the op's own CPU code (same checks, kernels and numbers) without the custom op's
+    dispatcher, which costs ~30 us a call (`python bench/bench_matmul.py --overhead`); everything
+    else calls the op. weight: (packed, absmax, blocksize, quant_type, N, K, nested_absmax,
+    nested_code, offset, nested_blocksize)."""
+    packed, absmax, blocksize, quant_type, N, K = weight[:6]
+    if _plain_eager_cpu(x) and (bias is None or type(bias) in (Tensor, torch.nn.Parameter)):
+        _check_matmul(x, packed, absmax, (N, K), bias)
+        return _forward_cpu(x, weight, bias)
+    return torch.ops.nf4lora.matmul_4bit(x, packed, absmax, blocksize, quant_type, [N, K], *weight[6:], bias)
+
+
+def _grad_input(grad_y: Tensor, weight: tuple) -> Tensor:
+    """grad_y @ W, as _forward chooses. Under create_graph (grad mode on) always the op, which has
+    no double backward: a second derivative is then an error, not a silent zero."""
+    packed, absmax, blocksize, quant_type, N, K = weight[:6]
+    if _plain_eager_cpu(grad_y) and not torch.is_grad_enabled():
+        _check_grad_input(grad_y, N)
+        return _grad_input_cpu(grad_y, weight)
+    return torch.ops.nf4lora.matmul_4bit_grad_input(grad_y, packed, absmax, blocksize, quant_type, [N, K],
+                                                    *weight[6:])
+
+
+class _EagerCpu(torch.autograd.Function):
+    """matmul_4bit's autograd for plain CPU tensors in eager mode, around _forward / _grad_input
+    (the registered op's autograd is the same formula). Like it, it keeps only references to the
+    frozen weight."""
+
+    @staticmethod
+    def forward(ctx, x, bias, weight):
+        ctx.weight = weight
+        ctx.has_bias = bias is not None
+        return _forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        grad_x = _grad_input(grad_y, ctx.weight) if ctx.needs_input_grad[0] else None
+        grad_bias = None
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        return grad_x, grad_bias, None
 
 
 def matmul_4bit(x: Tensor, packed: Tensor, state: QuantState, bias: Optional[Tensor] = None) -> Tensor:
@@ -302,14 +326,11 @@ def matmul_4bit(x: Tensor, packed: Tensor, state: QuantState, bias: Optional[Ten
         x = x.to(dtype)
         if bias is not None:
             bias = bias.to(dtype)
-    flat = _packed_bytes(packed, state)
+    N, K = _weight_shape(state.shape)
     nested = (state.nested_absmax, state.nested_code, state.offset) if state.nested else (None, None, None)
-    if _plain_eager_cpu(x) and (bias is None or type(bias) in (Tensor, torch.nn.Parameter)):
-        N, K = _check_matmul(x, flat, state.absmax, state.shape, bias)
-        weight = (flat, state.absmax, state.blocksize, state.quant_type, N, K, *nested,
-                  state.nested_blocksize)
-        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-            return _EagerCpu.apply(x, bias, weight)
-        return _forward_cpu(x, weight, bias)
-    return torch.ops.nf4lora.matmul_4bit(x, flat, state.absmax, state.blocksize, state.quant_type,
-                                         list(state.shape), *nested, state.nested_blocksize, bias)
+    weight = (_packed_bytes(packed, state), state.absmax, state.blocksize, state.quant_type, N, K, *nested,
+              state.nested_blocksize)
+    if (_plain_eager_cpu(x) and torch.is_grad_enabled()
+            and (x.requires_grad or (bias is not None and bias.requires_grad))):
+        return _EagerCpu.apply(x, bias, weight)
+    return _forward(x, weight, bias)  # no grad needed, or the op and its registered autograd
