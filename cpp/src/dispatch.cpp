@@ -27,6 +27,7 @@ struct CpuFeatures {
   bool avx2 = false;    // AVX2 + FMA + F16C, OS saves YMM state
   bool avx512 = false;  // AVX-512 F/BW/VL/DQ, OS saves ZMM state
   bool avx512_bf16 = false;  // and AVX512_BF16 (CPUID leaf 7 subleaf 1, EAX bit 5)
+  bool avx512_vbmi_gfni = false;  // and AVX512-VBMI + GFNI (leaf 7.0 ECX bits 1, 8): optimizer codec
 };
 
 CpuFeatures detect_cpu() {
@@ -47,6 +48,7 @@ CpuFeatures detect_cpu() {
   const bool zmm_state = (xcr0 & 0xE0) == 0xE0;  // opmask + ZMM_Hi256 + Hi16_ZMM
   const bool f512 = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30), vl = b & (1u << 31);
   f.avx512 = f.avx2 && zmm_state && f512 && dq && bw && vl;
+  f.avx512_vbmi_gfni = f.avx512 && (c & (1u << 1)) && (c & (1u << 8));
   const unsigned max_subleaf = a;
   if (f.avx512 && max_subleaf >= 1) {
     __cpuid_count(7, 1, a, b, c, d);
@@ -81,6 +83,8 @@ const detail::QuantKernels& active_kernels() { return kernels_for(active_cpu_var
 int64_t grain_blocks(int64_t blocksize) { return std::max<int64_t>(1, kGrainElements / blocksize); }
 
 }  // namespace
+
+bool detail::cpu_has_avx512_vbmi_gfni() { return cpu_features().avx512_vbmi_gfni; }
 
 const char* cpu_variant_name(CpuVariant v) {
   switch (v) {

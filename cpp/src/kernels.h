@@ -34,6 +34,9 @@ extern const QuantKernels kAvx2Kernels;
 extern const QuantKernels kAvx512Kernels;
 #endif
 
+// CPUID (dispatch.cpp): AVX-512 with VBMI and GFNI, for the optimizer's byte-permute codec.
+bool cpu_has_avx512_vbmi_gfni();
+
 // Absmax of block b for dequantization (plain or double-quantized), computed as bitsandbytes does.
 inline float block_absmax(const AbsmaxSource& a, int64_t b) {
   if (!a.nested()) return a.absmax[b];

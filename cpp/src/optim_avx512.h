@@ -60,7 +60,6 @@ struct Avx512Ops {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                         _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
-
 };
 
 }  // namespace

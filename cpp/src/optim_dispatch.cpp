@@ -11,14 +11,11 @@
 #include <string>
 
 #include "checks.h"
+#include "kernels.h"
 #include "nf4lora/optim.h"
 #include "nf4lora/quantize.h"
 #include "optim_kernels.h"
 #include "parallel.h"
-
-#if defined(__x86_64__) || defined(_M_X64)
-#include <cpuid.h>
-#endif
 
 namespace nf4lora {
 namespace {
@@ -26,18 +23,6 @@ namespace {
 using namespace detail;
 
 constexpr int64_t kGrainBlocks = (int64_t{1} << 16) / kOptimBlock;  // ~64K elements per thread
-
-// AVX512-VBMI (CPUID 7.0 ECX bit 1) and GFNI (bit 8); the AVX-512 variant checks the rest.
-bool cpu_has_vbmi_gfni() {
-#if defined(NF4LORA_HAVE_AVX512VBMI) && (defined(__x86_64__) || defined(_M_X64))
-  if (__get_cpuid_max(0, nullptr) < 7) return false;
-  unsigned a, b, c, d;
-  __cpuid_count(7, 0, a, b, c, d);
-  return (c & (1u << 1)) && (c & (1u << 8));
-#else
-  return false;
-#endif
-}
 
 std::atomic<bool> g_vbmi_enabled{true};
 
@@ -99,8 +84,11 @@ int64_t run_blocks(AdamWBlocksFn fn, const AdamWArgs& a, int num_threads) {
 }  // namespace
 
 bool optim_vbmi_supported() {
-  static const bool ok = cpu_variant_supported(CpuVariant::AVX512) && cpu_has_vbmi_gfni();
-  return ok;
+#if defined(NF4LORA_HAVE_AVX512VBMI)
+  return cpu_variant_supported(CpuVariant::AVX512) && cpu_has_avx512_vbmi_gfni();
+#else
+  return false;
+#endif
 }
 
 void set_optim_vbmi(bool enabled) { g_vbmi_enabled.store(enabled); }
