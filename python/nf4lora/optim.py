@@ -50,14 +50,19 @@ _STATE32 = ("exp_avg", "exp_avg_sq")
 _STATE8 = ("state1", "state2", "absmax1", "absmax2")
 
 
-def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
-    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+def _check_types(betas: Any, **scalars: Any) -> None:
+    """TypeError unless every scalar hyperparameter is a real number and betas a pair of them."""
+    for name, value in scalars.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas):
         raise TypeError(f"betas must be floats, got {betas!r}")
+
+
+def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
+    _check_types(betas, lr=lr, eps=eps, weight_decay=weight_decay)
     # The native check names the first bad value: lr < 0, a beta outside [0, 1), eps <= 0,
     # weight_decay < 0, or anything non-finite.
     _C.adamw_check(float(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay), 1)
@@ -415,13 +420,7 @@ class PagedAdamW8bit(AdamW):
 
 
 def _check_lion_hyper(lr: Any, betas: Any, weight_decay: Any) -> None:
-    for name, value in (("lr", lr), ("weight_decay", weight_decay)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas):
-        raise TypeError(f"betas must be floats, got {betas!r}")
+    _check_types(betas, lr=lr, weight_decay=weight_decay)
     _C.lion_check(float(lr), float(betas[0]), float(betas[1]), float(weight_decay))
 
 
