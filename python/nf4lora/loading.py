@@ -233,28 +233,25 @@ def _fill(model: nn.Module, tensors: Iterator[tuple[str, Tensor]], quantize: Opt
             else:
                 biases[module_name] = t.to(compute_dtype)
             continue
-        if module_name in targets and leaf == "weight":
-            bias = biases.pop(module_name, None)
-            if bias is None and reader is not None and module_name + ".bias" in reader:
-                bias = reader.get(module_name + ".bias").to(compute_dtype)
-            if not t.is_floating_point() or (reader is not None and any(k.startswith(key + ".") for k in reader.keys())):
-                raise ValueError(f"source: {key} is already quantized; LoRA init={layerwise.init!r} needs "
-                                 "the dense weight (load a bf16/fp32 checkpoint)")
-            parent_name, _, child = module_name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            old = getattr(parent, child)
-            # Cast first, as the plain path does before quantizing (the same codes).
-            dense = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
-            dense.weight = nn.Parameter(t.to(compute_dtype).contiguous(), requires_grad=False)
-            if bias is not None:
-                dense.bias = nn.Parameter(bias, requires_grad=False)
-            del t
-            setattr(parent, child, layerwise.wrap(module_name, dense))
-            continue
         if module_name in linears and leaf == "weight":
             bias = biases.pop(module_name, None)
             if bias is None and reader is not None and module_name + ".bias" in reader:
                 bias = reader.get(module_name + ".bias").to(compute_dtype)
+            parent_name, _, child = module_name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if module_name in targets:  # the LoRA layer, made from the dense weight (layerwise.wrap)
+                if not t.is_floating_point():  # load_model refuses 4-bit checkpoints first; other odd files
+                    raise ValueError(f"source: {key} is already quantized; LoRA init={layerwise.init!r} "
+                                     "needs the dense weight (load a bf16/fp32 checkpoint)")
+                old = getattr(parent, child)
+                # Cast first, as the plain path does before quantizing (the same codes).
+                dense = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
+                dense.weight = nn.Parameter(t.to(compute_dtype).contiguous(), requires_grad=False)
+                if bias is not None:
+                    dense.bias = nn.Parameter(bias, requires_grad=False)
+                del t
+                setattr(parent, child, layerwise.wrap(module_name, dense))
+                continue
             state_dict = ({k: reader.get(k) for k in reader.keys() if k.startswith(key + ".")}
                           if reader is not None else {})
             if state_dict:  # a bitsandbytes 4-bit checkpoint: the codes and scales as saved
@@ -266,8 +263,6 @@ def _fill(model: nn.Module, tensors: Iterator[tuple[str, Tensor]], quantize: Opt
                     raise ValueError(f"source: {key} is {t.dtype}, not a float weight")
                 # Cast first, as transformers + bitsandbytes do: the same codes as theirs.
                 packed, state = quantize_4bit(t.to(compute_dtype).contiguous(), blocksize, quantize, double_quant)
-            parent_name, _, child = module_name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
             has_bias = getattr(parent, child).bias is not None
             setattr(parent, child, _linear4bit(packed, state, has_bias, bias, compute_dtype))
             continue
@@ -387,6 +382,9 @@ def load_model(source: Union[str, os.PathLike, None] = None, quantize: Optional[
                                  "checkpoints load as is")
             if quantize is None:
                 raise ValueError("quantize=None cannot load a 4-bit checkpoint dense; use quantize='nf4'")
+            if getattr(lora, "init", None) in ("loftq", "pissa"):
+                raise ValueError(f"source: {path} is already quantized (bitsandbytes 4-bit); LoRA "
+                                 f"init={lora.init!r} needs the dense weights (load a bf16/fp32 checkpoint)")
             skip = tuple(qconfig.get("llm_int8_skip_modules") or ()) or skip
             del config.quantization_config
         model = _empty_model(config, compute_dtype)
