@@ -87,7 +87,8 @@ def main() -> None:
 
 def overhead(n: int = 64, calls: int = 2000, rounds: int = 5) -> None:
     """Microseconds per call where the kernel is nothing: matmul_4bit (eager CPU path), the
-    registered op it bypasses, the same with x requiring grad (forward only), dense F.linear."""
+    registered op it bypasses, the same with x requiring grad (forward only), a LoraLinear over
+    the same weight (r 8, no grad), dense F.linear."""
     import time
     w = torch.randn(n, n) * 0.02
     packed, state = nf4lora.quantize_4bit(w.bfloat16(), 64, "nf4", double_quant=True)
@@ -95,11 +96,19 @@ def overhead(n: int = 64, calls: int = 2000, rounds: int = 5) -> None:
     x = torch.randn(1, n, dtype=torch.bfloat16)
     xg = x.clone().requires_grad_()
     nested = (state.nested_absmax, state.nested_code, state.offset)
+    lora = nf4lora.get_lora_model(torch.nn.Sequential(torch.nn.Linear(n, n, bias=False)),
+                                  nf4lora.LoraConfig(r=8, target_modules=["0"]), quantize="nf4")[0]
+
+    def lora_call():
+        with torch.no_grad():
+            return lora(x)
+
     calls_ = {
         "matmul_4bit": lambda: nf4lora.matmul_4bit(x, packed, state),
         "matmul_4bit, x.requires_grad": lambda: nf4lora.matmul_4bit(xg, packed, state),
         "torch.ops.nf4lora.matmul_4bit": lambda: torch.ops.nf4lora.matmul_4bit(
             x, packed.view(-1), state.absmax, 64, "nf4", [n, n], *nested, state.nested_blocksize, None),
+        "LoraLinear(Linear4bit), r 8": lora_call,
         "dense F.linear": lambda: torch.nn.functional.linear(x, w_dense),
     }
     best = {name: float("inf") for name in calls_}
