@@ -90,12 +90,11 @@ def make_optimizers(p: torch.Tensor, device: str, page_dir: str, with_bnb: bool)
     if with_bnb:
         import bitsandbytes as bnb
         yield "bitsandbytes AdamW8bit", b8, BYTES_8, lambda: bnb.optim.AdamW8bit([p], **hp)
-    if device == "cpu":  # Lion: CPU kernels only
-        yield "nf4lora Lion 32-bit", 4.0, BYTES_LION_32, lambda: optim.Lion([p], **hp)
-        l8 = optim.state_bytes_per_param(p.numel(), 8, moments=1)
-        yield "nf4lora Lion8bit", l8, BYTES_LION_8, lambda: optim.Lion8bit([p], **hp)
-        if with_bnb:
-            yield "bitsandbytes Lion8bit", l8, BYTES_LION_8, lambda: bnb.optim.Lion8bit([p], **hp)
+    yield "nf4lora Lion 32-bit", 4.0, BYTES_LION_32, lambda: optim.Lion([p], **hp)
+    l8 = optim.state_bytes_per_param(p.numel(), 8, moments=1)
+    yield "nf4lora Lion8bit", l8, BYTES_LION_8, lambda: optim.Lion8bit([p], **hp)
+    if with_bnb:
+        yield "bitsandbytes Lion8bit", l8, BYTES_LION_8, lambda: bnb.optim.Lion8bit([p], **hp)
 
 
 def main() -> None:

@@ -90,6 +90,7 @@ fi
 SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
 SAN_PY="$OUT/sanitize_case.py"
 cat >"$SAN_PY" <<'EOF'
+import itertools
 import torch, nf4lora
 code = nf4lora.dynamic_map().cuda()
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -111,15 +112,15 @@ for N, K in ((72, 40), (96, 256), (64, 136)):
             matmul_cuda.TC_MAX_M = tc
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             nf4lora.matmul_4bit(x, p, s).float().sum().backward()
-for bits in (32, 8):  # the fused AdamW kernels, plain and paged (managed) state, awkward sizes
-    for paged in (False, True):
-        ps = [torch.nn.Parameter(torch.randn(n, device="cuda", dtype=dt))
-              for n, dt in ((1, torch.float32), (4097, torch.bfloat16), (100_003, torch.float16))]
-        opt = nf4lora.optim.AdamW(ps, lr=1e-3, optim_bits=bits, paged=paged)
-        for _ in range(2):
-            for p in ps:
-                p.grad = torch.randn_like(p)
-            opt.step()
+# The fused AdamW and Lion kernels, 32- and 8-bit, plain and paged (managed) state, awkward sizes.
+for cls, bits, paged in itertools.product((nf4lora.optim.AdamW, nf4lora.optim.Lion), (32, 8), (False, True)):
+    ps = [torch.nn.Parameter(torch.randn(n, device="cuda", dtype=dt))
+          for n, dt in ((1, torch.float32), (4097, torch.bfloat16), (100_003, torch.float16))]
+    opt = cls(ps, lr=1e-3, optim_bits=bits, paged=paged)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
 torch.cuda.synchronize()
 print("sanitizer case done")
 EOF

@@ -296,6 +296,20 @@ PYBIND11_MODULE(_C, m) {
                           hyper(lr, beta1, beta2, eps, weight_decay, step),
                           ptr<int32_t>(skipped), ptr<void>(stream));
         }, gil());
+  m.def("lion_32bit_cuda",
+        [lion_hyper](uintptr_t param, int dt, uintptr_t grad, uintptr_t m1, int64_t n, double lr,
+                     double beta1, double beta2, double weight_decay, uintptr_t skipped, uintptr_t stream) {
+          lion_32bit_cuda(ptr<void>(param), dtype(dt), ptr<const void>(grad), ptr<float>(m1), n,
+                          lion_hyper(lr, beta1, beta2, weight_decay), ptr<int32_t>(skipped), ptr<void>(stream));
+        }, gil());
+  m.def("lion_8bit_cuda",
+        [lion_hyper](uintptr_t param, int dt, uintptr_t grad, uintptr_t qm, uintptr_t absmax_m, int64_t n,
+                     double lr, double beta1, double beta2, double weight_decay, uintptr_t skipped,
+                     uintptr_t stream) {
+          lion_8bit_cuda(ptr<void>(param), dtype(dt), ptr<const void>(grad), ptr<uint8_t>(qm),
+                         ptr<float>(absmax_m), n, lion_hyper(lr, beta1, beta2, weight_decay),
+                         ptr<int32_t>(skipped), ptr<void>(stream));
+        }, gil());
   m.def("managed_alloc", [](int64_t nbytes) {
     return reinterpret_cast<uintptr_t>(managed_alloc(nbytes));
   }, "Zero-filled cudaMallocManaged memory; returns its address");

@@ -1,6 +1,6 @@
 """Paged AdamW and Lion optimizers with fp32 or 8-bit blockwise state on fused native update kernels
-(``nf4lora._C.adamw_{32,8}bit_{cpu,cuda}``, ``lion_{32,8}bit_cpu``; nf4lora/optim.h holds the math,
-cuda/optim.cu the GPU AdamW). Reference: torch.optim.AdamW and lion-pytorch's Lion (the updates)
+(``nf4lora._C.{adamw,lion}_{32,8}bit_{cpu,cuda}``; nf4lora/optim.h holds the math, cuda/optim.cu
+the GPU kernels). Reference: torch.optim.AdamW and lion-pytorch's Lion (the updates)
 and bitsandbytes' AdamW8bit / Lion8bit / PagedAdamW (the 8-bit state layout and what is paged).
 Tested by tests/test_optim.py against them.
 
@@ -315,21 +315,24 @@ class AdamW(torch.optim.Optimizer):
 
     def _step_cuda(self, p: Tensor, grad: Tensor, state: Dict[str, Any], hyper: Tuple,
                    counter: Tensor) -> None:
-        n, dt = p.numel(), dtype_code(p.dtype)
         stream = torch.cuda.current_stream(p.device).cuda_stream
-        keys = _STATE8 if "state1" in state else _STATE32
-        if self.paged and _C.managed_prefetch_supported(p.device.index or 0):
-            for key in keys:  # page the state in before the update reads it
+        device = p.device.index or 0
+        if self.paged and _C.managed_prefetch_supported(device):
+            for key in self._expected_shapes(p):  # page the state in before the update reads it
                 t = state[key]
                 if t.numel() >= MIN_PAGED_SIZE:
-                    _C.managed_prefetch(t.data_ptr(), t.numel() * t.element_size(),
-                                        p.device.index or 0, stream)
+                    _C.managed_prefetch(t.data_ptr(), t.numel() * t.element_size(), device, stream)
+        self._launch_cuda(p, grad, state, hyper, counter.data_ptr(), stream)
+
+    def _launch_cuda(self, p: Tensor, grad: Tensor, state: Dict[str, Any], hyper: Tuple, skipped: int,
+                     stream: int) -> None:
+        n, dt = p.numel(), dtype_code(p.dtype)
         if "state1" in state:
-            _C.adamw_8bit_cuda(p.data_ptr(), dt, grad.data_ptr(), *(state[k].data_ptr() for k in keys),
-                               n, *hyper, counter.data_ptr(), stream)
+            _C.adamw_8bit_cuda(p.data_ptr(), dt, grad.data_ptr(), *(state[k].data_ptr() for k in _STATE8),
+                               n, *hyper, skipped, stream)
         else:
-            _C.adamw_32bit_cuda(p.data_ptr(), dt, grad.data_ptr(), *(state[k].data_ptr() for k in keys),
-                                n, *hyper, counter.data_ptr(), stream)
+            _C.adamw_32bit_cuda(p.data_ptr(), dt, grad.data_ptr(), *(state[k].data_ptr() for k in _STATE32),
+                                n, *hyper, skipped, stream)
 
     # ---- state dict -----------------------------------------------------------------------------
 
@@ -431,8 +434,8 @@ class Lion(AdamW):
     ``optim_bits=32`` keeps the momentum in fp32 (4 bytes/param, ``state["exp_avg"]``); ``8`` in
     bitsandbytes' 8-bit blockwise format with the signed dynamic map (``state1``, ``absmax1``: 1.02
     bytes/param; tensors under ``min_8bit_size`` keep fp32). ``paged=True`` pages large buffers to
-    files in ``page_dir`` as AdamW does. Non-finite gradient blocks are skipped as in AdamW. CPU
-    only for now: a CUDA param raises before any update.
+    files in ``page_dir`` as AdamW does (managed memory on CUDA). Non-finite gradient blocks are
+    skipped as in AdamW. Fused native step on the CPU and on CUDA.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: Tuple[float, float] = (0.9, 0.99),
@@ -450,12 +453,6 @@ class Lion(AdamW):
         beta1, beta2 = group["betas"]
         return float(group["lr"]), float(beta1), float(beta2), float(group["weight_decay"])
 
-    def _check_param(self, p: Tensor, where: str) -> None:
-        super()._check_param(p, where)
-        if p.device.type != "cpu":
-            raise NotImplementedError(f"{where}: {type(self).__name__} has CPU kernels only, the param "
-                                      f"is on {p.device}")
-
     def _expected_shapes(self, p: Tensor) -> Dict[str, Tuple[int, torch.dtype]]:
         n = p.numel()
         if self._uses_8bit(p):
@@ -469,6 +466,16 @@ class Lion(AdamW):
                                     state["absmax1"].data_ptr(), n, *hyper, num_threads())
         return _C.lion_32bit_cpu(p.data_ptr(), dt, grad.data_ptr(), state["exp_avg"].data_ptr(), n,
                                  *hyper, num_threads())
+
+    def _launch_cuda(self, p: Tensor, grad: Tensor, state: Dict[str, Any], hyper: Tuple, skipped: int,
+                     stream: int) -> None:
+        n, dt = p.numel(), dtype_code(p.dtype)
+        if "state1" in state:
+            _C.lion_8bit_cuda(p.data_ptr(), dt, grad.data_ptr(), state["state1"].data_ptr(),
+                              state["absmax1"].data_ptr(), n, *hyper, skipped, stream)
+        else:
+            _C.lion_32bit_cuda(p.data_ptr(), dt, grad.data_ptr(), state["exp_avg"].data_ptr(), n, *hyper,
+                               skipped, stream)
 
 
 class PagedLion(Lion):

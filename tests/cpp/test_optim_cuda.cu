@@ -1,5 +1,5 @@
-// test_optim_cuda.cu — cuda/optim.cu against the CPU reference (optim_ref.cpp), bit for bit:
-// params, fp32 state, 8-bit codes and absmax, skipped-block counts, for every param dtype, awkward
+// test_optim_cuda.cu — cuda/optim.cu against the CPU reference (optim_ref.cpp), bit for bit, for
+// AdamW and Lion: params, fp32 state, 8-bit codes and absmax, skipped-block counts, for every param dtype, awkward
 // sizes and several steps with a NaN gradient block; state in cudaMallocManaged memory (prefetched
 // as the paged optimizer does) and param/grad in device memory. Prints the GB/s of a 50M step
 // (unless NF4LORA_NO_BENCH is set, e.g. under compute-sanitizer).
@@ -22,9 +22,10 @@ using namespace nf4lora;
 namespace {
 
 int g_failed = 0, g_passed = 0;
+const char* g_algo = "AdamW";
 void check(bool ok, const char* what, int dt, long n, int bits) {
   if (ok) { ++g_passed; return; }
-  if (++g_failed <= 30) std::printf("FAIL: %s (dtype %d, n %ld, %d-bit)\n", what, dt, n, bits);
+  if (++g_failed <= 30) std::printf("FAIL: %s %s (dtype %d, n %ld, %d-bit)\n", g_algo, what, dt, n, bits);
 }
 
 void put(std::vector<uint8_t>& b, DType dt, int64_t i, float x) {
@@ -45,7 +46,8 @@ template <class T> std::vector<T> host(const T* d, size_t n) {
   return h;
 }
 
-void compare(DType dt, int64_t n, bool eight) {
+void compare(DType dt, int64_t n, bool eight, bool lion) {
+  g_algo = lion ? "Lion" : "AdamW";
   const size_t es = dt == DType::F32 ? 4 : 2, nb = optim_num_blocks(n);
   std::mt19937 rng(static_cast<uint32_t>(n));
   std::normal_distribution<float> normal;
@@ -64,6 +66,9 @@ void compare(DType dt, int64_t n, bool eight) {
   AdamWHyper h;
   h.lr = 1e-2;
   h.weight_decay = 0.1;
+  LionHyper lh;
+  lh.lr = 1e-3;
+  lh.weight_decay = 0.1;
   for (int step = 1; step <= 3; ++step) {
     std::vector<uint8_t> g(n * es);
     for (int64_t i = 0; i < n; ++i) put(g, dt, i, normal(rng) * std::pow(10.0f, float(i / 256 % 5) - 3));
@@ -71,7 +76,13 @@ void compare(DType dt, int64_t n, bool eight) {
     h.step = step;
     uint8_t* dg = dev(g);
     managed_prefetch(dm, 4 * n, 0, nullptr);
-    if (eight) {
+    if (lion && eight) {
+      cpu_skipped += lion_8bit_cpu(p.data(), dt, g.data(), qm.data(), am.data(), n, lh, 2);
+      lion_8bit_cuda(dp, dt, dg, dqm, dam, n, lh, dskip, nullptr);
+    } else if (lion) {
+      cpu_skipped += lion_32bit_cpu(p.data(), dt, g.data(), m.data(), n, lh, 2);
+      lion_32bit_cuda(dp, dt, dg, dm, n, lh, dskip, nullptr);
+    } else if (eight) {
       cpu_skipped += adamw_8bit_cpu(p.data(), dt, g.data(), qm.data(), qv.data(), am.data(), av.data(), n, h, 2);
       adamw_8bit_cuda(dp, dt, dg, dqm, dqv, dam, dav, n, h, dskip, nullptr);
     } else {
@@ -103,10 +114,15 @@ void bench(int64_t n) {
   cudaMemset(p, 0, 4 * n); cudaMemset(g, 0, 4 * n); cudaMemset(m, 0, 4 * n); cudaMemset(v, 0, 4 * n);
   cudaMemset(qm, 0, n); cudaMemset(qv, 0, n); cudaMemset(am, 0, 4 * optim_num_blocks(n)); cudaMemset(av, 0, 4 * optim_num_blocks(n));
   AdamWHyper h;
-  for (int eight = 0; eight < 2; ++eight) {
+  LionHyper lh;
+  struct Variant { const char* name; double bytes; };  // bytes a step moves per fp32 param
+  const Variant variants[] = {{"AdamW 32-bit", 28}, {"AdamW 8-bit", 16}, {"Lion 32-bit", 20}, {"Lion 8-bit", 14}};
+  for (int k = 0; k < 4; ++k) {
     auto run = [&] {
-      if (eight) adamw_8bit_cuda(p, DType::F32, g, qm, qv, am, av, n, h, nullptr, nullptr);
-      else adamw_32bit_cuda(p, DType::F32, g, m, v, n, h, nullptr, nullptr);
+      if (k == 0) adamw_32bit_cuda(p, DType::F32, g, m, v, n, h, nullptr, nullptr);
+      else if (k == 1) adamw_8bit_cuda(p, DType::F32, g, qm, qv, am, av, n, h, nullptr, nullptr);
+      else if (k == 2) lion_32bit_cuda(p, DType::F32, g, m, n, lh, nullptr, nullptr);
+      else lion_8bit_cuda(p, DType::F32, g, qm, am, n, lh, nullptr, nullptr);
     };
     run();
     cudaDeviceSynchronize();
@@ -114,9 +130,9 @@ void bench(int64_t n) {
     for (int i = 0; i < 20; ++i) run();
     cudaDeviceSynchronize();
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / 20;
-    std::printf("%lldM fp32 params, %s state: %.3f ms/step, %.0f GB/s of %d bytes/param\n",
-                (long long)(n / 1000000), eight ? "8-bit" : "32-bit", s * 1e3,
-                (eight ? 16.0 : 28.0) * n / s / 1e9, eight ? 16 : 28);
+    std::printf("%lldM fp32 params, %s: %.3f ms/step, %.0f GB/s of %.0f bytes/param\n",
+                (long long)(n / 1000000), variants[k].name, s * 1e3, variants[k].bytes * n / s / 1e9,
+                variants[k].bytes);
   }
   for (void* x : {(void*)p, (void*)g, (void*)m, (void*)v, (void*)qm, (void*)qv, (void*)am, (void*)av}) cudaFree(x);
 }
@@ -132,7 +148,8 @@ int main() {
   std::printf("concurrent managed access: %d\n", managed_prefetch_supported(0) ? 1 : 0);
   for (DType dt : {DType::F32, DType::F16, DType::BF16})
     for (int64_t n : {1000, 4097, 70001, 160787})
-      for (bool eight : {false, true}) compare(dt, n, eight);
+      for (bool eight : {false, true})
+        for (bool lion : {false, true}) compare(dt, n, eight, lion);
   if (std::getenv("NF4LORA_NO_BENCH") == nullptr) bench(50000000);
   std::printf("test_optim_cuda: %d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;

@@ -3,7 +3,8 @@
 // Reference: torch.optim.AdamW (the 32-bit math) and bitsandbytes' AdamW8bit (8-bit state: blocks
 // of 256, signed dynamic map for m, unsigned map for v, fp32 absmax per block; format.h's maps).
 // Tested by tests/cpp/test_optim.cpp (every CPU variant vs the reference, bit for bit) and
-// tests/test_optim.py (vs torch.optim.AdamW and bitsandbytes); CUDA by tests/test_optim.py -m cuda.
+// tests/test_optim.py (vs torch.optim.AdamW and bitsandbytes); CUDA by tests/cpp/test_optim_cuda.cu
+// and tests/test_optim*.py -m cuda.
 #pragma once
 
 #include <cmath>
@@ -115,7 +116,7 @@ void decode_8bit_state_cpu(bool signed_map, const uint8_t* codes, int64_t n, flo
 
 // Lion with fp32 state (m: n floats) or 8-bit blockwise state (qm: n codes of kDynamicSigned,
 // absmax_m: optim_num_blocks(n) floats), same rules as the AdamW entry points above (blocks with
-// non-finite gradients skipped and counted). CPU only.
+// non-finite gradients skipped and counted); CUDA versions below.
 int64_t lion_32bit_cpu(void* param, DType dtype, const void* grad, float* m, int64_t n,
                        const LionHyper& h, int num_threads);
 int64_t lion_8bit_cpu(void* param, DType dtype, const void* grad, uint8_t* qm, float* absmax_m,
@@ -129,6 +130,10 @@ void adamw_32bit_cuda(void* param, DType dtype, const void* grad, float* m, floa
 void adamw_8bit_cuda(void* param, DType dtype, const void* grad, uint8_t* qm, uint8_t* qv,
                      float* absmax_m, float* absmax_v, int64_t n, const AdamWHyper& h,
                      int32_t* skipped, void* stream);
+void lion_32bit_cuda(void* param, DType dtype, const void* grad, float* m, int64_t n, const LionHyper& h,
+                     int32_t* skipped, void* stream);
+void lion_8bit_cuda(void* param, DType dtype, const void* grad, uint8_t* qm, float* absmax_m, int64_t n,
+                    const LionHyper& h, int32_t* skipped, void* stream);
 
 // Managed (unified) memory for paged state: zero-filled cudaMallocManaged memory, and a prefetch to
 // `device` on `stream` that is a no-op on devices without concurrent managed access (there the
