@@ -451,17 +451,14 @@ def test_constructor_signature_used_by_the_cli():
 
 # ---- CUDA --------------------------------------------------------------------------------------------
 
-@pytest.mark.cuda
-@needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("bits_", [32, 8])
-@pytest.mark.parametrize("paged", [False, True])
-def test_cuda_equals_cpu_bit_for_bit(dtype, bits_, paged):
+def check_cuda_equals_cpu(cls, hyper, dtype, bits_, paged, seed):
+    """Three steps of optimizer class `cls` on the CPU and on the GPU (state paged or not) from the
+    same param and grads, one with a NaN: same skipped block, same param and state bits."""
     shape = (517, 311)  # 160787 elements: paged buffers, a partial last block
-    cpu = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(dtype).requires_grad_()
+    cpu = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype).requires_grad_()
     gpu = cpu.detach().cuda().requires_grad_()
-    oc = optim.AdamW([cpu], **HYPER, optim_bits=bits_)
-    og = optim.AdamW([gpu], **HYPER, optim_bits=bits_, paged=paged)
+    oc = cls([cpu], **hyper, optim_bits=bits_)
+    og = cls([gpu], **hyper, optim_bits=bits_, paged=paged)
     for step in range(3):
         g = _grads([cpu], step)[0].to(dtype)
         g[0, 5] = float("nan") if step == 1 else g[0, 5]
@@ -470,10 +467,20 @@ def test_cuda_equals_cpu_bit_for_bit(dtype, bits_, paged):
             warnings.simplefilter("ignore", RuntimeWarning)
             oc.step(), og.step()
     assert oc.skipped_blocks == og.skipped_blocks == 1
-    assert torch.equal(bits(cpu), bits(gpu))
+    assert torch.equal(bits(cpu), bits(gpu.cpu()))
+    assert set(og.state[gpu]) == set(oc.state[cpu])
     for k, v in oc.state[cpu].items():
         if torch.is_tensor(v):
-            assert torch.equal(bits(v), bits(og.state[gpu][k])), k
+            assert torch.equal(bits(v), bits(og.state[gpu][k].cpu())), k
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits_", [32, 8])
+@pytest.mark.parametrize("paged", [False, True])
+def test_cuda_equals_cpu_bit_for_bit(dtype, bits_, paged):
+    check_cuda_equals_cpu(optim.AdamW, HYPER, dtype, bits_, paged, seed=2)
 
 
 @pytest.mark.cuda

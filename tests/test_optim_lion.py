@@ -6,7 +6,6 @@ installed (same state format; one step from the same state). Also: 8-bit trains 
 state_dict resume, paged files, bad input; on a GPU, the CUDA kernels equal the CPU ones bit for bit."""
 import gc
 import os
-import warnings
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import nf4lora
 from nf4lora import optim
 from nf4lora._native import _C
 
-from .test_optim import _grads, _params, needs_gpu  # the same random problems as the AdamW tests
+from .test_optim import _grads, _params, check_cuda_equals_cpu, needs_gpu  # AdamW's problems and checks
 
 SIGNED = torch.tensor(_C.dynamic_map(True))
 HYPER = dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
@@ -256,21 +255,4 @@ def test_lion_bad_inputs_leave_params_unchanged():
 @pytest.mark.parametrize("bits_", [32, 8])
 @pytest.mark.parametrize("paged", [False, True])
 def test_lion_cuda_equals_cpu_bit_for_bit(dtype, bits_, paged):
-    shape = (517, 311)  # 160787 elements: paged buffers, a partial last block
-    cpu = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype).requires_grad_()
-    gpu = cpu.detach().cuda().requires_grad_()
-    oc = optim.Lion([cpu], **HYPER, optim_bits=bits_)
-    og = optim.Lion([gpu], **HYPER, optim_bits=bits_, paged=paged)
-    for step in range(3):
-        g = _grads([cpu], step)[0].to(dtype)
-        g[0, 5] = float("nan") if step == 1 else g[0, 5]
-        cpu.grad, gpu.grad = g.clone(), g.cuda()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            oc.step(), og.step()
-    assert oc.skipped_blocks == og.skipped_blocks == 1
-    assert torch.equal(bits(cpu), bits(gpu.cpu()))
-    assert set(og.state[gpu]) == set(oc.state[cpu])
-    for k, v in oc.state[cpu].items():
-        if torch.is_tensor(v):
-            assert torch.equal(bits(v), bits(og.state[gpu][k].cpu())), k
+    check_cuda_equals_cpu(optim.Lion, HYPER, dtype, bits_, paged, seed=3)
