@@ -208,10 +208,6 @@ Maps host_maps() {
   return maps;
 }
 
-}  // namespace
-
-namespace {
-
 // What every entry point checks after its hyperparameters: n and the param dtype, then (unless
 // n == 0: nothing to do, returns false) each pointer it was given, named as in Python's state.
 bool check_step(int64_t n, DType dtype, std::initializer_list<std::pair<const void*, const char*>> pointers) {

@@ -89,13 +89,16 @@ def test_fused_forward_and_backward_within_twice_the_unfused_error(dtype, device
             assert err <= 2 * same_err + 1e-6 * scale, (N, K, what, err, same_err)
 
 
-def test_fp32_gemm_route_is_the_same_under_autocast(monkeypatch):
-    """The fp32 route (bf16, more rows than the fused kernels take) gives the same bits with and
-    without autocast around it: autocast must not turn its fp32 GEMMs back into bf16 ones."""
+@pytest.mark.parametrize("rows", [3, 40])
+def test_fp32_gemm_route_is_the_same_under_autocast(rows, monkeypatch):
+    """The fp32 routes on the CPU give the same bits with and without autocast around them:
+    autocast must not turn their fp32 GEMMs back into bf16 ones. 40 rows: base and adapter in
+    fp32 (bf16, more rows than the fused kernels take); 3 rows: the fused base kernel, the
+    adapter's products in fp32."""
     monkeypatch.setattr(nl.matmul, "CPU_GEMM_FP32", True)
     layer = lora_layer_4bit(96, 130, dtype=torch.bfloat16)
-    x = torch.randn(40, 130).bfloat16()
-    gy = torch.randn(40, 96)
+    x = torch.randn(rows, 130).bfloat16()
+    gy = torch.randn(rows, 96)
     plain = grads_of(layer, layer, x, gy)
 
     def under_autocast(t):

@@ -23,6 +23,14 @@ from .functional import _packed_bytes, dequantize_4bit, quantize_4bit
 from .nn import Linear4bit
 
 
+def _adapter_in_fp32(x: Tensor) -> bool:
+    """Whether LoraMatmul4bit computes the adapter's two thin products in fp32 for x: on the CPU
+    for bf16 and fp16. Those [M, K] x [K, r] GEMMs in bf16 go to oneDNN, which may wake its OpenMP
+    threads for them: a LoraLinear over a 64x64 Linear4bit (r 8, M = 1) measured 0.4-1.5 ms a
+    call on this 2-vCPU VM, against tens of microseconds for the same products in fp32 (MKL)."""
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+
+
 class LoraMatmul4bit(torch.autograd.Function):
     """y = x W^T + b + s (x_d A^T) B^T in one function, W given by its packed 4-bit codes.
 
@@ -51,7 +59,10 @@ class LoraMatmul4bit(torch.autograd.Function):
     in fp32 (as matmul_4bit's fp32 route and the fused kernels use it), and the fp32 adapter
     weights as they are; x_a stays fp32, y and dL/dx are rounded to bf16 once at the end. At least
     the precision of the bf16 route (no bf16 rounding of W, A, B, x_a or of the partial sums), at
-    fp32 GEMM speed (~2x bf16 without AMX)."""
+    fp32 GEMM speed (~2x bf16 without AMX). With fewer rows (the fused kernels' range) on the CPU,
+    bf16 and fp16 alike, only the adapter's products run in fp32 (_adapter_in_fp32): the base
+    term comes from the fused kernels in x's dtype and the fp32 LoRA term is added to it, as PEFT
+    adds its fp32 adapter output."""
 
     @staticmethod
     def forward(ctx, x, x_d, A, B, scaling, bias, packed, absmax, blocksize, quant_type, shape,
@@ -66,20 +77,25 @@ class LoraMatmul4bit(torch.autograd.Function):
         rows = x.numel() // K if K else 0
         ctx.fp32 = (_mm._plain_eager_cpu(x) and rows > max(_mm.GEMV_MAX_M, _mm.GRAD_INPUT_MAX_M)
                     and _mm.cpu_gemm_in_fp32(x.dtype))
-        if ctx.fp32:
-            _mm._check_matmul(x, packed, absmax, shape, bias)
-            src = x if x_d is None else x_d
-            w = _mm._dequantized_fp32(*ctx.weight)
-            x32 = x.reshape(-1, K).float()
-            A32, B32 = A.float(), B.float()
+        ctx.adapter_fp32 = ctx.fp32 or _adapter_in_fp32(x)
+        src = x if x_d is None else x_d
+        if ctx.adapter_fp32:
             with torch.autocast("cpu", enabled=False):  # fp32 GEMMs, not autocast's bf16 ones
-                y = torch.nn.functional.linear(x32, w, None if bias is None else bias.float())
-                x_a = torch.mm(x32 if x_d is None else x_d.reshape(-1, K).float(), A32.t()).mul_(scaling)
-                y.addmm_(x_a, B32.t())
+                if ctx.fp32:
+                    _mm._check_matmul(x, packed, absmax, shape, bias)
+                    y = torch.nn.functional.linear(x.reshape(-1, K).float(), _mm._dequantized_fp32(*ctx.weight),
+                                                   None if bias is None else bias.float())
+                else:  # the fused kernel for the base, in x's dtype; the LoRA term is added into it
+                    y = _mm._forward(x, ctx.weight, bias).contiguous().view(-1, N)
+                A32, B32 = A.float(), B.float()
+                x_a = torch.mm(src.reshape(-1, K).float(), A32.t()).mul_(scaling)
+                if y.dtype == torch.float32:
+                    y.addmm_(x_a, B32.t())
+                else:
+                    y.add_(torch.mm(x_a, B32.t()))  # one rounding of the fp32 sum to x's dtype
             ctx.save_for_backward(src, x_a, A32, B32)
             return y.to(x.dtype).view(*x.shape[:-1], N)
         y = _mm._forward(x, ctx.weight, bias).contiguous()  # the LoRA term is added in place into this buffer
-        src = x if x_d is None else x_d
         Ac, Bc = A.to(x.dtype), B.to(x.dtype)
         x_a = torch.mm(src.reshape(-1, K), Ac.t()).mul_(scaling)
         y.view(-1, N).addmm_(x_a, Bc.t())
@@ -94,7 +110,7 @@ class LoraMatmul4bit(torch.autograd.Function):
         g = grad_y.reshape(-1, N)
         grad_x = grad_xd = grad_A = grad_B = grad_bias = None
         lora_x = need_xd or (need_x and not ctx.separate_dropout)
-        if ctx.fp32:
+        if ctx.adapter_fp32:
             with torch.autocast("cpu", enabled=False):
                 return LoraMatmul4bit._backward_fp32(ctx, g, src, x_a, Ac, Bc, lora_x) + (None,) * 9
         g_b = torch.mm(g, Bc).mul_(ctx.scaling) if (lora_x or need_A) else None
@@ -114,14 +130,17 @@ class LoraMatmul4bit(torch.autograd.Function):
 
     @staticmethod
     def _backward_fp32(ctx, g, src, x_a, A32, B32, lora_x):
-        """The backward formulas above in fp32 (see the class docstring); g is [M, N] in bf16."""
+        """The backward formulas above in fp32 (see the class docstring); g is [M, N] in bf16 or
+        fp16. dL/dx's base term is the fp32 GEMM over W dequantized in fp32 (ctx.fp32) or the fused
+        transposed kernel's result in g's dtype, widened."""
         need_x, need_xd, need_A, need_B, _, need_bias = ctx.needs_input_grad[:6]
         dtype, K = src.dtype, src.shape[-1]
         g32 = g.float()
         grad_x = grad_xd = grad_A = grad_B = grad_bias = None
         g_b = torch.mm(g32, B32).mul_(ctx.scaling) if (lora_x or need_A) else None
         if need_x:
-            gx = torch.mm(g32, _mm._dequantized_fp32(*ctx.weight))
+            gx = (torch.mm(g32, _mm._dequantized_fp32(*ctx.weight)) if ctx.fp32
+                  else _mm._grad_input(g, ctx.weight).reshape(-1, K).float())
             if not ctx.separate_dropout:
                 gx.addmm_(g_b, A32)
             grad_x = gx.to(dtype).view(src.shape)

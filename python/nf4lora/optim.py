@@ -429,13 +429,14 @@ def _check_lion_hyper(lr: Any, betas: Any, weight_decay: Any) -> None:
 
 class Lion(AdamW):
     """Lion (Chen et al. 2023): ``c = beta1 m + (1 - beta1) g``, ``p <- p (1 - lr wd) - lr sign(c)``,
-    ``m <- beta2 m + (1 - beta2) g``, with a fused native CPU step, as bitsandbytes' Lion / Lion8bit.
+    ``m <- beta2 m + (1 - beta2) g``, with a fused native CPU and CUDA step, as bitsandbytes' Lion /
+    Lion8bit.
 
     ``optim_bits=32`` keeps the momentum in fp32 (4 bytes/param, ``state["exp_avg"]``); ``8`` in
     bitsandbytes' 8-bit blockwise format with the signed dynamic map (``state1``, ``absmax1``: 1.02
     bytes/param; tensors under ``min_8bit_size`` keep fp32). ``paged=True`` pages large buffers to
     files in ``page_dir`` as AdamW does (managed memory on CUDA). Non-finite gradient blocks are
-    skipped as in AdamW. Fused native step on the CPU and on CUDA.
+    skipped as in AdamW.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: Tuple[float, float] = (0.9, 0.99),
