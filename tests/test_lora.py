@@ -65,7 +65,7 @@ def grads_of(fn, layer, x, gy):
 
 @pytest.mark.parametrize("fp32_gemm", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fused_forward_and_backward_within_twice_the_unfused_error(dtype, device, fp32_gemm, monkeypatch):
     # fp32_gemm: bf16 products above the fused-kernel sizes as fp32 GEMMs (nf4lora.matmul), forced on and off
     monkeypatch.setattr(nl.matmul, "CPU_GEMM_FP32", fp32_gemm)
