@@ -23,12 +23,15 @@ from .functional import _packed_bytes, dequantize_4bit, quantize_4bit
 from .nn import Linear4bit
 
 
-def _adapter_in_fp32(x: Tensor) -> bool:
-    """Whether LoraMatmul4bit computes the adapter's two thin products in fp32 for x: on the CPU
-    for bf16 and fp16. Those [M, K] x [K, r] GEMMs in bf16 go to oneDNN, which may wake its OpenMP
-    threads for them: a LoraLinear over a 64x64 Linear4bit (r 8, M = 1) measured 0.4-1.5 ms a
-    call on this 2-vCPU VM, against tens of microseconds for the same products in fp32 (MKL)."""
-    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+def _adapter_in_fp32(x: Tensor, rows: int) -> bool:
+    """Whether LoraMatmul4bit computes the adapter's two thin products in fp32 for x of `rows`
+    rows: on the CPU for bf16 and fp16 within the fused kernels' range of rows. Such tiny GEMMs in
+    bf16 go to oneDNN, which may wake its OpenMP threads for them: a LoraLinear over a 64x64
+    Linear4bit (r 8, M = 1) measured 0.4-1.5 ms a call on this 2-vCPU VM, against tens of
+    microseconds for the same products in fp32 (MKL). More rows keep their route (fp32 GEMMs
+    without AMX, bf16 ones with it)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+            and rows <= max(_mm.GEMV_MAX_M, _mm.GRAD_INPUT_MAX_M))
 
 
 class LoraMatmul4bit(torch.autograd.Function):
@@ -77,7 +80,7 @@ class LoraMatmul4bit(torch.autograd.Function):
         rows = x.numel() // K if K else 0
         ctx.fp32 = (_mm._plain_eager_cpu(x) and rows > max(_mm.GEMV_MAX_M, _mm.GRAD_INPUT_MAX_M)
                     and _mm.cpu_gemm_in_fp32(x.dtype))
-        ctx.adapter_fp32 = ctx.fp32 or _adapter_in_fp32(x)
+        ctx.adapter_fp32 = ctx.fp32 or _adapter_in_fp32(x, rows)
         src = x if x_d is None else x_d
         if ctx.adapter_fp32:
             with torch.autocast("cpu", enabled=False):  # fp32 GEMMs, not autocast's bf16 ones
