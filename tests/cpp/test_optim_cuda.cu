@@ -1,8 +1,8 @@
 // test_optim_cuda.cu — cuda/optim.cu against the CPU reference (optim_ref.cpp), bit for bit, for
 // AdamW and Lion: params, fp32 state, 8-bit codes and absmax, skipped-block counts, for every param
 // dtype, awkward sizes and several steps with a NaN gradient block; state in cudaMallocManaged
-// memory (prefetched as the paged optimizer does) and param/grad in device memory. Prints the GB/s of a 50M step
-// (unless NF4LORA_NO_BENCH is set, e.g. under compute-sanitizer).
+// memory (prefetched as the paged optimizer does) and param/grad in device memory. Prints the GB/s
+// of a 50M step (unless NF4LORA_NO_BENCH is set, e.g. under compute-sanitizer).
 // Built with CUDA builds (ctest: test_optim_cuda); exits 0 with a note when no GPU is present.
 #include <cuda_runtime.h>
 
