@@ -12,11 +12,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <initializer_list>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
-#include <utility>
 
 #include "common.cuh"
 #include "nf4lora/optim.h"
@@ -208,22 +206,13 @@ Maps host_maps() {
   return maps;
 }
 
-// What every entry point checks after its hyperparameters: n and the param dtype, then (unless
-// n == 0: nothing to do, returns false) each pointer it was given, named as in Python's state.
-bool check_step(int64_t n, DType dtype, std::initializer_list<std::pair<const void*, const char*>> pointers) {
-  check_n(n);
-  check_dtype(dtype, "dtype");
-  if (n == 0) return false;
-  for (const auto& [p, name] : pointers) check_ptr(p, name);
-  return true;
-}
-
 }  // namespace
 
 void adamw_32bit_cuda(void* param, DType dtype, const void* grad, float* m, float* v, int64_t n,
                       const AdamWHyper& h, int32_t* skipped, void* stream) {
   const AdamWScalars s = adamw_scalars(h);
-  if (!check_step(n, dtype, {{param, "param"}, {grad, "grad"}, {m, "exp_avg"}, {v, "exp_avg_sq"}})) return;
+  if (!check_optim_step_args(n, dtype, {{param, "param"}, {grad, "grad"}, {m, "exp_avg"}, {v, "exp_avg_sq"}}))
+    return;
   launch<Adamw32>(dtype, n, "adamw_32bit_cuda", static_cast<cudaStream_t>(stream), param, grad, m, v, n, s,
                   skipped);
 }
@@ -232,8 +221,8 @@ void adamw_8bit_cuda(void* param, DType dtype, const void* grad, uint8_t* qm, ui
                      float* absmax_m, float* absmax_v, int64_t n, const AdamWHyper& h,
                      int32_t* skipped, void* stream) {
   const AdamWScalars s = adamw_scalars(h);
-  if (!check_step(n, dtype, {{param, "param"}, {grad, "grad"}, {qm, "state1"}, {qv, "state2"},
-                             {absmax_m, "absmax1"}, {absmax_v, "absmax2"}}))
+  if (!check_optim_step_args(n, dtype, {{param, "param"}, {grad, "grad"}, {qm, "state1"}, {qv, "state2"},
+                                        {absmax_m, "absmax1"}, {absmax_v, "absmax2"}}))
     return;
   launch<Adamw8>(dtype, n, "adamw_8bit_cuda", static_cast<cudaStream_t>(stream), param, grad, qm, qv, absmax_m,
                  absmax_v, n, s, host_maps(), skipped);
@@ -242,14 +231,15 @@ void adamw_8bit_cuda(void* param, DType dtype, const void* grad, uint8_t* qm, ui
 void lion_32bit_cuda(void* param, DType dtype, const void* grad, float* m, int64_t n, const LionHyper& h,
                      int32_t* skipped, void* stream) {
   const LionScalars s = lion_scalars(h);
-  if (!check_step(n, dtype, {{param, "param"}, {grad, "grad"}, {m, "exp_avg"}})) return;
+  if (!check_optim_step_args(n, dtype, {{param, "param"}, {grad, "grad"}, {m, "exp_avg"}})) return;
   launch<Lion32>(dtype, n, "lion_32bit_cuda", static_cast<cudaStream_t>(stream), param, grad, m, n, s, skipped);
 }
 
 void lion_8bit_cuda(void* param, DType dtype, const void* grad, uint8_t* qm, float* absmax_m, int64_t n,
                     const LionHyper& h, int32_t* skipped, void* stream) {
   const LionScalars s = lion_scalars(h);
-  if (!check_step(n, dtype, {{param, "param"}, {grad, "grad"}, {qm, "state1"}, {absmax_m, "absmax1"}})) return;
+  if (!check_optim_step_args(n, dtype, {{param, "param"}, {grad, "grad"}, {qm, "state1"}, {absmax_m, "absmax1"}}))
+    return;
   launch<Lion8>(dtype, n, "lion_8bit_cuda", static_cast<cudaStream_t>(stream), param, grad, qm, absmax_m, n, s,
                 host_maps(), skipped);
 }

@@ -1,11 +1,14 @@
-// checks.h — argument validation shared by the CPU entry points (dispatch.cpp) and the CUDA ones
-// (cuda/quantize.cu), so both reject bad input with the same std::invalid_argument messages,
-// each naming the argument. Internal; tested through tests/cpp/test_core.cpp and the Python tests.
+// checks.h — argument validation shared by the CPU entry points (dispatch.cpp,
+// gemv_dispatch.cpp, optim_dispatch.cpp) and the CUDA ones (cuda/*.cu), so both reject bad input
+// with the same std::invalid_argument messages, each naming the argument. Internal; tested through
+// tests/cpp/test_core.cpp, tests/cpp/test_optim.cpp and the Python tests.
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "nf4lora/format.h"
 #include "nf4lora/quantize.h"
@@ -111,6 +114,18 @@ inline bool check_gemm_4bit_args(const void* x, DType dtype, int64_t M, int64_t 
   check_ptr(x, "x");
   check_ptr(packed, "packed");
   check_absmax_source(absmax);
+  return true;
+}
+
+// The optimizer steps (AdamW, Lion; CPU and CUDA), after their hyperparameters: n and the param
+// dtype, then (unless n == 0: nothing to do, returns false) each pointer given, named as the
+// Python state keys.
+inline bool check_optim_step_args(int64_t n, DType dtype,
+                                  std::initializer_list<std::pair<const void*, const char*>> pointers) {
+  check_n(n);
+  check_dtype(dtype, "dtype");
+  if (n == 0) return false;
+  for (const auto& [p, name] : pointers) check_ptr(p, name);
   return true;
 }
 

@@ -30,13 +30,6 @@ struct Avx2 {
                         _mm256_and_ps(_mm256_cmp_ps(a, zero(), _CMP_LT_OQ), minus_one));
   }
   static bool all_zero(F a) { return _mm256_movemask_ps(_mm256_cmp_ps(a, zero(), _CMP_EQ_OQ)) == 0xFF; }
-  static float hmax(F a) {
-    alignas(32) float t[8];
-    _mm256_store_ps(t, a);
-    float r = t[0];
-    for (int i = 1; i < 8; ++i) r = r < t[i] ? t[i] : r;
-    return r;
-  }
 
   static F load_f32(const float* p) { return _mm256_loadu_ps(p); }
   static void store_f32(float* p, F x) { _mm256_storeu_ps(p, x); }

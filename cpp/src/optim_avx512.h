@@ -29,13 +29,6 @@ struct Avx512Ops {
     return _mm512_mask_blend_ps(neg, _mm512_maskz_mov_ps(pos, one), minus_one);
   }
   static bool all_zero(F a) { return _mm512_cmp_ps_mask(a, zero(), _CMP_EQ_OQ) == 0xFFFF; }
-  static float hmax(F a) {
-    alignas(64) float t[16];
-    _mm512_store_ps(t, a);
-    float r = t[0];
-    for (int i = 1; i < 16; ++i) r = r < t[i] ? t[i] : r;
-    return r;
-  }
 
   static F load_f32(const float* p) { return _mm512_loadu_ps(p); }
   static void store_f32(float* p, F x) { _mm512_storeu_ps(p, x); }

@@ -170,40 +170,26 @@ LionScalars lion_scalars(const LionHyper& h) {
 
 int64_t lion_32bit_cpu(void* param, DType dtype, const void* grad, float* m, int64_t n,
                        const LionHyper& h, int num_threads) {
-  check_n(n);
-  check_dtype(dtype, "dtype");
-  AdamWArgs a{param, dtype, grad, m, nullptr, nullptr, nullptr, nullptr, nullptr, n, {}, nullptr, lion_scalars(h)};
-  if (n == 0) return 0;
-  check_ptr(param, "param");
-  check_ptr(grad, "grad");
-  check_ptr(m, "exp_avg");
+  const AdamWArgs a{param, dtype, grad, m, nullptr, nullptr, nullptr, nullptr, nullptr, n, {}, nullptr,
+                    lion_scalars(h)};
+  if (!check_optim_step_args(n, dtype, {{param, "param"}, {grad, "grad"}, {m, "exp_avg"}})) return 0;
   return run_blocks(optim_kernels().lion_32bit, a, num_threads);
 }
 
 int64_t lion_8bit_cpu(void* param, DType dtype, const void* grad, uint8_t* qm, float* absmax_m,
                       int64_t n, const LionHyper& h, int num_threads) {
-  check_n(n);
-  check_dtype(dtype, "dtype");
-  AdamWArgs a{param, dtype, grad, nullptr, nullptr, qm, nullptr, absmax_m, nullptr, n, {},
-              &optim_8bit_tables(), lion_scalars(h)};
-  if (n == 0) return 0;
-  check_ptr(param, "param");
-  check_ptr(grad, "grad");
-  check_ptr(qm, "state1");
-  check_ptr(absmax_m, "absmax1");
+  const AdamWArgs a{param, dtype, grad, nullptr, nullptr, qm, nullptr, absmax_m, nullptr, n, {},
+                    &optim_8bit_tables(), lion_scalars(h)};
+  if (!check_optim_step_args(n, dtype, {{param, "param"}, {grad, "grad"}, {qm, "state1"}, {absmax_m, "absmax1"}}))
+    return 0;
   return run_blocks(optim_kernels().lion_8bit, a, num_threads);
 }
 
 int64_t adamw_32bit_cpu(void* param, DType dtype, const void* grad, float* m, float* v, int64_t n,
                         const AdamWHyper& h, int num_threads) {
-  check_n(n);
-  check_dtype(dtype, "dtype");
   const AdamWScalars s = adamw_scalars(h);
-  if (n == 0) return 0;
-  check_ptr(param, "param");
-  check_ptr(grad, "grad");
-  check_ptr(m, "exp_avg");
-  check_ptr(v, "exp_avg_sq");
+  if (!check_optim_step_args(n, dtype, {{param, "param"}, {grad, "grad"}, {m, "exp_avg"}, {v, "exp_avg_sq"}}))
+    return 0;
   const AdamWArgs a{param, dtype, grad, m, v, nullptr, nullptr, nullptr, nullptr, n, s, nullptr, {}};
   return run_blocks(optim_kernels().adamw_32bit, a, num_threads);
 }
@@ -211,16 +197,10 @@ int64_t adamw_32bit_cpu(void* param, DType dtype, const void* grad, float* m, fl
 int64_t adamw_8bit_cpu(void* param, DType dtype, const void* grad, uint8_t* qm, uint8_t* qv,
                        float* absmax_m, float* absmax_v, int64_t n, const AdamWHyper& h,
                        int num_threads) {
-  check_n(n);
-  check_dtype(dtype, "dtype");
   const AdamWScalars s = adamw_scalars(h);
-  if (n == 0) return 0;
-  check_ptr(param, "param");
-  check_ptr(grad, "grad");
-  check_ptr(qm, "state1");
-  check_ptr(qv, "state2");
-  check_ptr(absmax_m, "absmax1");
-  check_ptr(absmax_v, "absmax2");
+  if (!check_optim_step_args(n, dtype, {{param, "param"}, {grad, "grad"}, {qm, "state1"}, {qv, "state2"},
+                                        {absmax_m, "absmax1"}, {absmax_v, "absmax2"}}))
+    return 0;
   const AdamWArgs a{param, dtype, grad, nullptr, nullptr, qm, qv, absmax_m, absmax_v, n, s,
                     &optim_8bit_tables(), {}};
   return run_blocks(optim_kernels().adamw_8bit, a, num_threads);

@@ -27,6 +27,16 @@ void store_elems(void* p, int64_t i, typename V::F x) {
   else V::store_f16(static_cast<uint16_t*>(p) + i, x);
 }
 
+// The largest lane of a (its lanes are never NaN: |m| and v of finite updates).
+template <class V>
+float hmax(typename V::F a) {
+  alignas(64) float t[V::W];
+  V::store_f32(t, a);
+  float r = t[0];
+  for (int i = 1; i < V::W; ++i) r = r < t[i] ? t[i] : r;
+  return r;
+}
+
 template <class V>
 struct Scalars {
   typename V::F decay, omb1, beta2, omb2, eps, step_size, inv_bc2_sqrt;
@@ -123,7 +133,7 @@ int64_t adamw_8bit_blocks(const AdamWArgs& a, int64_t b0, int64_t b1) {
         max_v = V::max(max_v, v);
       }
     }
-    float mm = V::hmax(max_m), mv = V::hmax(max_v);
+    float mm = hmax<V>(max_m), mv = hmax<V>(max_v);
     adamw_8bit_update_range_ref(a, b, i, end, mb, vb, mm, mv);
     // Requantize against the new absmax (nearest map entry; format.h's encoder via the tables).
     // m and v in one loop, not two encode_scaled calls: their searches overlap (two calls measured
@@ -204,7 +214,7 @@ int64_t lion_8bit_blocks(const AdamWArgs& a, int64_t b0, int64_t b1) {
         max_m = V::max(max_m, V::abs(m));
       }
     }
-    float mm = V::hmax(max_m);
+    float mm = hmax<V>(max_m);
     lion_8bit_update_range_ref(a, b, i, end, mb, mm);
     encode_scaled<V>(codec_m, t.mids_m, mb, block_scale(mm), end - begin, a.qm + begin);
     a.absmax_m[b] = mm;
