@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import math
 import os
 import shutil
@@ -46,8 +47,6 @@ __all__ = ["AdamW", "AdamW8bit", "Lion", "Lion8bit", "PagedAdamW", "PagedAdamW8b
 BLOCK = int(_C.OPTIM_BLOCK)
 MIN_8BIT_SIZE = int(_C.MIN_8BIT_ELEMENTS)
 MIN_PAGED_SIZE = int(_C.MIN_PAGED_ELEMENTS)
-_STATE32 = ("exp_avg", "exp_avg_sq")
-_STATE8 = ("state1", "state2", "absmax1", "absmax2")
 
 
 def _check_types(betas: Any, **scalars: Any) -> None:
@@ -104,6 +103,8 @@ class AdamW(torch.optim.Optimizer):
     ``paged=True`` pages large state buffers (CUDA managed memory, or files in ``page_dir`` on the
     CPU). Params may be fp32, fp16 or bf16 (state is fp32 or 8-bit either way), on the CPU or CUDA.
     """
+
+    _KERNEL = "adamw"  # the native steps: _C.<_KERNEL>_{32,8}bit_{cpu,cuda}
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, optim_bits: int = 32,
@@ -304,14 +305,16 @@ class AdamW(torch.optim.Optimizer):
                           RuntimeWarning, stacklevel=2)
         return loss
 
+    def _native_step(self, p: Tensor, grad: Tensor, state: Dict[str, Any],
+                     device: str) -> Callable[..., Any]:
+        """The native step for p as a partial call: param, dtype, grad and p's state buffers (in
+        _expected_shapes' order, which is the kernels' argument order), then n."""
+        kernel = getattr(_C, f"{self._KERNEL}_{8 if 'state1' in state else 32}bit_{device}")
+        return functools.partial(kernel, p.data_ptr(), dtype_code(p.dtype), grad.data_ptr(),
+                                 *(state[k].data_ptr() for k in self._expected_shapes(p)), p.numel())
+
     def _step_cpu(self, p: Tensor, grad: Tensor, state: Dict[str, Any], hyper: Tuple) -> int:
-        n, dt = p.numel(), dtype_code(p.dtype)
-        if "state1" in state:
-            return _C.adamw_8bit_cpu(p.data_ptr(), dt, grad.data_ptr(), state["state1"].data_ptr(),
-                                     state["state2"].data_ptr(), state["absmax1"].data_ptr(),
-                                     state["absmax2"].data_ptr(), n, *hyper, num_threads())
-        return _C.adamw_32bit_cpu(p.data_ptr(), dt, grad.data_ptr(), state["exp_avg"].data_ptr(),
-                                  state["exp_avg_sq"].data_ptr(), n, *hyper, num_threads())
+        return self._native_step(p, grad, state, "cpu")(*hyper, num_threads())
 
     def _step_cuda(self, p: Tensor, grad: Tensor, state: Dict[str, Any], hyper: Tuple,
                    counter: Tensor) -> None:
@@ -322,17 +325,7 @@ class AdamW(torch.optim.Optimizer):
                 t = state[key]
                 if t.numel() >= MIN_PAGED_SIZE:
                     _C.managed_prefetch(t.data_ptr(), t.numel() * t.element_size(), device, stream)
-        self._launch_cuda(p, grad, state, hyper, counter.data_ptr(), stream)
-
-    def _launch_cuda(self, p: Tensor, grad: Tensor, state: Dict[str, Any], hyper: Tuple, skipped: int,
-                     stream: int) -> None:
-        n, dt = p.numel(), dtype_code(p.dtype)
-        if "state1" in state:
-            _C.adamw_8bit_cuda(p.data_ptr(), dt, grad.data_ptr(), *(state[k].data_ptr() for k in _STATE8),
-                               n, *hyper, skipped, stream)
-        else:
-            _C.adamw_32bit_cuda(p.data_ptr(), dt, grad.data_ptr(), *(state[k].data_ptr() for k in _STATE32),
-                                n, *hyper, skipped, stream)
+        self._native_step(p, grad, state, "cuda")(*hyper, counter.data_ptr(), stream)
 
     # ---- state dict -----------------------------------------------------------------------------
 
@@ -439,6 +432,8 @@ class Lion(AdamW):
     skipped as in AdamW.
     """
 
+    _KERNEL = "lion"
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: Tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, optim_bits: int = 32, paged: bool = False,
                  page_dir: Optional[str] = None, min_8bit_size: int = MIN_8BIT_SIZE):
@@ -459,24 +454,6 @@ class Lion(AdamW):
         if self._uses_8bit(p):
             return {"state1": (n, torch.uint8), "absmax1": ((n + BLOCK - 1) // BLOCK, torch.float32)}
         return {"exp_avg": (n, torch.float32)}
-
-    def _step_cpu(self, p: Tensor, grad: Tensor, state: Dict[str, Any], hyper: Tuple) -> int:
-        n, dt = p.numel(), dtype_code(p.dtype)
-        if "state1" in state:
-            return _C.lion_8bit_cpu(p.data_ptr(), dt, grad.data_ptr(), state["state1"].data_ptr(),
-                                    state["absmax1"].data_ptr(), n, *hyper, num_threads())
-        return _C.lion_32bit_cpu(p.data_ptr(), dt, grad.data_ptr(), state["exp_avg"].data_ptr(), n,
-                                 *hyper, num_threads())
-
-    def _launch_cuda(self, p: Tensor, grad: Tensor, state: Dict[str, Any], hyper: Tuple, skipped: int,
-                     stream: int) -> None:
-        n, dt = p.numel(), dtype_code(p.dtype)
-        if "state1" in state:
-            _C.lion_8bit_cuda(p.data_ptr(), dt, grad.data_ptr(), state["state1"].data_ptr(),
-                              state["absmax1"].data_ptr(), n, *hyper, skipped, stream)
-        else:
-            _C.lion_32bit_cuda(p.data_ptr(), dt, grad.data_ptr(), state["exp_avg"].data_ptr(), n, *hyper,
-                               skipped, stream)
 
 
 class PagedLion(Lion):
