@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import math
 import os
 import shutil
@@ -105,6 +104,8 @@ class AdamW(torch.optim.Optimizer):
     """
 
     _KERNEL = "adamw"  # the native steps: _C.<_KERNEL>_{32,8}bit_{cpu,cuda}
+    # State buffers per state width, in the native steps' argument order.
+    _STATE_KEYS = {32: ("exp_avg", "exp_avg_sq"), 8: ("state1", "state2", "absmax1", "absmax2")}
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, optim_bits: int = 32,
@@ -215,11 +216,15 @@ class AdamW(torch.optim.Optimizer):
 
     def _expected_shapes(self, p: Tensor) -> Dict[str, Tuple[int, torch.dtype]]:
         n = p.numel()
-        if self._uses_8bit(p):
-            blocks = (n + BLOCK - 1) // BLOCK
-            return {"state1": (n, torch.uint8), "state2": (n, torch.uint8),
-                    "absmax1": (blocks, torch.float32), "absmax2": (blocks, torch.float32)}
-        return {"exp_avg": (n, torch.float32), "exp_avg_sq": (n, torch.float32)}
+        blocks = (n + BLOCK - 1) // BLOCK
+        shapes = {"exp_avg": (n, torch.float32), "exp_avg_sq": (n, torch.float32),
+                  "state1": (n, torch.uint8), "state2": (n, torch.uint8),
+                  "absmax1": (blocks, torch.float32), "absmax2": (blocks, torch.float32)}
+        return {key: shapes[key] for key in self._STATE_KEYS[8 if self._uses_8bit(p) else 32]}
+
+    def _state_keys(self, state: Dict[str, Any]) -> Tuple[str, ...]:
+        """The buffers of an initialized state, in the native steps' argument order."""
+        return self._STATE_KEYS[8 if "state1" in state else 32]
 
     def _init_state(self, p: Tensor) -> None:
         state = self.state[p]
@@ -305,27 +310,25 @@ class AdamW(torch.optim.Optimizer):
                           RuntimeWarning, stacklevel=2)
         return loss
 
-    def _native_step(self, p: Tensor, grad: Tensor, state: Dict[str, Any],
-                     device: str) -> Callable[..., Any]:
-        """The native step for p as a partial call: param, dtype, grad and p's state buffers (in
-        _expected_shapes' order, which is the kernels' argument order), then n."""
+    def _native_step(self, p: Tensor, grad: Tensor, state: Dict[str, Any], device: str, *tail: Any) -> Any:
+        """_C.<_KERNEL>_<bits>bit_<device>(param, dtype, grad, *state buffers, n, *tail)."""
         kernel = getattr(_C, f"{self._KERNEL}_{8 if 'state1' in state else 32}bit_{device}")
-        return functools.partial(kernel, p.data_ptr(), dtype_code(p.dtype), grad.data_ptr(),
-                                 *(state[k].data_ptr() for k in self._expected_shapes(p)), p.numel())
+        buffers = [state[k].data_ptr() for k in self._state_keys(state)]
+        return kernel(p.data_ptr(), dtype_code(p.dtype), grad.data_ptr(), *buffers, p.numel(), *tail)
 
     def _step_cpu(self, p: Tensor, grad: Tensor, state: Dict[str, Any], hyper: Tuple) -> int:
-        return self._native_step(p, grad, state, "cpu")(*hyper, num_threads())
+        return self._native_step(p, grad, state, "cpu", *hyper, num_threads())
 
     def _step_cuda(self, p: Tensor, grad: Tensor, state: Dict[str, Any], hyper: Tuple,
                    counter: Tensor) -> None:
         stream = torch.cuda.current_stream(p.device).cuda_stream
         device = p.device.index or 0
         if self.paged and _C.managed_prefetch_supported(device):
-            for key in self._expected_shapes(p):  # page the state in before the update reads it
+            for key in self._state_keys(state):  # page the state in before the update reads it
                 t = state[key]
                 if t.numel() >= MIN_PAGED_SIZE:
                     _C.managed_prefetch(t.data_ptr(), t.numel() * t.element_size(), device, stream)
-        self._native_step(p, grad, state, "cuda")(*hyper, counter.data_ptr(), stream)
+        self._native_step(p, grad, state, "cuda", *hyper, counter.data_ptr(), stream)
 
     # ---- state dict -----------------------------------------------------------------------------
 
@@ -433,6 +436,7 @@ class Lion(AdamW):
     """
 
     _KERNEL = "lion"
+    _STATE_KEYS = {32: ("exp_avg",), 8: ("state1", "absmax1")}
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: Tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, optim_bits: int = 32, paged: bool = False,
@@ -449,11 +453,6 @@ class Lion(AdamW):
         beta1, beta2 = group["betas"]
         return float(group["lr"]), float(beta1), float(beta2), float(group["weight_decay"])
 
-    def _expected_shapes(self, p: Tensor) -> Dict[str, Tuple[int, torch.dtype]]:
-        n = p.numel()
-        if self._uses_8bit(p):
-            return {"state1": (n, torch.uint8), "absmax1": ((n + BLOCK - 1) // BLOCK, torch.float32)}
-        return {"exp_avg": (n, torch.float32)}
 
 
 class PagedLion(Lion):
