@@ -3,7 +3,7 @@ each CUDA path — the fused GEMV (M <= 8), the tensor-core GEMM with on-the-fly
 dequantize + cuBLAS — next to dense bf16 torch.nn.functional.linear on the dequantized weight,
 all in one process: GPU time from CUDA events (graph replays of back-to-back calls over rotating
 weights larger than L2), TFLOP/s, weight GB/s, and the ratio to dense. The fastest path per row
-tells matmul_cuda.py's GEMV_MAX_M, GEMV_T_MAX_M and TC_MAX_M.
+tells nf4lora.ops.DISPATCH's cuda_gemv_max_rows, cuda_gemv_t_max_rows and cuda_tc_max_rows.
 
     python bench/bench_cuda_matmul.py [--shapes 4096x4096 ...] [--ms 1 8 64 512] [--json out.json]
 """
@@ -18,14 +18,13 @@ from typing import Optional
 import torch
 
 import nf4lora
-from nf4lora import matmul_cuda
-from nf4lora.functional import _packed_bytes
+from nf4lora.ops import DISPATCH
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cuda import ROTATE, gpu_ms  # noqa: E402  (same timing method as the dequant benchmark)
 
 PATHS = {"gemv": (8, 8, 0), "tensor cores": (0, 0, 1 << 30), "dequant+cuBLAS": (0, 0, 0)}
-KNOBS = ("GEMV_MAX_M", "GEMV_T_MAX_M", "TC_MAX_M")
+KNOBS = ("cuda_gemv_max_rows", "cuda_gemv_t_max_rows", "cuda_tc_max_rows")
 
 
 def bench(N: int, K: int, M: int, iters: int, warmup: int) -> dict:
@@ -40,13 +39,13 @@ def bench(N: int, K: int, M: int, iters: int, warmup: int) -> dict:
                             "weight_bytes": qs[0][1].nbytes}
     r["dense_fwd_ms"] = gpu_ms(lambda i: torch.nn.functional.linear(xs[i], dense[i]), iters, warmup, True)[0]
     r["dense_bwd_ms"] = gpu_ms(lambda i: gs[i] @ dense[i], iters, warmup, True)[0]
-    saved = [getattr(matmul_cuda, k) for k in KNOBS]
+    saved = [getattr(DISPATCH, k) for k in KNOBS]
     try:
         for name, knobs in PATHS.items():
             if name == "gemv" and M > 8:
                 continue
             for k, v in zip(KNOBS, knobs):
-                setattr(matmul_cuda, k, v)
+                setattr(DISPATCH, k, v)
             op = torch.ops.nf4lora.matmul_4bit_grad_input
 
             def fwd(i):
@@ -54,13 +53,12 @@ def bench(N: int, K: int, M: int, iters: int, warmup: int) -> dict:
 
             def bwd(i):
                 p, s = qs[i]
-                return op(gs[i], _packed_bytes(p, s), s.absmax, s.blocksize, s.quant_type, list(s.shape),
-                          s.nested_absmax, s.nested_code, s.offset, s.nested_blocksize)
+                return op(gs[i], *s.weight(p).op_args())
             r[name + "_fwd_ms"] = gpu_ms(fwd, iters, warmup, True)[0]
             r[name + "_bwd_ms"] = gpu_ms(bwd, iters, warmup, True)[0]
     finally:
         for k, v in zip(KNOBS, saved):
-            setattr(matmul_cuda, k, v)
+            setattr(DISPATCH, k, v)
     return r
 
 

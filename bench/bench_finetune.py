@@ -12,7 +12,7 @@ peak RSS). Timings on a shared machine are noisy: repeat, and read the ratios, n
 
 All ways share one loss module (nf4lora.train.CausalLMLoss: logits only where a label is). The
 PEFT ways use its plain head + F.cross_entropy and transformers' sdpa attention, as they did
-before nf4lora's fused head (nf4lora.head_loss) and fp32-on-CPU attention (nf4lora.attention)
+before nf4lora's fused head (nf4lora.train.head_loss) and fp32-on-CPU attention (nf4lora.train.cpu_attention)
 existed; the nf4lora way uses both, as `nf4lora finetune` does. --baseline-fused-head gives the
 PEFT ways both too (what is then left is the 4-bit + LoRA layers and the optimizer). Besides wall-clock tokens/s each way reports its process CPU seconds per
 step: on a VM shared with other jobs the wall clock swings by 2-5x, CPU time much less."""
@@ -34,14 +34,14 @@ def run_one(way: str, steps: int, batch: int, seq_len: int, lr: float, r: int, d
             baseline_fused_head: bool = False) -> dict:
     import torch
     import nf4lora as nl
-    from nf4lora import data as D
+    from nf4lora.train import data as D
     from nf4lora.loading import load_model
     from nf4lora.train import CausalLMLoss, evaluate
 
     torch.manual_seed(0)
     model, tok = load_model(None, quantize="nf4" if way == "nf4lora" else None)
     if way == "nf4lora":  # as `nf4lora finetune` does: fp32 attention on CPUs without AMX, fused head
-        from nf4lora.attention import use_fp32_cpu_attention
+        from nf4lora.train.cpu_attention import use_fp32_cpu_attention
         use_fp32_cpu_attention(model)
         model = nl.get_lora_model(model, nl.LoraConfig(r=r, lora_alpha=2 * r))
         params = [p for p in model.parameters() if p.requires_grad]
@@ -64,7 +64,7 @@ def run_one(way: str, steps: int, batch: int, seq_len: int, lr: float, r: int, d
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if way != "nf4lora" and baseline_fused_head:
-        from nf4lora.attention import use_fp32_cpu_attention
+        from nf4lora.train.cpu_attention import use_fp32_cpu_attention
         use_fp32_cpu_attention(base)
     loss_mod = CausalLMLoss(base, fused_head=way == "nf4lora" or baseline_fused_head)
     train, held = D.split_examples(D.load_examples(None), 0.1)

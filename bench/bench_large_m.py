@@ -1,12 +1,12 @@
 """Large-M forward of matmul_4bit on the CPU, the two candidate designs side by side in one
 process (interleaved, median of --iters, several rounds): "scratch" = dequantize all of W into a
-reused buffer + one dense GEMM (what matmul_4bit does above GEMV_MAX_M), "panels" = dequantize
+reused buffer + one dense GEMM (what matmul_4bit does above DISPATCH.cpu_fused_max_rows), "panels" = dequantize
 row panels of W (about --panel-kib each, so they stay in L2) and feed each to the dense GEMM
 (oneDNN's AMX/AVX-512 micro-kernels) as it is produced, y[:, panel] = x W[panel]^T (panels are
 dequantized on one thread: two std::threads per panel next to oneDNN's OpenMP team were slower). Checks that
 both agree with dense F.linear on the dequantized weight first; prints the ratio panels/scratch.
 With --crossover, instead: the fused kernels against the scratch path, forward and backward, for
-small M, which is how GEMV_MAX_M and GRAD_INPUT_MAX_M in nf4lora/matmul.py were chosen.
+small M, which is how DISPATCH.cpu_fused_max_rows and cpu_fused_t_max_rows (nf4lora/ops/dispatch.py) were chosen.
 
     python bench/bench_large_m.py [--m 16 64 512] [--iters 5] [--rounds 3] [--panel-kib 1024]
     python bench/bench_large_m.py --crossover [--m 1 4 8 16 32]
@@ -19,7 +19,7 @@ import math
 import torch
 
 import nf4lora
-from nf4lora._native import _C, dtype_code, quant_type_code
+from nf4lora.ops.native import _C, dtype_code, quant_type_code
 from timing import median_ms  # bench/timing.py
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -55,7 +55,7 @@ def forward_panels(x2, packed, state, panel_bytes, threads=1):
 
 def crossover(Ms, iters, rounds) -> None:
     """Fused native kernel / scratch path time ratios (median over interleaved rounds)."""
-    import nf4lora.matmul as mm
+    from nf4lora.ops import DISPATCH
     print(f"fused/scratch time ratio (< 1: fused wins), bf16, {torch.get_num_threads()} thread(s), "
           f"variant {nf4lora.active_cpu_variant()}, median of {iters}, {rounds} interleaved rounds")
     for N, K in SHAPES:
@@ -72,7 +72,7 @@ def crossover(Ms, iters, rounds) -> None:
                 t = {"fused": [], "scratch": []}
                 for _ in range(rounds):
                     for path, limit in (("fused", 1 << 30), ("scratch", 0)):
-                        mm.GEMV_MAX_M = mm.GRAD_INPUT_MAX_M = limit
+                        DISPATCH.cpu_fused_max_rows = DISPATCH.cpu_fused_t_max_rows = limit
                         t[path].append(median_ms(fn, iters))
                 ratios = sorted(f / s for f, s in zip(t["fused"], t["scratch"]))
                 out.append(f"{name} {min(t['fused']):7.2f} / {min(t['scratch']):7.2f} ms = "

@@ -25,7 +25,7 @@ import torch
 
 import nf4lora
 from nf4lora import optim
-from nf4lora._native import _C
+from nf4lora.ops.native import _C
 
 # Bytes a step moves per fp32 parameter (reads + writes of param, grad and state).
 BYTES_32 = 4 + 4 + 4 + 8 + 8   # param r/w, grad r, m and v r/w = 28

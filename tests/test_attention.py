@@ -1,9 +1,10 @@
-"""nf4lora.attention: a tiny Llama switched to the fp32-on-CPU sdpa gives sdpa's logits and
+"""nf4lora.train.cpu_attention: a tiny Llama switched to the fp32-on-CPU sdpa gives sdpa's logits and
 gradients to bf16 precision (with padding), and exactly sdpa's when the fp32 route is off."""
 import pytest
 import torch
 
-from nf4lora import attention, matmul
+from nf4lora.ops import DISPATCH
+from nf4lora.train import cpu_attention as attention
 
 from .tiny_lm import tiny_config
 
@@ -19,7 +20,7 @@ def run(model, ids, mask):
 @pytest.mark.parametrize("fp32", [True, False])
 def test_matches_sdpa(fp32, monkeypatch):
     from transformers import AutoModelForCausalLM
-    monkeypatch.setattr(matmul, "CPU_GEMM_FP32", fp32)
+    monkeypatch.setattr(DISPATCH, "cpu_gemm_fp32", fp32)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config()).to(torch.bfloat16)
     ids = torch.randint(0, 259, (3, 37))

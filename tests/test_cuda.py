@@ -8,7 +8,7 @@ import torch
 
 import nf4lora
 from nf4lora import QuantState
-from nf4lora._native import _C, dtype_code, quant_type_code
+from nf4lora.ops.native import _C, dtype_code, quant_type_code
 
 from . import reference as ref
 

@@ -1,4 +1,4 @@
-"""matmul_4bit on CUDA (cuda/matmul.cu through nf4lora/matmul_cuda.py): each path forced in turn
+"""matmul_4bit on CUDA (cuda/matmul.cu through nf4lora/ops/cuda.py): each path forced in turn
 (GEMV, tensor-core GEMM, dequantize + cuBLAS), forward and backward, every M of the done-rule
 {1, 2, 3, 8, 17, 64, 118} and awkward N/K, against a float64 product of the dequantized weight
 under the rule "error <= 2x the error of dequantize-in-the-same-dtype + torch matmul". Needs a
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import nf4lora
-from nf4lora import matmul_cuda
-from nf4lora._native import _C, dtype_code, quant_type_code
+from nf4lora.ops import DISPATCH
+from nf4lora.ops.native import _C, dtype_code, quant_type_code
 
 HAS_GPU = torch.cuda.is_available() and nf4lora.has_cuda()
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(
@@ -20,7 +20,7 @@ MS = [1, 2, 3, 8, 17, 64, 118]
 # (N, K): tensor cores both ways; forward only; backward only (K % 16 == 8); GEMV only; K odd
 # (every path falls back to dequantize + cuBLAS).
 SHAPES = [(96, 256), (136, 320), (64, 136), (72, 40), (33, 99)]
-PATHS = {  # (GEMV_MAX_M, GEMV_T_MAX_M, TC_MAX_M) that force each path where the shape allows it
+PATHS = {  # (cuda_gemv_max_rows, cuda_gemv_t_max_rows, cuda_tc_max_rows) that force each path where the shape allows it
     "gemv": (8, 8, 0),
     "tc": (0, 0, 1 << 30),
     "dequant": (0, 0, 0),
@@ -29,8 +29,9 @@ PATHS = {  # (GEMV_MAX_M, GEMV_T_MAX_M, TC_MAX_M) that force each path where the
 
 @pytest.fixture
 def path(request, monkeypatch):
-    for name, value in zip(("GEMV_MAX_M", "GEMV_T_MAX_M", "TC_MAX_M"), PATHS[request.param]):
-        monkeypatch.setattr(matmul_cuda, name, value)
+    for name, value in zip(("cuda_gemv_max_rows", "cuda_gemv_t_max_rows", "cuda_tc_max_rows"),
+                           PATHS[request.param]):
+        monkeypatch.setattr(DISPATCH, name, value)
     return request.param
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from nf4lora import data as D
+from nf4lora.train import data as D
 
 from .tiny_lm import make_tokenizer
 

@@ -1,4 +1,4 @@
-"""nf4lora.train on a tiny random Llama: load -> quantize -> LoRA -> 3 steps -> save -> reload gives
+"""nf4lora.train (the finetune loop) on a tiny random Llama: load -> quantize -> LoRA -> 3 steps -> save -> reload gives
 the same logits; a run stopped by Ctrl-C or killed, then resumed, ends with the uninterrupted run's
 adapter bit for bit; resuming with other options is refused with the differences; a failing
 checkpoint write leaves the previous one intact; 2 gloo processes (torchrun) give the 1-process
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import nf4lora as nl
-from nf4lora import train as T
+from nf4lora.train import loop as T
 from nf4lora.loading import load_model
 
 from .tiny_lm import save_tiny_model
@@ -173,7 +173,7 @@ def _decode_png(path):
 
 
 def test_loss_png_draws_the_curve(tmp_path):
-    from nf4lora.plot import MARGIN, write_loss_png
+    from nf4lora.train.plot import MARGIN, write_loss_png
     write_loss_png(tmp_path / "l.png", [3.0, 2.0, 1.0])
     w, h, rows = _decode_png(tmp_path / "l.png")
     assert (w, h) == (640, 360)

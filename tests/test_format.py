@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import nf4lora
-from nf4lora import _C
+from nf4lora.ops.native import _C
 
 from . import reference as ref
 

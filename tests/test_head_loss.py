@@ -1,12 +1,12 @@
-"""nf4lora.head_loss against the bf16-autocast reference (dense head + F.cross_entropy on fp32
+"""nf4lora.train.head_loss against the bf16-autocast reference (dense head + F.cross_entropy on fp32
 logits): the loss and dL/dh, with and without bias, vocabularies that do not fill the last chunk,
 fewer rows than a row chunk; bad input; CausalLMLoss fused == plain on a tiny Llama."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nf4lora import head_loss
-from nf4lora.head_loss import head_cross_entropy
+from nf4lora.train import head_loss
+from nf4lora.train.head_loss import head_cross_entropy
 
 
 def reference(h, w, b, t):
@@ -84,11 +84,11 @@ def test_causal_lm_loss_fused_equals_plain(fp32_gemm, monkeypatch):
     """The trainer's loss module: fused head (where it applies) against the plain head, same loss
     and same adapter gradients to bf16 precision; with fp32 GEMMs off both take the plain path."""
     import nf4lora as nl
-    from nf4lora import matmul
+    from nf4lora.ops import DISPATCH
     from nf4lora.train import CausalLMLoss
     from transformers import AutoModelForCausalLM
     from .tiny_lm import tiny_config
-    monkeypatch.setattr(matmul, "CPU_GEMM_FP32", fp32_gemm)
+    monkeypatch.setattr(DISPATCH, "cpu_gemm_fp32", fp32_gemm)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config()).to(torch.bfloat16)
     model = nl.get_lora_model(nl.quantize_model(model), nl.LoraConfig(r=4, lora_alpha=8))

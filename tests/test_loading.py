@@ -190,7 +190,7 @@ def test_loftq_while_loading_holds_one_dense_layer(tiny, monkeypatch):
     """Each target's dense weight is gone before the next one is read."""
     import gc
     import weakref
-    from nf4lora.lora_model import LayerwiseInjection
+    from nf4lora.lora import LayerwiseInjection
     alive, seen = [], []
     original = LayerwiseInjection.wrap
 

@@ -67,8 +67,8 @@ def grads_of(fn, layer, x, gy):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fused_forward_and_backward_within_twice_the_unfused_error(dtype, device, fp32_gemm, monkeypatch):
-    # fp32_gemm: bf16 products above the fused-kernel sizes as fp32 GEMMs (nf4lora.matmul), forced on and off
-    monkeypatch.setattr(nl.matmul, "CPU_GEMM_FP32", fp32_gemm)
+    # fp32_gemm: bf16 products above the fused-kernel sizes as fp32 GEMMs (nf4lora.ops.DISPATCH), forced on and off
+    monkeypatch.setattr(nl.ops.DISPATCH, "cpu_gemm_fp32", fp32_gemm)
     # Max errors are taken over all M for one layer: with a handful of bf16 outputs both paths sit
     # at one rounding of the output, and which one lands nearer a rounding boundary is chance.
     g = torch.Generator().manual_seed(1)
@@ -95,7 +95,7 @@ def test_fp32_gemm_route_is_the_same_under_autocast(rows, monkeypatch):
     autocast must not turn their fp32 GEMMs back into bf16 ones. 40 rows: base and adapter in
     fp32 (bf16, more rows than the fused kernels take); 3 rows: the fused base kernel, the
     adapter's products in fp32."""
-    monkeypatch.setattr(nl.matmul, "CPU_GEMM_FP32", True)
+    monkeypatch.setattr(nl.ops.DISPATCH, "cpu_gemm_fp32", True)
     layer = lora_layer_4bit(96, 130, dtype=torch.bfloat16)
     x = torch.randn(rows, 130).bfloat16()
     gy = torch.randn(rows, 96)

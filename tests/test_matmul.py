@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import nf4lora
-from nf4lora.matmul import matmul_4bit
+from nf4lora import matmul_4bit
+from nf4lora.ops import DISPATCH
 
 M_VALUES = [1, 2, 3, 8, 17, 64, 118]
 # (N, K): K = 4160 is a long reduction for the forward, N = 1100 for the transposed product (more
@@ -58,8 +59,8 @@ def check_error_within_twice_dense_same_dtype(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_kernels_error_within_twice_dense_same_dtype(cpu_variant, dtype, monkeypatch):
     """Each variant's fused kernels for every M (the thresholds lifted)."""
-    monkeypatch.setattr(nf4lora.matmul, "GEMV_MAX_M", 1 << 30)
-    monkeypatch.setattr(nf4lora.matmul, "GRAD_INPUT_MAX_M", 1 << 30)
+    monkeypatch.setattr(DISPATCH, "cpu_fused_max_rows", 1 << 30)
+    monkeypatch.setattr(DISPATCH, "cpu_fused_t_max_rows", 1 << 30)
     with nf4lora.use_cpu_variant(cpu_variant):
         check_error_within_twice_dense_same_dtype(dtype)
 
@@ -68,8 +69,8 @@ def test_fused_kernels_error_within_twice_dense_same_dtype(cpu_variant, dtype, m
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dispatch_error_within_twice_dense_same_dtype(dtype, fp32_gemm, monkeypatch):
     """matmul_4bit's own choice per M (fused kernel or scratch dequantize + dense GEMM), with bf16
-    scratch-path GEMMs run as fp32 GEMMs (CPU_GEMM_FP32) forced on and off."""
-    monkeypatch.setattr(nf4lora.matmul, "CPU_GEMM_FP32", fp32_gemm)
+    scratch-path GEMMs run as fp32 GEMMs (DISPATCH.cpu_gemm_fp32) forced on and off."""
+    monkeypatch.setattr(DISPATCH, "cpu_gemm_fp32", fp32_gemm)
     check_error_within_twice_dense_same_dtype(dtype)
 
 
@@ -83,7 +84,7 @@ def test_fp32_gemm_of_bf16_rounds_once(monkeypatch):
     gy = torch.randn(70, 1100).bfloat16()
     exact_y = x.double() @ w.double().T + bias.double()
     exact_gx = gy.double() @ w.double()
-    monkeypatch.setattr(nf4lora.matmul, "CPU_GEMM_FP32", True)
+    monkeypatch.setattr(DISPATCH, "cpu_gemm_fp32", True)
     y, gx = matmul_4bit(x, packed, state, bias), grad_input(gy, packed, state)
     assert y.dtype == gx.dtype == torch.bfloat16
     # one rounding to bf16 (relative 2^-8) of an fp32 sum that is exact to ~1e-6 here
@@ -91,10 +92,10 @@ def test_fp32_gemm_of_bf16_rounds_once(monkeypatch):
     assert ((gx.double() - exact_gx).abs() <= exact_gx.abs() * 2 ** -8 + 1e-4).all()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast must not turn the fp32 GEMMs back to bf16
         assert torch.equal(matmul_4bit(x, packed, state, bias), y) and torch.equal(grad_input(gy, packed, state), gx)
-    assert nf4lora.matmul.cpu_gemm_in_fp32(torch.bfloat16)
-    assert not nf4lora.matmul.cpu_gemm_in_fp32(torch.float16) and not nf4lora.matmul.cpu_gemm_in_fp32(torch.float32)
-    monkeypatch.setattr(nf4lora.matmul, "CPU_GEMM_FP32", False)
-    assert not nf4lora.matmul.cpu_gemm_in_fp32(torch.bfloat16)
+    assert DISPATCH.cpu_gemm_in_fp32(torch.bfloat16)
+    assert not DISPATCH.cpu_gemm_in_fp32(torch.float16) and not DISPATCH.cpu_gemm_in_fp32(torch.float32)
+    monkeypatch.setattr(DISPATCH, "cpu_gemm_fp32", False)
+    assert not DISPATCH.cpu_gemm_in_fp32(torch.bfloat16)
 
 
 def test_leading_dims_and_empty_batch():

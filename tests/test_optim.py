@@ -17,7 +17,7 @@ import torch
 
 import nf4lora
 from nf4lora import optim
-from nf4lora._native import _C
+from nf4lora.ops.native import _C
 
 HAS_GPU = torch.cuda.is_available() and nf4lora.has_cuda()
 needs_gpu = pytest.mark.skipif(

@@ -12,7 +12,7 @@ import torch
 
 import nf4lora
 from nf4lora import optim
-from nf4lora._native import _C
+from nf4lora.ops.native import _C
 
 from .test_optim import _grads, _params, check_cuda_equals_cpu, needs_gpu  # AdamW's problems and checks
 

@@ -214,7 +214,7 @@ def test_load_as_a_second_named_adapter_and_failed_save_keeps_the_old_files(tmp_
     assert torch.equal(run(model), run(src))
     old = {p.name: p.read_bytes() for p in d.iterdir()}
     randomize(src, seed=9)
-    import nf4lora.lora_io as lora_io
+    import nf4lora.lora.io as lora_io
     real = lora_io.json.dumps
     monkeypatch.setattr(lora_io.json, "dumps", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):

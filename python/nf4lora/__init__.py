@@ -1,21 +1,18 @@
 """nf4lora: QLoRA fine-tuning with frozen NF4 (+ double quantization) base weights, LoRA
 adapters and paged optimizers, on native C++ (CPU) and CUDA kernels.
 
-The 4-bit format is bitsandbytes' bit for bit; see DESIGN.md in the repository."""
-from . import _ops  # noqa: F401  (registers the nf4lora:: custom ops)
-from ._native import (BUILD_INFO, active_cpu_variant, cpu_variants, has_cuda, set_cpu_variant,
-                      use_cpu_variant)
-from .functional import dequantize_4bit, quantize_4bit
-from .matmul import matmul_4bit
-from .nn import Linear4bit, quantize_model
-from .quant_state import QuantState, codebook, dynamic_map
-from .loftq import LoftQResult, loftq_init, pissa_init
-from .lora import LoraLinear, ModulesToSave, lora_matmul_4bit
-from .lora_config import LoraConfig
-from .lora_io import load_adapter, read_adapter, save_adapter
-from .lora_model import (TrainableParameters, active_adapter, adapter_config, adapter_names, add_adapter,
-                         delete_adapter, disable_adapters, get_lora_model, merge_adapter, merge_and_unload,
-                         set_adapter, trainable_parameters, unmerge_adapter)
+The 4-bit format is bitsandbytes' bit for bit. The package's layers, bottom up: ops (the only
+code that touches the native core), quant, lora and optim, loading, train, cli; see
+docs/ARCHITECTURE.md in the repository."""
+from . import ops
+from .ops import (BUILD_INFO, active_cpu_variant, codebook, cpu_variants, dynamic_map, has_cuda,
+                  set_cpu_variant, use_cpu_variant)
+from .quant import Linear4bit, QuantState, dequantize_4bit, matmul_4bit, quantize_4bit, quantize_model
+from .lora import (LoftQResult, LoraConfig, LoraLinear, ModulesToSave, TrainableParameters, active_adapter,
+                   adapter_config, adapter_names, add_adapter, delete_adapter, disable_adapters,
+                   get_lora_model, load_adapter, loftq_init, lora_matmul_4bit, merge_adapter,
+                   merge_and_unload, pissa_init, read_adapter, save_adapter, set_adapter,
+                   trainable_parameters, unmerge_adapter)
 from . import optim
 from .loading import load_model
 
@@ -62,4 +59,5 @@ __all__ = [
     "unmerge_adapter",
     "optim",
     "load_model",
+    "ops",
 ]

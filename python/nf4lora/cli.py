@@ -16,7 +16,7 @@ from torch import nn
 
 
 def _add_finetune(sub: Any) -> None:
-    from .train import TrainOptions
+    from .train.loop import TrainOptions
     d = TrainOptions()
     p = sub.add_parser("finetune", help="QLoRA fine-tune (defaults: SmolLM2-135M-Instruct on CPython's pydoc topics)")
     p.add_argument("--model", default=None, help="transformers folder, .gguf file, or *-bnb-4bit folder "
@@ -54,7 +54,7 @@ def _add_finetune(sub: Any) -> None:
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    from .train import TrainOptions, finetune
+    from .train.loop import TrainOptions, finetune
     fields = {f.name for f in dataclasses.fields(TrainOptions)}
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["quantize"] = None if args.quantize == "none" else args.quantize
@@ -87,7 +87,7 @@ def _add_generate(sub: Any) -> None:
 
 def _run_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
-    from .data import format_prompt
+    from .train.data import format_prompt
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise ValueError("prompt: empty")
@@ -173,7 +173,7 @@ def memory_report(model: nn.Module, r: Optional[int] = 16, optim_bits: int = 32)
     gradients and AdamW state (2 fp32, or 2 x 8-bit + an fp32 absmax per 256 values), and what the
     same base's weights would need in bf16. Buffers (e.g. rotary tables) are listed as such."""
     from .lora import LoraLinear
-    from .nn import Linear4bit
+    from .quant import Linear4bit
     layers, owned = [], set()
     for name, m in model.named_modules():
         if isinstance(m, Linear4bit):

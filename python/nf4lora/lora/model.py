@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from .loftq import loftq_init, pissa_init
-from .lora import LoraLinear, ModulesToSave
-from .lora_config import ALL_LINEAR, LoraConfig, name_matches
-from .nn import Linear4bit
+from ..quant import Linear4bit
+from .config import ALL_LINEAR, LoraConfig, name_matches
+from .layer import LoraLinear, ModulesToSave
 
 log = logging.getLogger(__name__)
 _ADAPTERS = "_nf4lora_adapters"  # model attribute: {adapter name: LoraConfig}
@@ -141,11 +141,6 @@ def _check_quantize(quantize) -> None:
         raise ValueError(f"quantize must be None, 'nf4' or 'fp4', got {quantize!r}")
 
 
-def _set_packed(layer: Linear4bit, packed: torch.Tensor, state) -> None:
-    layer.weight = nn.Parameter(packed, requires_grad=False)
-    layer._set_state(state)
-
-
 # ---- injection --------------------------------------------------------------------------------
 
 
@@ -187,7 +182,7 @@ def _wrap(name: str, module: nn.Module, config: LoraConfig, adapter_name: str, q
         res = loftq_init(module.weight, r, s, config.loftq_iter, quant.quant_type, quant.blocksize,
                          quant.double_quant)
         base = quant.linear4bit(module)
-        _set_packed(base, res.packed, res.state)
+        base.set_quantized(res.packed, res.state)
         A, B, errors = res.A, res.B, (res.error_before, res.error_after)
         log.info("LoftQ %s: relative error %.4f (plain %s) -> %.4f", name, res.error_before,
                  quant.quant_type, res.error_after)

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from . import matmul as _mm
-from .functional import _packed_bytes, dequantize_4bit, quantize_4bit
-from .nn import Linear4bit
+from ..ops import DISPATCH, Weight4bit
+from ..ops.matmul import dequantized, forward as base_forward, grad_input as base_grad_input, is_plain_eager_cpu
+from ..quant import Linear4bit, dequantize_4bit, quantize_4bit
 
 
 def _adapter_in_fp32(x: Tensor, rows: int) -> bool:
@@ -31,15 +31,15 @@ def _adapter_in_fp32(x: Tensor, rows: int) -> bool:
     microseconds for the same products in fp32 (MKL). More rows keep their route (fp32 GEMMs
     without AMX, bf16 ones with it)."""
     return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
-            and rows <= max(_mm.GEMV_MAX_M, _mm.GRAD_INPUT_MAX_M))
+            and rows <= DISPATCH.fused_rows(x.device))
 
 
 class LoraMatmul4bit(torch.autograd.Function):
     """y = x W^T + b + s (x_d A^T) B^T in one function, W given by its packed 4-bit codes.
 
     Inputs: x [..., K] (already in the compute dtype), x_d = dropout(x) or None (then x_d = x),
-    A [r, K], B [N, r] (cast to x's dtype here), scaling s, bias [N] or None, and the packed
-    weight's arguments of nf4lora::matmul_4bit. Shapes below flatten x to [M, K].
+    A [r, K], B [N, r] (cast to x's dtype here), scaling s, bias [N] or None, and the base's
+    Weight4bit w. Shapes below flatten x to [M, K].
 
     Forward (one pass over x for the base, the LoRA product added into the output buffer):
         y   = matmul_4bit(x, W) + b                   [M, N]
@@ -57,7 +57,7 @@ class LoraMatmul4bit(torch.autograd.Function):
     Saved for backward: x_d (or x), x_a, and A, B in the compute dtype; never the dense W.
     Gradients of A and B come back in their own dtype (fp32 adapters stay fp32).
 
-    bf16 on a CPU where bf16 GEMMs run as fp32 ones (nf4lora.matmul.cpu_gemm_in_fp32; more rows
+    bf16 on a CPU where bf16 GEMMs run as fp32 ones (DISPATCH.cpu_gemm_in_fp32; more rows
     than the fused kernels take): the same formulas in fp32 over x widened from bf16, W dequantized
     in fp32 (as matmul_4bit's fp32 route and the fused kernels use it), and the fp32 adapter
     weights as they are; x_a stays fp32, y and dL/dx are rounded to bf16 once at the end. At least
@@ -68,28 +68,24 @@ class LoraMatmul4bit(torch.autograd.Function):
     adds its fp32 adapter output."""
 
     @staticmethod
-    def forward(ctx, x, x_d, A, B, scaling, bias, packed, absmax, blocksize, quant_type, shape,
-                nested_absmax, nested_code, offset, nested_blocksize):
-        N, K = int(shape[0]), int(shape[1])
+    def forward(ctx, x, x_d, A, B, scaling, bias, w: Weight4bit):
+        N, K = w.shape
         ctx.scaling = scaling
         ctx.separate_dropout = x_d is not None
         ctx.adapter_dtypes = (A.dtype, B.dtype)
-        # nf4lora.matmul's weight tuple: its _forward / _grad_input / _dequantized_fp32 take it
-        ctx.weight = (packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
-                      nested_blocksize)
+        ctx.w = w
         rows = x.numel() // K if K else 0
-        ctx.fp32 = (_mm._plain_eager_cpu(x) and rows > max(_mm.GEMV_MAX_M, _mm.GRAD_INPUT_MAX_M)
-                    and _mm.cpu_gemm_in_fp32(x.dtype))
+        ctx.fp32 = (is_plain_eager_cpu(x) and rows > DISPATCH.fused_rows(x.device)
+                    and DISPATCH.cpu_gemm_in_fp32(x.dtype))
         ctx.adapter_fp32 = ctx.fp32 or _adapter_in_fp32(x, rows)
         src = x if x_d is None else x_d
         if ctx.adapter_fp32:
             with torch.autocast("cpu", enabled=False):  # fp32 GEMMs, not autocast's bf16 ones
                 if ctx.fp32:
-                    _mm._check_matmul(x, packed, absmax, shape, bias)
-                    y = torch.nn.functional.linear(x.reshape(-1, K).float(), _mm._dequantized_fp32(*ctx.weight),
+                    y = torch.nn.functional.linear(x.reshape(-1, K).float(), dequantized(w, torch.float32),
                                                    None if bias is None else bias.float())
                 else:  # the fused kernel for the base, in x's dtype; the LoRA term is added into it
-                    y = _mm._forward(x, ctx.weight, bias).contiguous().view(-1, N)
+                    y = base_forward(x, w, bias).contiguous().view(-1, N)
                 A32, B32 = A.float(), B.float()
                 x_a = torch.mm(src.reshape(-1, K).float(), A32.t()).mul_(scaling)
                 if y.dtype == torch.float32:
@@ -98,7 +94,7 @@ class LoraMatmul4bit(torch.autograd.Function):
                     y.add_(torch.mm(x_a, B32.t()))  # one rounding of the fp32 sum to x's dtype
             ctx.save_for_backward(src, x_a, A32, B32)
             return y.to(x.dtype).view(*x.shape[:-1], N)
-        y = _mm._forward(x, ctx.weight, bias).contiguous()  # the LoRA term is added in place into this buffer
+        y = base_forward(x, w, bias).contiguous()  # the LoRA term is added in place into this buffer
         Ac, Bc = A.to(x.dtype), B.to(x.dtype)
         x_a = torch.mm(src.reshape(-1, K), Ac.t()).mul_(scaling)
         y.view(-1, N).addmm_(x_a, Bc.t())
@@ -115,10 +111,10 @@ class LoraMatmul4bit(torch.autograd.Function):
         lora_x = need_xd or (need_x and not ctx.separate_dropout)
         if ctx.adapter_fp32:
             with torch.autocast("cpu", enabled=False):
-                return LoraMatmul4bit._backward_fp32(ctx, g, src, x_a, Ac, Bc, lora_x) + (None,) * 9
+                return LoraMatmul4bit._backward_fp32(ctx, g, src, x_a, Ac, Bc, lora_x) + (None,)
         g_b = torch.mm(g, Bc).mul_(ctx.scaling) if (lora_x or need_A) else None
         if need_x:
-            grad_x = _mm._grad_input(grad_y, ctx.weight).contiguous()
+            grad_x = base_grad_input(grad_y, ctx.w).contiguous()
             if not ctx.separate_dropout:
                 grad_x.view(-1, K).addmm_(g_b, Ac)
         if need_xd:
@@ -129,7 +125,7 @@ class LoraMatmul4bit(torch.autograd.Function):
             grad_B = torch.mm(g.t(), x_a).to(ctx.adapter_dtypes[1])
         if need_bias:
             grad_bias = g.sum(0)
-        return (grad_x, grad_xd, grad_A, grad_B, None, grad_bias) + (None,) * 9
+        return grad_x, grad_xd, grad_A, grad_B, None, grad_bias, None
 
     @staticmethod
     def _backward_fp32(ctx, g, src, x_a, A32, B32, lora_x):
@@ -142,8 +138,8 @@ class LoraMatmul4bit(torch.autograd.Function):
         grad_x = grad_xd = grad_A = grad_B = grad_bias = None
         g_b = torch.mm(g32, B32).mul_(ctx.scaling) if (lora_x or need_A) else None
         if need_x:
-            gx = (torch.mm(g32, _mm._dequantized_fp32(*ctx.weight)) if ctx.fp32
-                  else _mm._grad_input(g, ctx.weight).reshape(-1, K).float())
+            gx = (torch.mm(g32, dequantized(ctx.w, torch.float32)) if ctx.fp32
+                  else base_grad_input(g, ctx.w).reshape(-1, K).float())
             if not ctx.separate_dropout:
                 gx.addmm_(g_b, A32)
             grad_x = gx.to(dtype).view(src.shape)
@@ -171,11 +167,7 @@ def lora_matmul_4bit(x: Tensor, base: Linear4bit, A: Tensor, B: Tensor, scaling:
     if dropout is not None and dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
         x_d = dropout(xc)
     bias = None if base.bias is None else base.bias.to(dtype)
-    state = base.quant_state
-    nested = (state.nested_absmax, state.nested_code, state.offset) if state.nested else (None, None, None)
-    y = LoraMatmul4bit.apply(xc, x_d, A, B, float(scaling), bias, _packed_bytes(base.weight, state),
-                             state.absmax, state.blocksize, state.quant_type, list(state.shape), *nested,
-                             state.nested_blocksize)
+    y = LoraMatmul4bit.apply(xc, x_d, A, B, float(scaling), bias, base.weight4bit())
     return y if y.dtype == in_dtype else y.to(in_dtype)
 
 
@@ -287,8 +279,7 @@ class LoraLinear(nn.Module):
             merged = base.dequantize(torch.float32) + delta
             packed, new_state = quantize_4bit(merged, state.blocksize, state.quant_type, state.nested)
             self._merge_backup = (base.weight, state)
-            base.weight = nn.Parameter(packed, requires_grad=False)
-            base._set_state(dataclasses.replace(new_state, dtype=state.dtype))
+            base.set_quantized(packed, dataclasses.replace(new_state, dtype=state.dtype))
             error = float(torch.linalg.matrix_norm(dequantize_4bit(packed, new_state, dtype=torch.float32) - merged)
                           / torch.linalg.matrix_norm(merged).clamp(min=1e-30))
         else:
@@ -305,8 +296,7 @@ class LoraLinear(nn.Module):
         base = self.base_layer
         if self.is_4bit:
             weight, state = self._merge_backup
-            base.weight = weight
-            base._set_state(state)
+            base.set_quantized(weight, state)
         else:
             base.weight.data = self._merge_backup
         self._merge_backup = None

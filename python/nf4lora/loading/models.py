@@ -17,10 +17,8 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .functional import _packed_bytes, quantize_4bit
-from .lora import LoraLinear
-from .nn import Linear4bit
-from .quant_state import QuantState
+from ..lora import LoraLinear
+from ..quant import Linear4bit, QuantState, quantize_4bit
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
@@ -179,21 +177,6 @@ def _empty_model(config: Any, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def _linear4bit(packed: Tensor, state: QuantState, has_bias: bool, bias: Optional[Tensor],
-                compute_dtype: Optional[torch.dtype]) -> Linear4bit:
-    """A Linear4bit around already packed codes (built on meta, so nothing is quantized twice); a
-    bias not given yet stays on meta until its tensor arrives."""
-    out_features, in_features = state.shape
-    module = Linear4bit(in_features, out_features, bias=has_bias, quant_type=state.quant_type,
-                        blocksize=state.blocksize, double_quant=state.nested, compute_dtype=compute_dtype,
-                        device="meta")
-    module.weight = nn.Parameter(packed.reshape(-1, 1), requires_grad=False)
-    module._set_state(state)
-    if bias is not None:
-        module.bias = nn.Parameter(bias, requires_grad=False)
-    return module
-
-
 def _set_tensor(model: nn.Module, key: str, value: Tensor) -> None:
     module_name, _, name = key.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
@@ -257,14 +240,17 @@ def _fill(model: nn.Module, tensors: Iterator[tuple[str, Tensor]], quantize: Opt
             if state_dict:  # a bitsandbytes 4-bit checkpoint: the codes and scales as saved
                 state_dict[key] = t
                 state = QuantState.from_dict(state_dict, key + ".")
-                packed = _packed_bytes(t.contiguous(), state)
+                packed = t.contiguous()
             else:
                 if not t.is_floating_point():
                     raise ValueError(f"source: {key} is {t.dtype}, not a float weight")
                 # Cast first, as transformers + bitsandbytes do: the same codes as theirs.
                 packed, state = quantize_4bit(t.to(compute_dtype).contiguous(), blocksize, quantize, double_quant)
             has_bias = getattr(parent, child).bias is not None
-            setattr(parent, child, _linear4bit(packed, state, has_bias, bias, compute_dtype))
+            module = Linear4bit.from_quantized(packed, state, has_bias, compute_dtype)
+            if bias is not None:
+                module.bias = nn.Parameter(bias, requires_grad=False)
+            setattr(parent, child, module)
             continue
         if key.rpartition(".weight.")[0] in linears:
             continue  # a quant-state tensor, read with its weight
@@ -356,7 +342,7 @@ def load_model(source: Union[str, os.PathLike, None] = None, quantize: Optional[
             return
         if lora.init == "loftq" and quantize is None:
             raise ValueError("lora init='loftq' picks the 4-bit base itself: it needs quantize='nf4' or 'fp4'")
-        from .lora_model import LayerwiseInjection
+        from ..lora import LayerwiseInjection
         layerwise = LayerwiseInjection(model, lora, quantize, compute_dtype=compute_dtype,
                                        blocksize=blocksize, double_quant=double_quant)
         skip = skip + tuple(layerwise.keep_dense)
@@ -397,6 +383,6 @@ def load_model(source: Union[str, os.PathLike, None] = None, quantize: Optional[
     if layerwise is not None:
         model = layerwise.finish(model)
     elif lora is not None:
-        from . import get_lora_model  # issue 4's API
+        from ..lora import get_lora_model
         model = get_lora_model(model, lora)
     return model, tokenizer

@@ -14,8 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from .functional import dequantize_4bit, quantize_4bit
-from .quant_state import QuantState
+from ..quant import QuantState, dequantize_4bit, quantize_4bit
 
 # Above this many rows/columns a randomized SVD (torch.svd_lowrank) replaces the full one: a full
 # SVD of a 4096x11008 fp32 matrix takes about a minute on two cores, the randomized one seconds.

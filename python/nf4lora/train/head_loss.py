@@ -10,7 +10,7 @@ but without its float32 [rows, V] tensors and with fp32 GEMMs over bf16 values.
     fp32 for the GEMM (exact); the loss is taken from z in fp32 a few rows at a time, and the same
     buffer is overwritten in place with softmax(z) - onehot(t) rounded to bf16 (the only thing
     backward keeps); backward multiplies by g and runs dL/dh the same way. The GEMMs are the slow
-    part on a CPU without AMX, where fp32 GEMMs are ~2x bf16 ones (nf4lora.matmul.cpu_gemm_in_fp32).
+    part on a CPU without AMX, where fp32 GEMMs are ~2x bf16 ones (nf4lora.ops.DISPATCH.cpu_gemm_in_fp32).
     Against the reference: the same rounding points except that softmax - onehot is rounded before
     the multiplication by g rather than after (g is a scalar 1/tokens in training), and summation
     order. Memory: one bf16 [rows, V] buffer instead of bf16 logits + fp32 logits + fp32 log-softmax.

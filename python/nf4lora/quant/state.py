@@ -13,28 +13,11 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import Tensor
 
-from ._native import FLOAT_DTYPES, _C
-from ._ops import check_blocksize, num_blocks
+from ..ops import FLOAT_DTYPES, Weight4bit, check_blocksize, codebook, num_blocks, packed_bytes
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 _STATE_KEY = "quant_state.bitsandbytes__"
-
-
-def codebook(quant_type: str, device: Union[str, torch.device, None] = None) -> Tensor:
-    """The 16-entry fp32 codebook (bitsandbytes' quant_map) from the native format header."""
-    if quant_type == "nf4":
-        values = _C.nf4_codebook()
-    elif quant_type == "fp4":
-        values = _C.fp4_codebook()
-    else:
-        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
-    return torch.tensor(values, dtype=torch.float32, device=device)
-
-
-def dynamic_map(signed: bool = True, device: Union[str, torch.device, None] = None) -> Tensor:
-    """bitsandbytes' 8-bit dynamic map (signed: double quantization; unsigned: Adam's 2nd moment)."""
-    return torch.tensor(_C.dynamic_map(signed), dtype=torch.float32, device=device)
 
 
 @dataclasses.dataclass(eq=False)  # tensors have no single truth value: compare fields yourself
@@ -87,6 +70,13 @@ class QuantState:
     def bits_per_param(self) -> float:
         """nbytes * 8 / numel: 4.127 for NF4 + double quant at block 64 on large tensors."""
         return self.nbytes * 8 / max(1, self.numel)
+
+    def weight(self, packed: Tensor) -> Weight4bit:
+        """The op layer's form of the 4-bit tensor whose codes are `packed` (any contiguous
+        storage dtype holding the right bytes) and whose state this is."""
+        return Weight4bit(packed_bytes(packed, self.shape), self.absmax, self.blocksize, self.quant_type,
+                          tuple(self.shape), self.dtype, self.nested_absmax, self.nested_code, self.offset,
+                          self.nested_blocksize)
 
     def to(self, device: Union[str, torch.device]) -> "QuantState":
         """A copy with every tensor on `device` (no requantization)."""

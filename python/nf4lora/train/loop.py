@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as D
-from .lora_io import _atomic_write
+from ..files import fsync_tree, write_atomic
 from .plot import write_loss_png
 
 _CKPT_PREFIX = "checkpoint-"
@@ -100,7 +100,7 @@ def _add_lora(model: nn.Module, opts: TrainOptions) -> nn.Module:
 
 
 def _optimizer(params: list[nn.Parameter], opts: TrainOptions) -> torch.optim.Optimizer:
-    from .optim import AdamW, PagedAdamW
+    from ..optim import AdamW, PagedAdamW
     if opts.optim == "adamw":
         return AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     return PagedAdamW(params, lr=opts.lr, weight_decay=opts.weight_decay,
@@ -150,8 +150,8 @@ class CausalLMLoss(nn.Module):
     instruction data). Wrapping this, not the model, in DDP keeps DDP's hooks on the real call.
 
     fused_head: under bf16 autocast on a CPU where bf16 GEMMs run as fp32 ones
-    (nf4lora.matmul.cpu_gemm_in_fp32), a frozen nn.Linear head and the cross entropy go through
-    nf4lora.head_loss (the same rounding points, fp32 GEMMs, no fp32 [tokens, vocab] tensors);
+    (nf4lora.ops.DISPATCH.cpu_gemm_in_fp32), a frozen nn.Linear head and the cross entropy go through
+    train/head_loss.py (the same rounding points, fp32 GEMMs, no fp32 [tokens, vocab] tensors);
     False keeps the plain head + F.cross_entropy (what bench_finetune's PEFT baselines use)."""
 
     def __init__(self, model: nn.Module, fused_head: bool = True) -> None:
@@ -160,11 +160,11 @@ class CausalLMLoss(nn.Module):
         self.fused_head = fused_head
 
     def _fused(self, head: nn.Module, hidden: torch.Tensor) -> bool:
-        from .matmul import cpu_gemm_in_fp32
+        from ..ops import DISPATCH
         return (self.fused_head and type(head) is nn.Linear and not head.weight.requires_grad
                 and (head.bias is None or not head.bias.requires_grad) and hidden.device.type == "cpu"
                 and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-                and head.weight.dtype in (torch.bfloat16, torch.float32) and cpu_gemm_in_fp32(torch.bfloat16))
+                and head.weight.dtype in (torch.bfloat16, torch.float32) and DISPATCH.cpu_gemm_in_fp32(torch.bfloat16))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
         base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
@@ -206,18 +206,6 @@ def _seed_all(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ---- checkpoints ----------------------------------------------------------------------------
 
 def write_checkpoint(out: Path, step: int, model: nn.Module, state: dict[str, Any], opts: TrainOptions) -> Path:
@@ -233,7 +221,7 @@ def write_checkpoint(out: Path, step: int, model: nn.Module, state: dict[str, An
         save_adapter(model, tmp / "adapter")
         torch.save(state, tmp / _STATE_FILE)
         (tmp / _OPTIONS_FILE).write_text(json.dumps(dataclasses.asdict(opts), indent=1, sort_keys=True))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -379,7 +367,7 @@ def finetune(opts: TrainOptions, model: Optional[nn.Module] = None, tokenizer: A
 
     # -- model and data
     if model is None:
-        from .loading import load_model
+        from ..loading import load_model
         say(f"loading {opts.model or 'the default model (SmolLM2-135M-Instruct GGUF)'} ...")
         model, tokenizer = load_model(opts.model, quantize=opts.quantize)
     if tokenizer is None:
@@ -404,7 +392,7 @@ def finetune(opts: TrainOptions, model: Optional[nn.Module] = None, tokenizer: A
 
     # bf16 attention in fp32 on CPUs without AMX (same values, ~2x faster there; sdpa elsewhere),
     # for this run only: the model goes back to its own attention afterwards
-    from .attention import use_fp32_cpu_attention
+    from .cpu_attention import use_fp32_cpu_attention
     attn_before = getattr(model.config, "_attn_implementation", None)
     switched = use_fp32_cpu_attention(model)
     try:
@@ -540,7 +528,7 @@ def _train(opts: TrainOptions, model: nn.Module, tokenizer: Any, on_step: Option
     }
     if main:
         save_adapter(model, out / "adapter")
-        os.replace(_atomic_write(out / "metrics.json", json.dumps(metrics, indent=1).encode()), out / "metrics.json")
+        write_atomic(out / "metrics.json", json.dumps(metrics, indent=1).encode())
         note = write_loss_png(out / "loss.png", [h["loss"] for h in history])
         say(f"adapter (PEFT format): {out / 'adapter'}; metrics: {out / 'metrics.json'}; {note}")
     return metrics

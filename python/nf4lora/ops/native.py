@@ -1,15 +1,16 @@
-"""Loads the native core ``nf4lora._C`` and holds the small glue shared by the op layer:
-dtype/quant-type codes, the CPU variant switch, the thread count passed to kernels."""
+"""Loads the native core ``nf4lora._C`` (the op layer's modules are the only ones that use it) and
+holds the small glue they share: dtype/quant-type codes, the codebook tables read from the native
+format header, the CPU variant switch and the thread count passed to kernels."""
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 
 try:
-    from . import _C  # type: ignore[attr-defined]
+    from .. import _C  # type: ignore[attr-defined]
 except ImportError as exc:  # pragma: no cover - only when the package was not built
     raise ImportError(
         "nf4lora's native extension nf4lora._C is missing or failed to load "
@@ -33,6 +34,22 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 def quant_type_code(quant_type: str) -> int:
     return QUANT_TYPES[quant_type]
+
+
+def codebook(quant_type: str, device: Union[str, torch.device, None] = None) -> torch.Tensor:
+    """The 16-entry fp32 codebook (bitsandbytes' quant_map) from the native format header."""
+    if quant_type == "nf4":
+        values = _C.nf4_codebook()
+    elif quant_type == "fp4":
+        values = _C.fp4_codebook()
+    else:
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def dynamic_map(signed: bool = True, device: Union[str, torch.device, None] = None) -> torch.Tensor:
+    """bitsandbytes' 8-bit dynamic map (signed: double quantization; unsigned: Adam's 2nd moment)."""
+    return torch.tensor(_C.dynamic_map(signed), dtype=torch.float32, device=device)
 
 
 def num_threads() -> int:
@@ -81,3 +98,17 @@ def use_cpu_variant(name: Optional[str]) -> Iterator[None]:
 
 if os.environ.get("NF4LORA_CPU_VARIANT"):
     set_cpu_variant(os.environ["NF4LORA_CPU_VARIANT"])
+
+
+def ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def absmax_pointers(w) -> tuple:
+    """The six absmax arguments every native 4-bit entry point takes (bindings.cpp's
+    absmax_source) for a Weight4bit: fp32 absmax, or the 8-bit codes + nested absmax, map,
+    offset and nested block size."""
+    if w.nested_absmax is None:
+        return (w.absmax.data_ptr(), 0, 0, 0, 0, w.nested_blocksize)
+    return (0, w.absmax.data_ptr(), w.nested_absmax.data_ptr(), w.nested_code.data_ptr(),
+            w.offset.data_ptr(), w.nested_blocksize)

@@ -4,13 +4,12 @@ light grid at 4 divisions, the raw loss in grey and a moving average in blue; th
 metrics.json. Tested by tests/test_finetune.py (decodes the file and checks the curve's pixels)."""
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from pathlib import Path
 from typing import Sequence
 
-from .lora_io import _atomic_write
+from ..files import write_atomic
 
 WIDTH, HEIGHT, MARGIN = 640, 360, 30
 
@@ -67,5 +66,5 @@ def loss_image(losses: Sequence[float]) -> list[bytearray]:
 
 def write_loss_png(path: Path, losses: Sequence[float]) -> str:
     """Writes the curve atomically; returns a one-line note for the log."""
-    os.replace(_atomic_write(path, encode_png(loss_image(losses), WIDTH, HEIGHT)), path)
+    write_atomic(path, encode_png(loss_image(losses), WIDTH, HEIGHT))
     return f"loss curve: {path}"

@@ -10,37 +10,22 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from .lora import LoraLinear, ModulesToSave
-from .lora_config import ALL_LINEAR, LoraConfig
-from .lora_model import (_ACTIVE, _ADAPTERS, _QuantOptions, _adapters, _check_not_merged, _inject,
+from ..files import write_temp
+from .config import ALL_LINEAR, LoraConfig
+from .layer import LoraLinear, ModulesToSave
+from .model import (_ACTIVE, _ADAPTERS, _QuantOptions, _adapters, _check_not_merged, _inject,
                          _is_trainable, _plan, _walk, delete_adapter, set_adapter)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _CHECKSUM_KEY = "nf4lora_sha256"  # safetensors metadata; PEFT ignores it, we verify it when present
-
-
-def _atomic_write(path: Path, data: bytes) -> Path:
-    """Writes data to a temp file beside `path` and fsyncs it; returns the temp path (the caller
-    renames it, so several files can be prepared before any is replaced)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return Path(tmp)
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -96,10 +81,10 @@ def save_adapter(model: nn.Module, save_directory: Union[str, os.PathLike],
     blob = st_save(tensors, metadata={"format": "pt", _CHECKSUM_KEY: _checksum(tensors)})
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp_weights = _atomic_write(directory / WEIGHTS_NAME, blob)
+    tmp_weights = write_temp(directory / WEIGHTS_NAME, blob)
     try:
         text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-        tmp_config = _atomic_write(directory / CONFIG_NAME, text.encode())
+        tmp_config = write_temp(directory / CONFIG_NAME, text.encode())
     except BaseException:
         os.unlink(tmp_weights)
         raise

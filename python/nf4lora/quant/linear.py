@@ -14,10 +14,9 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from . import _ops
-from .functional import _packed_bytes, dequantize_4bit, quantize_4bit
-from .matmul import matmul_4bit
-from .quant_state import QuantState
+from ..ops import Weight4bit, check_float_dtype, matmul_4bit, packed_bytes
+from .functional import dequantize_4bit, quantize_4bit
+from .state import QuantState
 
 _STATE_BUFFERS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_offset")
 
@@ -35,9 +34,9 @@ class Linear4bit(nn.Module):
         super().__init__()
         if in_features <= 0 or out_features <= 0:
             raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
-        _ops.check_float_dtype(dtype, "dtype")
+        check_float_dtype(dtype, "dtype")
         if compute_dtype is not None:
-            _ops.check_float_dtype(compute_dtype, "compute_dtype")
+            check_float_dtype(compute_dtype, "compute_dtype")
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
         # Placeholder codes (a zero weight) of the right sizes; load_state_dict or from_linear
@@ -69,6 +68,29 @@ class Linear4bit(nn.Module):
                        if linear.bias is not None else None)
         return module
 
+    @classmethod
+    def from_quantized(cls, packed: Tensor, state: QuantState, bias: bool = True,
+                       compute_dtype: Optional[torch.dtype] = torch.bfloat16) -> "Linear4bit":
+        """A Linear4bit around already packed codes and their state: nothing is quantized (the
+        placeholder is built on the meta device), and a bias, if any, stays on meta until it is
+        set or loaded."""
+        out_features, in_features = _weight_shape(state.shape)
+        module = cls(in_features, out_features, bias=bias, quant_type=state.quant_type,
+                     blocksize=state.blocksize, double_quant=state.nested, compute_dtype=compute_dtype,
+                     device="meta")
+        module.set_quantized(packed, state)
+        return module
+
+    def set_quantized(self, packed: Tensor, state: QuantState) -> None:
+        """Replaces the weight by packed codes of the same [out_features, in_features] shape and
+        their state (merging, LoftQ, loading). The codes become the frozen `weight` parameter."""
+        if tuple(state.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"a state of shape {list(state.shape)} cannot replace the weight of a "
+                             f"[{self.out_features}, {self.in_features}] Linear4bit")
+        flat = packed_bytes(packed, state.shape)
+        self.weight = nn.Parameter(flat.reshape(-1, 1), requires_grad=False)
+        self._set_state(state)
+
     def _set_state(self, state: QuantState) -> None:
         self.weight_shape = state.shape
         self.weight_dtype = state.dtype
@@ -88,6 +110,13 @@ class Linear4bit(nn.Module):
                           offset=self.quant_offset, nested_absmax=self.nested_absmax,
                           nested_code=self.nested_quant_map, nested_blocksize=self.nested_blocksize)
 
+    def weight4bit(self) -> Weight4bit:
+        """The packed weight and its state as the op layer takes them, built from the current
+        parameter and buffers (so a moved, reloaded or all-gathered weight is what runs)."""
+        return Weight4bit(packed_bytes(self.weight, self.weight_shape), self.absmax, self.blocksize,
+                          self.quant_type, self.weight_shape, self.weight_dtype, self.nested_absmax,
+                          self.nested_quant_map, self.quant_offset, self.nested_blocksize)
+
     @property
     def double_quant(self) -> bool:
         return self.nested_absmax is not None
@@ -98,7 +127,7 @@ class Linear4bit(nn.Module):
         in_dtype = x.dtype
         dtype = self.compute_dtype or in_dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        y = matmul_4bit(x.to(dtype), self.weight, self.quant_state, bias)
+        y = matmul_4bit(x.to(dtype), self.weight4bit(), bias)
         return y if y.dtype == in_dtype else y.to(in_dtype)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -154,7 +183,7 @@ class Linear4bit(nn.Module):
                 if not isinstance(packed, Tensor):
                     raise TypeError(f"must be a tensor, got {type(packed).__name__}")
                 packed = packed.detach().to(self.weight.device)
-                flat = _packed_bytes(packed.contiguous(), state).clone().reshape(-1, 1)
+                flat = packed_bytes(packed.contiguous(), state.shape).clone().reshape(-1, 1)
                 self.weight = nn.Parameter(flat, requires_grad=False)
                 self._set_state(state)
             except (ValueError, TypeError) as exc:
@@ -171,6 +200,12 @@ class Linear4bit(nn.Module):
                 with torch.no_grad():
                     self.bias.copy_(state_dict[bkey])
         unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
+
+
+def _weight_shape(shape) -> tuple[int, int]:
+    if len(shape) != 2:
+        raise ValueError(f"a Linear4bit weight is 2-D [out_features, in_features], got shape {list(shape)}")
+    return int(shape[0]), int(shape[1])
 
 
 def _describe(value) -> str:

@@ -2,7 +2,7 @@
 same bf16 q, k, v (widened exactly) and rounds the output to bf16 once: on this CPU without AMX,
 torch's bf16 flash-attention forward + backward took 24 ms against 12 ms in fp32 for one SmolLM2
 layer ([4, 9, 192, 64] queries, 3 kv heads; one thread, thread CPU time). Everywhere else (GPU,
-fp32/fp16, a CPU with AMX, see nf4lora.matmul.cpu_gemm_in_fp32) it is transformers' own sdpa.
+fp32/fp16, a CPU with AMX, see nf4lora.ops.DISPATCH.cpu_gemm_in_fp32) it is transformers' own sdpa.
 Registered under the name ATTN_IMPLEMENTATION; use_fp32_cpu_attention(model) switches a loaded
 model to it (the trainer does). Tested by tests/test_attention.py (against sdpa, forced on and off)."""
 from __future__ import annotations
@@ -16,9 +16,9 @@ _registered = [False]
 
 def _forward(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from .matmul import cpu_gemm_in_fp32
+    from ..ops import DISPATCH
     dtype = query.dtype
-    if query.device.type != "cpu" or not cpu_gemm_in_fp32(dtype):
+    if query.device.type != "cpu" or not DISPATCH.cpu_gemm_in_fp32(dtype):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()

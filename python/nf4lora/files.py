@@ -1,0 +1,42 @@
+"""Crash-safe file writing shared by everything that writes user files (adapters, checkpoints,
+merged models, metrics, plots): data goes to a temporary name beside the target, is fsynced, and
+is renamed into place, so a crash leaves the previous file or none, never a torn one.
+Tested by tests/test_crash_safety.py (SIGKILLed writers) and tests/test_finetune.py."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_temp(path: Path, data: bytes) -> Path:
+    """Writes data to a temp file beside `path` and fsyncs it; returns the temp path (the caller
+    renames it, so several files can be prepared before any is replaced)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replaces `path` by a file holding `data`, atomically."""
+    os.replace(write_temp(path, data), path)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsyncs every file under `path` and the folder itself (before renaming the folder)."""
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
