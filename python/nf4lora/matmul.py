@@ -180,7 +180,7 @@ def _forward_cpu(x, weight, bias):
     rows = x.numel() // K if K else 0
     if 0 < rows <= GEMV_MAX_M:
         b = None if bias is None else bias.contiguous()  # kept alive across the native call
-        return _native_cpu(_C.gemm_4bit_cpu, x, weight, K, N, _ops._ptr(b))
+        return _native_cpu(_C.matmul_4bit_cpu, x, weight, K, N, _ops._ptr(b))
     if cpu_gemm_in_fp32(x.dtype):
         w = _dequantized_fp32(*weight)
         with torch.autocast("cpu", enabled=False):  # an fp32 GEMM even when called under autocast
@@ -192,7 +192,7 @@ def _grad_input_cpu(grad_y, weight):
     N, K = weight[4], weight[5]
     rows = grad_y.numel() // N if N else 0
     if 0 < rows <= GRAD_INPUT_MAX_M:
-        return _native_cpu(_C.gemm_4bit_grad_input_cpu, grad_y, weight, N, K)
+        return _native_cpu(_C.matmul_4bit_t_cpu, grad_y, weight, N, K)
     if cpu_gemm_in_fp32(grad_y.dtype):
         w = _dequantized_fp32(*weight)
         with torch.autocast("cpu", enabled=False):

@@ -1,11 +1,11 @@
 """The CUDA side of matmul_4bit: picks, per call, the kernel of cuda/matmul.cu that fits the
 shape, or falls back to dequantize-into-scratch + cuBLAS (always correct, any shape).
 
-    forward  y = x W^T:  M <= GEMV_MAX_M and K % 8 == 0         -> gemv_4bit_cuda
-                         fp16/bf16, K % 32 == 0, M <= TC_MAX_M  -> gemm_4bit_tc_cuda (tensor cores)
+    forward  y = x W^T:  M <= GEMV_MAX_M and K % 8 == 0         -> matmul_4bit_cuda
+                         fp16/bf16, K % 32 == 0, M <= TC_MAX_M  -> matmul_4bit_tc_cuda (tensor cores)
                          otherwise                              -> dequantize + F.linear
-    backward g W:        M <= GEMV_T_MAX_M and K % 8 == 0       -> gemv_4bit_t_cuda (fp32 atomics)
-                         fp16/bf16, N % 32 == 0, K % 8 == 0, M <= TC_MAX_M -> gemm_4bit_tc_cuda
+    backward g W:        M <= GEMV_T_MAX_M and K % 8 == 0       -> matmul_4bit_t_cuda (fp32 atomics)
+                         fp16/bf16, N % 32 == 0, K % 8 == 0, M <= TC_MAX_M -> matmul_4bit_tc_cuda
                          otherwise                              -> dequantize + matmul
 
 Arguments arrive validated by matmul.py. Tested by tests/test_cuda.py (each path forced through
@@ -21,7 +21,7 @@ from ._native import _C, dtype_code, quant_type_code
 from ._ops import _absmax_ptrs, _check_dequant_args, _cuda_stream, _ptr, _require_cuda_build
 
 # Rows of x (of grad_y) up to which each fused kernel runs instead of dequantize + cuBLAS; the
-# kernels take up to 8 (kGemmSmallMaxM in nf4lora/matmul.h). Chosen from bench/bench_cuda_matmul.py
+# kernels take up to 8 (kMatmulCudaMaxM in nf4lora/matmul.h). Chosen from bench/bench_cuda_matmul.py
 # on an H200 (LLaMA-7B shapes, bf16; figures in the README): the forward GEMV beats dequantize +
 # cuBLAS up to M = 3 (M=1 4096x4096: 9.8 us vs 25.4, dense bf16 12.9); the transposed GEMV only
 # ties it at M = 1; the tensor-core GEMM (a simple single-buffered WMMA kernel) runs 7-10x slower
@@ -65,12 +65,12 @@ def forward(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, quant_typ
     with torch.cuda.device(x.device):
         stream = _cuda_stream(x.device)
         if use_gemv:
-            _C.gemv_4bit_cuda(x2.data_ptr(), dtype_code(x.dtype), M, K, packed.data_ptr(), *args, N,
-                              blocksize, quant_type_code(quant_type), _ptr(b), y.data_ptr(), stream)
+            _C.matmul_4bit_cuda(x2.data_ptr(), dtype_code(x.dtype), M, K, packed.data_ptr(), *args, N,
+                                blocksize, quant_type_code(quant_type), _ptr(b), y.data_ptr(), stream)
         else:
-            _C.gemm_4bit_tc_cuda(x2.data_ptr(), dtype_code(x.dtype), M, K, packed.data_ptr(), *args,
-                                 N, blocksize, quant_type_code(quant_type), False, _ptr(b),
-                                 y.data_ptr(), stream)
+            _C.matmul_4bit_tc_cuda(x2.data_ptr(), dtype_code(x.dtype), M, K, packed.data_ptr(), *args,
+                                   N, blocksize, quant_type_code(quant_type), False, _ptr(b),
+                                   y.data_ptr(), stream)
     return y.reshape(*x.shape[:-1], N)
 
 
@@ -93,13 +93,13 @@ def grad_input(grad_y: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, q
         stream = _cuda_stream(grad_y.device)
         if use_gemv:
             acc = torch.zeros((M, K), dtype=torch.float32, device=grad_y.device)
-            _C.gemv_4bit_t_cuda(g2.data_ptr(), dtype_code(grad_y.dtype), M, N, packed.data_ptr(),
-                                *args, K, blocksize, quant_type_code(quant_type), acc.data_ptr(),
-                                stream)
+            _C.matmul_4bit_t_cuda(g2.data_ptr(), dtype_code(grad_y.dtype), M, N, packed.data_ptr(),
+                                  *args, K, blocksize, quant_type_code(quant_type), acc.data_ptr(),
+                                  stream)
             out = acc.to(grad_y.dtype)
         else:
             out = torch.empty((M, K), dtype=grad_y.dtype, device=grad_y.device)
-            _C.gemm_4bit_tc_cuda(g2.data_ptr(), dtype_code(grad_y.dtype), M, N, packed.data_ptr(),
-                                 *args, K, blocksize, quant_type_code(quant_type), True, 0,
-                                 out.data_ptr(), stream)
+            _C.matmul_4bit_tc_cuda(g2.data_ptr(), dtype_code(grad_y.dtype), M, N, packed.data_ptr(),
+                                   *args, K, blocksize, quant_type_code(quant_type), True, 0,
+                                   out.data_ptr(), stream)
     return out.reshape(*grad_y.shape[:-1], K)

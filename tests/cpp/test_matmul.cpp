@@ -1,9 +1,10 @@
-// test_matmul.cpp — C++ tests of gemm_4bit_cpu and gemm_4bit_grad_input_cpu (matmul.h), no
-// framework: every CPU variant this machine supports is forced in turn and compared with the
-// scalar reference (gemv_ref.cpp) and with a float64 product of the dequantized fp32 weight, under
-// the error bound derived at `tolerance` below; over awkward M/N/K, blocksizes, NF4/FP4, plain and
-// double-quantized absmax, fp32/fp16/bf16, bias, threads; plus NaN propagation, no-op sizes and
-// argument validation.
+// test_matmul.cpp — C++ tests of matmul_4bit_cpu and matmul_4bit_t_cpu (nf4lora/matmul.h): every
+// CPU variant this machine supports, forced in turn, against the scalar reference
+// (cpp/src/matmul_4bit_ref.cpp) and a float64 product of the dequantized fp32 weight, under the
+// error bound derived at `tolerance` below. No framework (test_util.h).
+
+// Over awkward M/N/K, blocksizes, NF4/FP4, plain and double-quantized absmax, fp32/fp16/bf16,
+// bias, threads; plus NaN propagation, no-op sizes and argument validation.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -129,8 +130,8 @@ std::vector<uint8_t> run(CpuVariant v, const Tensor& x, int64_t M, const QWeight
   force_cpu_variant(v);
   std::vector<uint8_t> y(M * W.N * dtype_bytes(x.dtype) + kGuardBytes, kCanary);
   const AbsmaxSource src = W.source();
-  gemm_4bit_cpu(x.bytes.data(), x.dtype, M, W.K, W.packed.data(), src, W.N, W.blocksize, W.qt,
-                bias ? bias->bytes.data() : nullptr, y.data(), threads);
+  matmul_4bit_cpu(x.bytes.data(), x.dtype, M, W.K, W.packed.data(), src, W.N, W.blocksize, W.qt,
+                  bias ? bias->bytes.data() : nullptr, y.data(), threads);
   reset_cpu_variant();
   return y;
 }
@@ -140,8 +141,8 @@ std::vector<uint8_t> run_t(CpuVariant v, const Tensor& g, int64_t M, const QWeig
   force_cpu_variant(v);
   std::vector<uint8_t> out(M * W.K * dtype_bytes(g.dtype) + kGuardBytes, kCanary);
   const AbsmaxSource src = W.source();
-  gemm_4bit_grad_input_cpu(g.bytes.data(), g.dtype, M, W.N, W.packed.data(), src, W.K, W.blocksize,
-                           W.qt, out.data(), threads);
+  matmul_4bit_t_cpu(g.bytes.data(), g.dtype, M, W.N, W.packed.data(), src, W.K, W.blocksize,
+                    W.qt, out.data(), threads);
   reset_cpu_variant();
   return out;
 }
@@ -298,17 +299,17 @@ void test_grad_input_edges() {
     }
   const AbsmaxSource none;
   std::vector<uint8_t> out(2 * 64 * 4 + kGuardBytes, kCanary);
-  gemm_4bit_grad_input_cpu(nullptr, DType::F32, 2, 0, nullptr, none, 64, 64, QuantType::NF4, out.data(), 2);
+  matmul_4bit_t_cpu(nullptr, DType::F32, 2, 0, nullptr, none, 64, 64, QuantType::NF4, out.data(), 2);
   bool ok = guard_intact(out, 2 * 64 * 4);
   for (int i = 0; i < 2 * 64; ++i) ok = ok && read_out(DType::F32, out, i) == 0.0f;
   check(ok, "grad_input N == 0 gives zeros");
   std::vector<uint8_t> untouched(64, kCanary);
-  gemm_4bit_grad_input_cpu(nullptr, DType::F32, 0, 4, nullptr, none, 64, 64, QuantType::NF4, untouched.data(), 1);
-  gemm_4bit_grad_input_cpu(nullptr, DType::F32, 2, 4, nullptr, none, 0, 64, QuantType::NF4, untouched.data(), 1);
+  matmul_4bit_t_cpu(nullptr, DType::F32, 0, 4, nullptr, none, 64, 64, QuantType::NF4, untouched.data(), 1);
+  matmul_4bit_t_cpu(nullptr, DType::F32, 2, 4, nullptr, none, 0, 64, QuantType::NF4, untouched.data(), 1);
   check(guard_intact(untouched, 0), "grad_input M == 0 / K == 0 are no-ops");
   bool named = false;
   try {
-    gemm_4bit_grad_input_cpu(nullptr, DType::F32, 2, -1, nullptr, none, 64, 64, QuantType::NF4, untouched.data(), 1);
+    matmul_4bit_t_cpu(nullptr, DType::F32, 2, -1, nullptr, none, 64, 64, QuantType::NF4, untouched.data(), 1);
   } catch (const std::invalid_argument& e) {
     named = std::string(e.what()).rfind("N must be", 0) == 0;
   }
@@ -319,13 +320,13 @@ void test_noop_and_k0() {
   const AbsmaxSource none;
   std::vector<uint8_t> y(64, kCanary);
   // M == 0 or N == 0: nothing written, null inputs allowed.
-  gemm_4bit_cpu(nullptr, DType::F32, 0, 64, nullptr, none, 4, 64, QuantType::NF4, nullptr, y.data(), 1);
-  gemm_4bit_cpu(nullptr, DType::F32, 4, 64, nullptr, none, 0, 64, QuantType::NF4, nullptr, nullptr, 1);
+  matmul_4bit_cpu(nullptr, DType::F32, 0, 64, nullptr, none, 4, 64, QuantType::NF4, nullptr, y.data(), 1);
+  matmul_4bit_cpu(nullptr, DType::F32, 4, 64, nullptr, none, 0, 64, QuantType::NF4, nullptr, nullptr, 1);
   check(guard_intact(y, 0), "M == 0 is a no-op");
   // K == 0: y = bias (or 0).
   const Tensor bias(DType::BF16, {1.5f, -2.0f, 0.25f});
   std::vector<uint8_t> y2(2 * 3 * 2 + kGuardBytes, kCanary);
-  gemm_4bit_cpu(nullptr, DType::BF16, 2, 0, nullptr, none, 3, 64, QuantType::NF4, bias.bytes.data(), y2.data(), 2);
+  matmul_4bit_cpu(nullptr, DType::BF16, 2, 0, nullptr, none, 3, 64, QuantType::NF4, bias.bytes.data(), y2.data(), 2);
   bool ok = guard_intact(y2, 12);
   for (int i = 0; i < 6; ++i) ok = ok && read_out(DType::BF16, y2, i) == bias.values[i % 3];
   check(ok, "K == 0 gives bias");
@@ -354,7 +355,7 @@ void test_invalid_args() {
   dq.qabsmax = q.data(), dq.nested_absmax = &nested, dq.nested_code = kDynamicSigned, dq.offset = &offset;
   auto call = [&](const void* xp, DType dt, int64_t M, int64_t k, const uint8_t* p, const AbsmaxSource& a,
                   int64_t n, int64_t bs, QuantType qt, void* yp) {
-    return [=, &a] { gemm_4bit_cpu(xp, dt, M, k, p, a, n, bs, qt, nullptr, yp, 1); };
+    return [=, &a] { matmul_4bit_cpu(xp, dt, M, k, p, a, n, bs, qt, nullptr, yp, 1); };
   };
   const auto nf4 = QuantType::NF4;
   expect_invalid("M < 0", call(x.data(), DType::F32, -1, K, packed.data(), plain, N, 64, nf4, y.data()));
