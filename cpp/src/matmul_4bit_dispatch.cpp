@@ -8,10 +8,10 @@
 #include <string>
 #include <vector>
 
-#include "checks.h"
 #include "matmul_4bit_kernels.h"
+#include "nf4lora/detail/checks.h"
+#include "nf4lora/detail/parallel.h"
 #include "nf4lora/matmul.h"
-#include "parallel.h"
 
 namespace nf4lora {
 namespace {
