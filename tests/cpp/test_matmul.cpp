@@ -182,7 +182,7 @@ void check_case(const QWeight& W, DType dt, int64_t M, const std::vector<CpuVari
     const std::vector<uint8_t> yref = go(CpuVariant::Ref);
     for (CpuVariant v : variants) {
       const std::vector<uint8_t> y = v == CpuVariant::Ref ? yref : go(v);
-      const std::string what = std::string(transposed ? "grad_input " : "") + cpu_variant_name(v) + " M=" +
+      const std::string what = std::string(transposed ? "matmul_4bit_t " : "") + cpu_variant_name(v) + " M=" +
                                std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K) +
                                " bs=" + std::to_string(W.blocksize) + (W.qt == QuantType::NF4 ? " nf4" : " fp4") +
                                (W.dq ? " dq " : " ") + dtype_name(dt) + (c.bias ? " bias" : "") +
@@ -280,7 +280,7 @@ void test_nan() {
 
 // The transposed product: NaN in a row of g poisons that row of grad_x only; N == 0 gives zeros;
 // M == 0 or K == 0 writes nothing; a negative N is named as N.
-void test_grad_input_edges() {
+void test_transposed_edges() {
   const int64_t M = 3, N = 16, K = 256, bs = 64;
   const QWeight W(randn(N * K, 1.0f), N, K, bs, QuantType::NF4, true);
   for (CpuVariant v : supported_variants())
@@ -295,25 +295,25 @@ void test_grad_input_edges() {
           const float got = read_out(dt, out, m * K + k), want = read_out(dt, clean, m * K + k);
           ok = ok && (m == 2 ? std::isnan(got) : got == want);
         }
-      check(ok, std::string("grad_input NaN in g row ") + cpu_variant_name(v) + " " + dtype_name(dt));
+      check(ok, std::string("matmul_4bit_t NaN in g row ") + cpu_variant_name(v) + " " + dtype_name(dt));
     }
   const AbsmaxSource none;
   std::vector<uint8_t> out(2 * 64 * 4 + kGuardBytes, kCanary);
   matmul_4bit_t_cpu(nullptr, DType::F32, 2, 0, nullptr, none, 64, 64, QuantType::NF4, out.data(), 2);
   bool ok = guard_intact(out, 2 * 64 * 4);
   for (int i = 0; i < 2 * 64; ++i) ok = ok && read_out(DType::F32, out, i) == 0.0f;
-  check(ok, "grad_input N == 0 gives zeros");
+  check(ok, "matmul_4bit_t N == 0 gives zeros");
   std::vector<uint8_t> untouched(64, kCanary);
   matmul_4bit_t_cpu(nullptr, DType::F32, 0, 4, nullptr, none, 64, 64, QuantType::NF4, untouched.data(), 1);
   matmul_4bit_t_cpu(nullptr, DType::F32, 2, 4, nullptr, none, 0, 64, QuantType::NF4, untouched.data(), 1);
-  check(guard_intact(untouched, 0), "grad_input M == 0 / K == 0 are no-ops");
+  check(guard_intact(untouched, 0), "matmul_4bit_t M == 0 / K == 0 are no-ops");
   bool named = false;
   try {
     matmul_4bit_t_cpu(nullptr, DType::F32, 2, -1, nullptr, none, 64, 64, QuantType::NF4, untouched.data(), 1);
   } catch (const std::invalid_argument& e) {
     named = std::string(e.what()).rfind("N must be", 0) == 0;
   }
-  check(named, "grad_input N < 0 rejected and named");
+  check(named, "matmul_4bit_t N < 0 rejected and named");
 }
 
 void test_noop_and_k0() {
@@ -397,7 +397,7 @@ int main() {
   std::printf("\n");
   test_invalid_args();
   test_noop_and_k0();
-  test_grad_input_edges();
+  test_transposed_edges();
   test_nan();
   test_shapes();
   std::printf("test_matmul: %d passed, %d failed\n", g_passed, g_failed);
