@@ -14,8 +14,8 @@
 #include <thread>
 #include <vector>
 
+#include "nf4lora/detail/parallel.h"
 #include "nf4lora/quantize.h"
-#include "../cpp/src/parallel.h"
 #include "bench_util.h"
 
 using namespace nf4lora;

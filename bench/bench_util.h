@@ -8,8 +8,8 @@
 #include <random>
 #include <vector>
 
+#include "double_quant.h"  // nf4lora_testsupport (tests/cpp/support/)
 #include "nf4lora/quantize.h"
-#include "../tests/cpp/double_quant.h"
 
 namespace nf4lora::bench {
 

@@ -1,8 +1,8 @@
-// matmul.cu — CUDA products with a packed 4-bit weight W [N, K] whose scales (double-quantized
-// or plain) are decoded inside the kernels: a GEMV / small-M kernel (x @ W^T), its transpose for
-// backward (g @ W), and a tensor-core (WMMA, bf16/fp16 in, fp32 accumulate) GEMM for training
-// shapes in both directions. Reference: the CPU kernels (cpp/src/gemv_ref.cpp) and a float64
-// product of the dequantized weight. Tested by tests/test_cuda.py, run by bench/gpu_check.sh.
+// matmul.cu — CUDA kernels of matmul_4bit (y = x W^T) and matmul_4bit_t (y = g W) with a packed
+// 4-bit weight whose scales (double-quantized or plain) are decoded inside the kernels: small-M
+// (GEMV) kernels in both directions, and matmul_4bit_tc (tensor cores, WMMA) for training shapes.
+// Reference: cpp/src/matmul_4bit_ref.cpp and a float64 product of the dequantized weight. Tested
+// by tests/test_cuda_matmul.py, run by bench/gpu_check.sh.
 #include <mma.h>
 
 #include <cstdint>
@@ -11,8 +11,8 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "nf4lora/detail/checks.h"
 #include "nf4lora/matmul.h"
-#include "../cpp/src/checks.h"
 
 namespace nf4lora {
 namespace {
@@ -83,7 +83,7 @@ __device__ __forceinline__ void store_one(void* y, int64_t i, float v) {
   else static_cast<__nv_bfloat16*>(y)[i] = __float2bfloat16_rn(v);
 }
 
-// ---- GEMV / small M: y[M, N] = x[M, K] @ W^T (+ bias) ----------------------------------------
+// ---- matmul_4bit, small M (GEMV): y[M, N] = x[M, K] @ W^T (+ bias) ---------------------------
 // One warp per output feature n: its lanes stream row n of W as 32-bit words (a warp reads 128
 // contiguous bytes per load), kGemvUnroll words in flight per lane, and reuse each decoded word
 // for all M rows of x (x is tiny and stays in L1/L2). K % 8 == 0, so a word never straddles rows
@@ -92,11 +92,11 @@ __device__ __forceinline__ void store_one(void* y, int64_t i, float v) {
 constexpr int kGemvThreads = 256;
 constexpr int kGemvUnroll = 8;
 
-template <DType D, bool kNested, int kMaxM>  // kMaxM: 1 (decode: fewer registers) or kGemmSmallMaxM
+template <DType D, bool kNested, int kMaxM>  // kMaxM: 1 (decode: fewer registers) or kMatmulCudaMaxM
 __global__ void __launch_bounds__(kGemvThreads)
-gemv_4bit_kernel(const void* __restrict__ x, int M, int64_t K, const uint8_t* __restrict__ packed,
-                 AbsmaxArgs a, int lg_bs, Codebook4 cb, int64_t N, const void* __restrict__ bias,
-                 void* __restrict__ y) {
+matmul_4bit_kernel(const void* __restrict__ x, int M, int64_t K, const uint8_t* __restrict__ packed,
+                   AbsmaxArgs a, int lg_bs, Codebook4 cb, int64_t N, const void* __restrict__ bias,
+                   void* __restrict__ y) {
   __shared__ ScaleTables<kNested> t;
   load_tables<kNested>(t, cb, a);
   __syncthreads();
@@ -151,7 +151,7 @@ gemv_4bit_kernel(const void* __restrict__ x, int M, int64_t K, const uint8_t* __
   }
 }
 
-// ---- transposed GEMV / small M: out[M, K] += g[M, N] @ W (fp32, atomics) ----------------------
+// ---- matmul_4bit_t, small M: out[M, K] += g[M, N] @ W (fp32, atomics) ------------------------
 // Thread = one word (8 columns of W); a CTA covers 8 * kGemvTThreads columns and kGemvTRows rows
 // of W, reading each row's span as one contiguous 1 KiB run. The partial sums of the CTAs that
 // share columns meet with fp32 atomics in a zeroed workspace (the caller rounds it afterwards).
@@ -162,8 +162,8 @@ constexpr int kGemvTUnroll = 8;  // rows of W whose loads are in flight together
 
 template <DType D, bool kNested, int kMaxM>
 __global__ void __launch_bounds__(kGemvTThreads)
-gemv_t_4bit_kernel(const void* __restrict__ g, int M, int64_t N, const uint8_t* __restrict__ packed,
-                   AbsmaxArgs a, int lg_bs, Codebook4 cb, int64_t K, float* __restrict__ out) {
+matmul_4bit_t_kernel(const void* __restrict__ g, int M, int64_t N, const uint8_t* __restrict__ packed,
+                     AbsmaxArgs a, int lg_bs, Codebook4 cb, int64_t K, float* __restrict__ out) {
   __shared__ ScaleTables<kNested> t;
   load_tables<kNested>(t, cb, a);
   __syncthreads();
@@ -213,7 +213,7 @@ gemv_t_4bit_kernel(const void* __restrict__ g, int M, int64_t N, const uint8_t* 
   }
 }
 
-// ---- tensor-core GEMM: C[M, P] = A[M, R] @ B (+ bias), B from W on the fly --------------------
+// ---- matmul_4bit_tc (tensor cores): C[M, P] = A[M, R] @ B (+ bias), B from W on the fly ------
 // Forward:  A = x [M, K], B[r, p] = W[p, r] (R = K, P = N); bias added.
 // Backward: A = g [M, N], B[r, p] = W[r, p] (R = N, P = K).
 // CTA tile 64 x 64, reduction step 32, 4 warps of 32 x 32 (2 x 2 WMMA 16x16x16 fragments, fp32
@@ -238,9 +238,9 @@ __device__ __forceinline__ typename TcType<D>::T to_tc(float v) {
 
 template <DType D, bool kTrans, bool kNested>
 __global__ void __launch_bounds__(kTcThreads)
-gemm_4bit_tc_kernel(const void* __restrict__ A, int64_t M, int64_t R, const uint8_t* __restrict__ packed,
-                    AbsmaxArgs a, int lg_bs, Codebook4 cb, int64_t P, const void* __restrict__ bias,
-                    void* __restrict__ C) {
+matmul_4bit_tc_kernel(const void* __restrict__ A, int64_t M, int64_t R, const uint8_t* __restrict__ packed,
+                      AbsmaxArgs a, int lg_bs, Codebook4 cb, int64_t P, const void* __restrict__ bias,
+                      void* __restrict__ C) {
   using namespace nvcuda;
   using T = typename TcType<D>::T;
   // B tile layout: forward keeps W's rows (p) as shared rows, i.e. B column-major; backward keeps
@@ -357,9 +357,9 @@ void by_dtype_nested(DType dtype, bool nested, Args&&... args) {
 }
 
 void check_small_m(int64_t M, const char* what) {
-  if (M > kGemmSmallMaxM)
-    throw std::invalid_argument(std::string(what) + ": M must be <= " + std::to_string(kGemmSmallMaxM) +
-                                " (use gemm_4bit_tc_cuda or dequantize + GEMM), got " + std::to_string(M));
+  if (M > kMatmulCudaMaxM)
+    throw std::invalid_argument(std::string(what) + ": M must be <= " + std::to_string(kMatmulCudaMaxM) +
+                                " (use matmul_4bit_tc_cuda or dequantize + GEMM), got " + std::to_string(M));
 }
 void check_k8(int64_t K, const char* what) {
   if (K % 8 != 0)
@@ -373,23 +373,23 @@ void check_aligned(const void* p, uintptr_t bytes, const char* name, const char*
 }
 
 template <DType D, bool kNested>
-struct LaunchGemv {
+struct LaunchMatmul {
   static void run(const void* x, int64_t M, int64_t K, const uint8_t* packed, const AbsmaxArgs& a,
                   int lg_bs, const Codebook4& cb, int64_t N, const void* bias, void* y, cudaStream_t s) {
     const int64_t grid = (N + kGemvThreads / 32 - 1) / (kGemvThreads / 32);
-    const auto kernel = M == 1 ? gemv_4bit_kernel<D, kNested, 1> : gemv_4bit_kernel<D, kNested, kGemmSmallMaxM>;
+    const auto kernel = M == 1 ? matmul_4bit_kernel<D, kNested, 1> : matmul_4bit_kernel<D, kNested, kMatmulCudaMaxM>;
     kernel<<<static_cast<unsigned>(grid), kGemvThreads, 0, s>>>(x, static_cast<int>(M), K, packed, a, lg_bs,
                                                                 cb, N, bias, y);
   }
 };
 
 template <DType D, bool kNested>
-struct LaunchGemvT {
+struct LaunchMatmulT {
   static void run(const void* g, int64_t M, int64_t N, const uint8_t* packed, const AbsmaxArgs& a,
                   int lg_bs, const Codebook4& cb, int64_t K, float* out, cudaStream_t s) {
     const dim3 grid(static_cast<unsigned>(((K >> 3) + kGemvTThreads - 1) / kGemvTThreads),
                     static_cast<unsigned>((N + kGemvTRows - 1) / kGemvTRows));
-    const auto kernel = M == 1 ? gemv_t_4bit_kernel<D, kNested, 1> : gemv_t_4bit_kernel<D, kNested, kGemmSmallMaxM>;
+    const auto kernel = M == 1 ? matmul_4bit_t_kernel<D, kNested, 1> : matmul_4bit_t_kernel<D, kNested, kMatmulCudaMaxM>;
     kernel<<<grid, kGemvTThreads, 0, s>>>(g, static_cast<int>(M), N, packed, a, lg_bs, cb, K, out);
   }
 };
@@ -400,66 +400,66 @@ struct LaunchTc {
                   const AbsmaxArgs& a, int lg_bs, const Codebook4& cb, int64_t P, const void* bias,
                   void* C, cudaStream_t s) {
     if constexpr (D == DType::F32) {
-      throw std::invalid_argument("gemm_4bit_tc_cuda: dtype must be float16 or bfloat16");
+      throw std::invalid_argument("matmul_4bit_tc_cuda: dtype must be float16 or bfloat16");
     } else {
       const dim3 grid(static_cast<unsigned>((P + kTcP - 1) / kTcP), static_cast<unsigned>((M + kTcM - 1) / kTcM));
       if (transposed)
-        gemm_4bit_tc_kernel<D, true, kNested><<<grid, kTcThreads, 0, s>>>(A, M, R, packed, a, lg_bs, cb, P, bias, C);
+        matmul_4bit_tc_kernel<D, true, kNested><<<grid, kTcThreads, 0, s>>>(A, M, R, packed, a, lg_bs, cb, P, bias, C);
       else
-        gemm_4bit_tc_kernel<D, false, kNested><<<grid, kTcThreads, 0, s>>>(A, M, R, packed, a, lg_bs, cb, P, bias, C);
+        matmul_4bit_tc_kernel<D, false, kNested><<<grid, kTcThreads, 0, s>>>(A, M, R, packed, a, lg_bs, cb, P, bias, C);
     }
   }
 };
 
 }  // namespace
 
-void gemv_4bit_cuda(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* packed,
-                    const AbsmaxSource& absmax, int64_t N, int64_t blocksize, QuantType qt,
-                    const void* bias, void* y, void* stream) {
-  const char* what = "gemv_4bit_cuda";
-  if (!check_gemm_4bit_args(x, dtype, M, K, packed, absmax, N, blocksize, qt, y)) return;
+void matmul_4bit_cuda(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* packed,
+                      const AbsmaxSource& absmax, int64_t N, int64_t blocksize, QuantType qt,
+                      const void* bias, void* y, void* stream) {
+  const char* what = "matmul_4bit_cuda";
+  if (!check_matmul_4bit_args(x, dtype, M, K, packed, absmax, N, blocksize, qt, y)) return;
   check_small_m(M, what);
   check_k8(K, what);
   check_aligned(x, 16, "x", what);
   check_aligned(packed, 4, "packed", what);
-  by_dtype_nested<LaunchGemv>(dtype, absmax.nested(), x, M, K, packed, make_absmax_args(absmax),
-                              log2_exact(blocksize), make_codebook(qt), N, bias, y,
-                              static_cast<cudaStream_t>(stream));
+  by_dtype_nested<LaunchMatmul>(dtype, absmax.nested(), x, M, K, packed, make_absmax_args(absmax),
+                                log2_exact(blocksize), make_codebook(qt), N, bias, y,
+                                static_cast<cudaStream_t>(stream));
   check_launch(what);
 }
 
-void gemv_4bit_t_cuda(const void* g, DType dtype, int64_t M, int64_t N, const uint8_t* packed,
-                      const AbsmaxSource& absmax, int64_t K, int64_t blocksize, QuantType qt,
-                      float* out, void* stream) {
-  const char* what = "gemv_4bit_t_cuda";
+void matmul_4bit_t_cuda(const void* g, DType dtype, int64_t M, int64_t N, const uint8_t* packed,
+                        const AbsmaxSource& absmax, int64_t K, int64_t blocksize, QuantType qt,
+                        float* out, void* stream) {
+  const char* what = "matmul_4bit_t_cuda";
   // Same checks as the forward product with the roles of N and K swapped for g's shape.
-  if (!check_gemm_4bit_args(g, dtype, M, N, packed, absmax, K, blocksize, qt, out)) return;
+  if (!check_matmul_4bit_args(g, dtype, M, N, packed, absmax, K, blocksize, qt, out)) return;
   check_small_m(M, what);
   check_k8(K, what);
   if (N == 0) return;  // out stays zero
   check_aligned(packed, 4, "packed", what);
   if ((N + kGemvTRows - 1) / kGemvTRows > 65535)
-    throw std::invalid_argument("gemv_4bit_t_cuda: N too large for one launch");
-  by_dtype_nested<LaunchGemvT>(dtype, absmax.nested(), g, M, N, packed, make_absmax_args(absmax),
-                               log2_exact(blocksize), make_codebook(qt), K, out,
-                               static_cast<cudaStream_t>(stream));
+    throw std::invalid_argument("matmul_4bit_t_cuda: N too large for one launch");
+  by_dtype_nested<LaunchMatmulT>(dtype, absmax.nested(), g, M, N, packed, make_absmax_args(absmax),
+                                 log2_exact(blocksize), make_codebook(qt), K, out,
+                                 static_cast<cudaStream_t>(stream));
   check_launch(what);
 }
 
-void gemm_4bit_tc_cuda(const void* A, DType dtype, int64_t M, int64_t R, const uint8_t* packed,
-                       const AbsmaxSource& absmax, int64_t P, int64_t blocksize, QuantType qt,
-                       bool transposed, const void* bias, void* C, void* stream) {
-  const char* what = "gemm_4bit_tc_cuda";
-  if (!check_gemm_4bit_args(A, dtype, M, R, packed, absmax, P, blocksize, qt, C)) return;
-  if (dtype == DType::F32) throw std::invalid_argument("gemm_4bit_tc_cuda: dtype must be float16 or bfloat16");
+void matmul_4bit_tc_cuda(const void* A, DType dtype, int64_t M, int64_t R, const uint8_t* packed,
+                         const AbsmaxSource& absmax, int64_t P, int64_t blocksize, QuantType qt,
+                         bool transposed, const void* bias, void* C, void* stream) {
+  const char* what = "matmul_4bit_tc_cuda";
+  if (!check_matmul_4bit_args(A, dtype, M, R, packed, absmax, P, blocksize, qt, C)) return;
+  if (dtype == DType::F32) throw std::invalid_argument("matmul_4bit_tc_cuda: dtype must be float16 or bfloat16");
   if (R % kTcR != 0)
-    throw std::invalid_argument("gemm_4bit_tc_cuda: the reduction length must be a multiple of 32, got " +
+    throw std::invalid_argument("matmul_4bit_tc_cuda: the reduction length must be a multiple of 32, got " +
                                 std::to_string(R));
   if (transposed) check_k8(P, what);
-  if (transposed && bias != nullptr) throw std::invalid_argument("gemm_4bit_tc_cuda: no bias in the transposed product");
+  if (transposed && bias != nullptr) throw std::invalid_argument("matmul_4bit_tc_cuda: no bias in the transposed product");
   check_aligned(A, 16, "A", what);
   check_aligned(packed, 4, "packed", what);
-  if ((M + kTcM - 1) / kTcM > 65535) throw std::invalid_argument("gemm_4bit_tc_cuda: M too large for one launch");
+  if ((M + kTcM - 1) / kTcM > 65535) throw std::invalid_argument("matmul_4bit_tc_cuda: M too large for one launch");
   by_dtype_nested<LaunchTc>(dtype, absmax.nested(), transposed, A, M, R, packed, make_absmax_args(absmax),
                             log2_exact(blocksize), make_codebook(qt), P, bias, C,
                             static_cast<cudaStream_t>(stream));

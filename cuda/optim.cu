@@ -17,8 +17,8 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "nf4lora/detail/checks.h"
 #include "nf4lora/optim.h"
-#include "../cpp/src/checks.h"
 
 namespace nf4lora {
 namespace {

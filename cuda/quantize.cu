@@ -7,8 +7,8 @@
 #include <cstring>
 
 #include "common.cuh"
+#include "nf4lora/detail/checks.h"
 #include "nf4lora/quantize.h"
-#include "../cpp/src/checks.h"
 
 namespace nf4lora {
 namespace {

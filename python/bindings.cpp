@@ -114,16 +114,28 @@ PYBIND11_MODULE(_C, m) {
                               n, blocksize, quant_type(qt), ptr<void>(out), dtype(out_dtype),
                               num_threads);
         }, gil());
-  m.def("gemm_4bit_cpu",
+  // nf4lora/matmul.h: matmul_4bit (y = x W^T) and matmul_4bit_t (y = g W, its backward).
+  m.def("matmul_4bit_cpu",
         [](uintptr_t x, int x_dtype, int64_t M, int64_t K, uintptr_t packed, uintptr_t absmax,
            uintptr_t qabsmax, uintptr_t nested_absmax, uintptr_t nested_code, uintptr_t offset,
            int64_t nested_blocksize, int64_t N, int64_t blocksize, int qt, uintptr_t bias,
            uintptr_t y, int num_threads) {
-          gemm_4bit_cpu(ptr<const void>(x), dtype(x_dtype), M, K, ptr<const uint8_t>(packed),
-                        absmax_source(absmax, qabsmax, nested_absmax, nested_code, offset,
-                                      nested_blocksize),
-                        N, blocksize, quant_type(qt), ptr<const void>(bias), ptr<void>(y),
-                        num_threads);
+          matmul_4bit_cpu(ptr<const void>(x), dtype(x_dtype), M, K, ptr<const uint8_t>(packed),
+                          absmax_source(absmax, qabsmax, nested_absmax, nested_code, offset,
+                                        nested_blocksize),
+                          N, blocksize, quant_type(qt), ptr<const void>(bias), ptr<void>(y),
+                          num_threads);
+        }, gil());
+  m.def("matmul_4bit_t_cpu",
+        [](uintptr_t grad_y, int dt, int64_t M, int64_t N, uintptr_t packed, uintptr_t absmax,
+           uintptr_t qabsmax, uintptr_t nested_absmax, uintptr_t nested_code, uintptr_t offset,
+           int64_t nested_blocksize, int64_t K, int64_t blocksize, int qt, uintptr_t grad_x,
+           int num_threads) {
+          matmul_4bit_t_cpu(ptr<const void>(grad_y), dtype(dt), M, N,
+                            ptr<const uint8_t>(packed),
+                            absmax_source(absmax, qabsmax, nested_absmax, nested_code,
+                                          offset, nested_blocksize),
+                            K, blocksize, quant_type(qt), ptr<void>(grad_x), num_threads);
         }, gil());
   m.def("quantize_8bit_blockwise_cpu",
         [](uintptr_t x, int64_t n, int64_t blocksize, uintptr_t code, uintptr_t q,
@@ -173,51 +185,39 @@ PYBIND11_MODULE(_C, m) {
                                          ptr<void>(stream));
         }, gil());
   // Products with a 4-bit weight (cuda/matmul.cu). Absmax arguments as dequantize_4bit_cuda's.
-  m.def("gemv_4bit_cuda",
+  m.def("matmul_4bit_cuda",
         [](uintptr_t x, int x_dtype, int64_t M, int64_t K, uintptr_t packed, uintptr_t absmax,
            uintptr_t qabsmax, uintptr_t nested_absmax, uintptr_t nested_code, uintptr_t offset,
            int64_t nested_blocksize, int64_t N, int64_t blocksize, int qt, uintptr_t bias,
            uintptr_t y, uintptr_t stream) {
-          gemv_4bit_cuda(ptr<const void>(x), dtype(x_dtype), M, K, ptr<const uint8_t>(packed),
-                         absmax_source(absmax, qabsmax, nested_absmax, nested_code, offset,
-                                       nested_blocksize),
-                         N, blocksize, quant_type(qt), ptr<const void>(bias), ptr<void>(y),
-                         ptr<void>(stream));
+          matmul_4bit_cuda(ptr<const void>(x), dtype(x_dtype), M, K, ptr<const uint8_t>(packed),
+                           absmax_source(absmax, qabsmax, nested_absmax, nested_code, offset,
+                                         nested_blocksize),
+                           N, blocksize, quant_type(qt), ptr<const void>(bias), ptr<void>(y),
+                           ptr<void>(stream));
         }, gil());
-  m.def("gemv_4bit_t_cuda",
+  m.def("matmul_4bit_t_cuda",
         [](uintptr_t g, int g_dtype, int64_t M, int64_t N, uintptr_t packed, uintptr_t absmax,
            uintptr_t qabsmax, uintptr_t nested_absmax, uintptr_t nested_code, uintptr_t offset,
            int64_t nested_blocksize, int64_t K, int64_t blocksize, int qt, uintptr_t out,
            uintptr_t stream) {
-          gemv_4bit_t_cuda(ptr<const void>(g), dtype(g_dtype), M, N, ptr<const uint8_t>(packed),
-                           absmax_source(absmax, qabsmax, nested_absmax, nested_code, offset,
-                                         nested_blocksize),
-                           K, blocksize, quant_type(qt), ptr<float>(out), ptr<void>(stream));
+          matmul_4bit_t_cuda(ptr<const void>(g), dtype(g_dtype), M, N, ptr<const uint8_t>(packed),
+                             absmax_source(absmax, qabsmax, nested_absmax, nested_code, offset,
+                                           nested_blocksize),
+                             K, blocksize, quant_type(qt), ptr<float>(out), ptr<void>(stream));
         }, gil());
-  m.def("gemm_4bit_tc_cuda",
+  m.def("matmul_4bit_tc_cuda",
         [](uintptr_t a, int a_dtype, int64_t M, int64_t R, uintptr_t packed, uintptr_t absmax,
            uintptr_t qabsmax, uintptr_t nested_absmax, uintptr_t nested_code, uintptr_t offset,
            int64_t nested_blocksize, int64_t P, int64_t blocksize, int qt, bool transposed,
            uintptr_t bias, uintptr_t c, uintptr_t stream) {
-          gemm_4bit_tc_cuda(ptr<const void>(a), dtype(a_dtype), M, R, ptr<const uint8_t>(packed),
-                            absmax_source(absmax, qabsmax, nested_absmax, nested_code, offset,
-                                          nested_blocksize),
-                            P, blocksize, quant_type(qt), transposed, ptr<const void>(bias),
-                            ptr<void>(c), ptr<void>(stream));
+          matmul_4bit_tc_cuda(ptr<const void>(a), dtype(a_dtype), M, R, ptr<const uint8_t>(packed),
+                              absmax_source(absmax, qabsmax, nested_absmax, nested_code, offset,
+                                            nested_blocksize),
+                              P, blocksize, quant_type(qt), transposed, ptr<const void>(bias),
+                              ptr<void>(c), ptr<void>(stream));
         }, gil());
 #endif
-  // ---- fused 4-bit matmul, transposed product (backward of matmul_4bit) ----------------------
-  m.def("gemm_4bit_grad_input_cpu",
-        [](uintptr_t grad_y, int dt, int64_t M, int64_t N, uintptr_t packed, uintptr_t absmax,
-           uintptr_t qabsmax, uintptr_t nested_absmax, uintptr_t nested_code, uintptr_t offset,
-           int64_t nested_blocksize, int64_t K, int64_t blocksize, int qt, uintptr_t grad_x,
-           int num_threads) {
-          gemm_4bit_grad_input_cpu(ptr<const void>(grad_y), dtype(dt), M, N,
-                                   ptr<const uint8_t>(packed),
-                                   absmax_source(absmax, qabsmax, nested_absmax, nested_code,
-                                                 offset, nested_blocksize),
-                                   K, blocksize, quant_type(qt), ptr<void>(grad_x), num_threads);
-        }, gil());
 
   // ---- optimizers (nf4lora/optim.h): fused AdamW steps; return the count of skipped blocks ----
   m.attr("OPTIM_BLOCK") = kOptimBlock;

@@ -130,11 +130,11 @@ def test_native_argument_errors():
     absmax_args = (0, state.absmax.data_ptr(), state.nested_absmax.data_ptr(),
                    state.nested_code.data_ptr(), state.offset.data_ptr(), 256)
     with pytest.raises(ValueError, match="M must be <= 8"):
-        _C.gemv_4bit_cuda(x.data_ptr(), dtype_code(x.dtype), 9, 128, packed.data_ptr(), *absmax_args,
-                          64, 64, quant_type_code("nf4"), 0, y.data_ptr(), stream)
+        _C.matmul_4bit_cuda(x.data_ptr(), dtype_code(x.dtype), 9, 128, packed.data_ptr(), *absmax_args,
+                            64, 64, quant_type_code("nf4"), 0, y.data_ptr(), stream)
     with pytest.raises(ValueError, match="multiple of 32"):
-        _C.gemm_4bit_tc_cuda(x.data_ptr(), dtype_code(x.dtype), 9, 120, packed.data_ptr(), *absmax_args,
-                             64, 64, quant_type_code("nf4"), False, 0, y.data_ptr(), stream)
+        _C.matmul_4bit_tc_cuda(x.data_ptr(), dtype_code(x.dtype), 9, 120, packed.data_ptr(), *absmax_args,
+                               64, 64, quant_type_code("nf4"), False, 0, y.data_ptr(), stream)
     with pytest.raises(ValueError, match="float16 or bfloat16"):
-        _C.gemm_4bit_tc_cuda(x.data_ptr(), dtype_code(torch.float32), 9, 128, packed.data_ptr(),
-                             *absmax_args, 64, 64, quant_type_code("nf4"), False, 0, y.data_ptr(), stream)
+        _C.matmul_4bit_tc_cuda(x.data_ptr(), dtype_code(torch.float32), 9, 128, packed.data_ptr(),
+                               *absmax_args, 64, 64, quant_type_code("nf4"), False, 0, y.data_ptr(), stream)

@@ -8,9 +8,9 @@
 #include <stdexcept>
 #include <string>
 
-#include "checks.h"
 #include "kernels.h"
-#include "parallel.h"
+#include "nf4lora/detail/checks.h"
+#include "nf4lora/detail/parallel.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>

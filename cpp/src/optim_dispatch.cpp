@@ -10,12 +10,12 @@
 #include <stdexcept>
 #include <string>
 
-#include "checks.h"
 #include "kernels.h"
+#include "nf4lora/detail/checks.h"
+#include "nf4lora/detail/parallel.h"
 #include "nf4lora/optim.h"
 #include "nf4lora/quantize.h"
 #include "optim_kernels.h"
-#include "parallel.h"
 
 namespace nf4lora {
 namespace {

@@ -17,7 +17,7 @@
 
 #include "nf4lora/format.h"
 #include "nf4lora/quantize.h"
-#include "double_quant.h"
+#include "double_quant.h"  // nf4lora_testsupport (tests/cpp/support/)
 #include "test_util.h"
 
 #if defined(__SSE2__)

@@ -1,9 +1,10 @@
-// test_matmul.cpp — C++ tests of gemm_4bit_cpu and gemm_4bit_grad_input_cpu (matmul.h), no
-// framework: every CPU variant this machine supports is forced in turn and compared with the
-// scalar reference (gemv_ref.cpp) and with a float64 product of the dequantized fp32 weight, under
-// the error bound derived at `tolerance` below; over awkward M/N/K, blocksizes, NF4/FP4, plain and
-// double-quantized absmax, fp32/fp16/bf16, bias, threads; plus NaN propagation, no-op sizes and
-// argument validation.
+// test_matmul.cpp — C++ tests of matmul_4bit_cpu and matmul_4bit_t_cpu (nf4lora/matmul.h): every
+// CPU variant this machine supports, forced in turn, against the scalar reference
+// (cpp/src/matmul_4bit_ref.cpp) and a float64 product of the dequantized fp32 weight, under the
+// error bound derived at `tolerance` below. No framework (test_util.h).
+
+// Over awkward M/N/K, blocksizes, NF4/FP4, plain and double-quantized absmax, fp32/fp16/bf16,
+// bias, threads; plus NaN propagation, no-op sizes and argument validation.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -18,7 +19,7 @@
 #include "nf4lora/format.h"
 #include "nf4lora/matmul.h"
 #include "nf4lora/quantize.h"
-#include "double_quant.h"
+#include "double_quant.h"  // nf4lora_testsupport (tests/cpp/support/)
 #include "test_util.h"
 
 using namespace nf4lora;
@@ -129,8 +130,8 @@ std::vector<uint8_t> run(CpuVariant v, const Tensor& x, int64_t M, const QWeight
   force_cpu_variant(v);
   std::vector<uint8_t> y(M * W.N * dtype_bytes(x.dtype) + kGuardBytes, kCanary);
   const AbsmaxSource src = W.source();
-  gemm_4bit_cpu(x.bytes.data(), x.dtype, M, W.K, W.packed.data(), src, W.N, W.blocksize, W.qt,
-                bias ? bias->bytes.data() : nullptr, y.data(), threads);
+  matmul_4bit_cpu(x.bytes.data(), x.dtype, M, W.K, W.packed.data(), src, W.N, W.blocksize, W.qt,
+                  bias ? bias->bytes.data() : nullptr, y.data(), threads);
   reset_cpu_variant();
   return y;
 }
@@ -140,8 +141,8 @@ std::vector<uint8_t> run_t(CpuVariant v, const Tensor& g, int64_t M, const QWeig
   force_cpu_variant(v);
   std::vector<uint8_t> out(M * W.K * dtype_bytes(g.dtype) + kGuardBytes, kCanary);
   const AbsmaxSource src = W.source();
-  gemm_4bit_grad_input_cpu(g.bytes.data(), g.dtype, M, W.N, W.packed.data(), src, W.K, W.blocksize,
-                           W.qt, out.data(), threads);
+  matmul_4bit_t_cpu(g.bytes.data(), g.dtype, M, W.N, W.packed.data(), src, W.K, W.blocksize,
+                    W.qt, out.data(), threads);
   reset_cpu_variant();
   return out;
 }
@@ -181,7 +182,7 @@ void check_case(const QWeight& W, DType dt, int64_t M, const std::vector<CpuVari
     const std::vector<uint8_t> yref = go(CpuVariant::Ref);
     for (CpuVariant v : variants) {
       const std::vector<uint8_t> y = v == CpuVariant::Ref ? yref : go(v);
-      const std::string what = std::string(transposed ? "grad_input " : "") + cpu_variant_name(v) + " M=" +
+      const std::string what = std::string(transposed ? "matmul_4bit_t " : "") + cpu_variant_name(v) + " M=" +
                                std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K) +
                                " bs=" + std::to_string(W.blocksize) + (W.qt == QuantType::NF4 ? " nf4" : " fp4") +
                                (W.dq ? " dq " : " ") + dtype_name(dt) + (c.bias ? " bias" : "") +
@@ -279,7 +280,7 @@ void test_nan() {
 
 // The transposed product: NaN in a row of g poisons that row of grad_x only; N == 0 gives zeros;
 // M == 0 or K == 0 writes nothing; a negative N is named as N.
-void test_grad_input_edges() {
+void test_transposed_edges() {
   const int64_t M = 3, N = 16, K = 256, bs = 64;
   const QWeight W(randn(N * K, 1.0f), N, K, bs, QuantType::NF4, true);
   for (CpuVariant v : supported_variants())
@@ -294,38 +295,38 @@ void test_grad_input_edges() {
           const float got = read_out(dt, out, m * K + k), want = read_out(dt, clean, m * K + k);
           ok = ok && (m == 2 ? std::isnan(got) : got == want);
         }
-      check(ok, std::string("grad_input NaN in g row ") + cpu_variant_name(v) + " " + dtype_name(dt));
+      check(ok, std::string("matmul_4bit_t NaN in g row ") + cpu_variant_name(v) + " " + dtype_name(dt));
     }
   const AbsmaxSource none;
   std::vector<uint8_t> out(2 * 64 * 4 + kGuardBytes, kCanary);
-  gemm_4bit_grad_input_cpu(nullptr, DType::F32, 2, 0, nullptr, none, 64, 64, QuantType::NF4, out.data(), 2);
+  matmul_4bit_t_cpu(nullptr, DType::F32, 2, 0, nullptr, none, 64, 64, QuantType::NF4, out.data(), 2);
   bool ok = guard_intact(out, 2 * 64 * 4);
   for (int i = 0; i < 2 * 64; ++i) ok = ok && read_out(DType::F32, out, i) == 0.0f;
-  check(ok, "grad_input N == 0 gives zeros");
+  check(ok, "matmul_4bit_t N == 0 gives zeros");
   std::vector<uint8_t> untouched(64, kCanary);
-  gemm_4bit_grad_input_cpu(nullptr, DType::F32, 0, 4, nullptr, none, 64, 64, QuantType::NF4, untouched.data(), 1);
-  gemm_4bit_grad_input_cpu(nullptr, DType::F32, 2, 4, nullptr, none, 0, 64, QuantType::NF4, untouched.data(), 1);
-  check(guard_intact(untouched, 0), "grad_input M == 0 / K == 0 are no-ops");
+  matmul_4bit_t_cpu(nullptr, DType::F32, 0, 4, nullptr, none, 64, 64, QuantType::NF4, untouched.data(), 1);
+  matmul_4bit_t_cpu(nullptr, DType::F32, 2, 4, nullptr, none, 0, 64, QuantType::NF4, untouched.data(), 1);
+  check(guard_intact(untouched, 0), "matmul_4bit_t M == 0 / K == 0 are no-ops");
   bool named = false;
   try {
-    gemm_4bit_grad_input_cpu(nullptr, DType::F32, 2, -1, nullptr, none, 64, 64, QuantType::NF4, untouched.data(), 1);
+    matmul_4bit_t_cpu(nullptr, DType::F32, 2, -1, nullptr, none, 64, 64, QuantType::NF4, untouched.data(), 1);
   } catch (const std::invalid_argument& e) {
     named = std::string(e.what()).rfind("N must be", 0) == 0;
   }
-  check(named, "grad_input N < 0 rejected and named");
+  check(named, "matmul_4bit_t N < 0 rejected and named");
 }
 
 void test_noop_and_k0() {
   const AbsmaxSource none;
   std::vector<uint8_t> y(64, kCanary);
   // M == 0 or N == 0: nothing written, null inputs allowed.
-  gemm_4bit_cpu(nullptr, DType::F32, 0, 64, nullptr, none, 4, 64, QuantType::NF4, nullptr, y.data(), 1);
-  gemm_4bit_cpu(nullptr, DType::F32, 4, 64, nullptr, none, 0, 64, QuantType::NF4, nullptr, nullptr, 1);
+  matmul_4bit_cpu(nullptr, DType::F32, 0, 64, nullptr, none, 4, 64, QuantType::NF4, nullptr, y.data(), 1);
+  matmul_4bit_cpu(nullptr, DType::F32, 4, 64, nullptr, none, 0, 64, QuantType::NF4, nullptr, nullptr, 1);
   check(guard_intact(y, 0), "M == 0 is a no-op");
   // K == 0: y = bias (or 0).
   const Tensor bias(DType::BF16, {1.5f, -2.0f, 0.25f});
   std::vector<uint8_t> y2(2 * 3 * 2 + kGuardBytes, kCanary);
-  gemm_4bit_cpu(nullptr, DType::BF16, 2, 0, nullptr, none, 3, 64, QuantType::NF4, bias.bytes.data(), y2.data(), 2);
+  matmul_4bit_cpu(nullptr, DType::BF16, 2, 0, nullptr, none, 3, 64, QuantType::NF4, bias.bytes.data(), y2.data(), 2);
   bool ok = guard_intact(y2, 12);
   for (int i = 0; i < 6; ++i) ok = ok && read_out(DType::BF16, y2, i) == bias.values[i % 3];
   check(ok, "K == 0 gives bias");
@@ -354,7 +355,7 @@ void test_invalid_args() {
   dq.qabsmax = q.data(), dq.nested_absmax = &nested, dq.nested_code = kDynamicSigned, dq.offset = &offset;
   auto call = [&](const void* xp, DType dt, int64_t M, int64_t k, const uint8_t* p, const AbsmaxSource& a,
                   int64_t n, int64_t bs, QuantType qt, void* yp) {
-    return [=, &a] { gemm_4bit_cpu(xp, dt, M, k, p, a, n, bs, qt, nullptr, yp, 1); };
+    return [=, &a] { matmul_4bit_cpu(xp, dt, M, k, p, a, n, bs, qt, nullptr, yp, 1); };
   };
   const auto nf4 = QuantType::NF4;
   expect_invalid("M < 0", call(x.data(), DType::F32, -1, K, packed.data(), plain, N, 64, nf4, y.data()));
@@ -396,7 +397,7 @@ int main() {
   std::printf("\n");
   test_invalid_args();
   test_noop_and_k0();
-  test_grad_input_edges();
+  test_transposed_edges();
   test_nan();
   test_shapes();
   std::printf("test_matmul: %d passed, %d failed\n", g_passed, g_failed);

@@ -1,7 +1,8 @@
-// nf4lora/matmul.h — products with a 4-bit weight W [N, K] (packed row-major over the flat
-// index, blocks of `blocksize` elements, as quantize_4bit writes it): forward x @ W^T and the
-// transposed grad_y @ W of backward, dequantized in registers and never materialized. fp32 accumulation. Tested by tests/cpp/test_matmul.cpp and
-// tests/test_matmul.py against a float64 reference.
+// nf4lora/matmul.h — products with a 4-bit weight W [N, K], one name per operation on every
+// device: matmul_4bit (y = x W^T, forward) and matmul_4bit_t (y = g W, the input gradient), W
+// dequantized in registers, never materialized; fp32 accumulation. Reference:
+// cpp/src/matmul_4bit_ref.cpp. Tested by tests/cpp/test_matmul.cpp, tests/test_matmul.py and
+// tests/test_cuda_matmul.py against a float64 product.
 #pragma once
 
 #include <cstdint>
@@ -10,39 +11,42 @@
 
 namespace nf4lora {
 
+// W is packed row-major over the flat index in blocks of `blocksize` elements, as quantize_4bit
+// writes it.
+
 // y[M, N] = x[M, K] @ W^T (+ bias[N]). x, bias and y share one dtype (fp32, fp16 or bf16); rows of
 // x and y are contiguous with leading dimensions K and N. Meant for small M (decode, M <= ~16);
 // larger M works but the caller should prefer dequantize + a dense GEMM.
-void gemm_4bit_cpu(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* packed,
-                   const AbsmaxSource& absmax, int64_t N, int64_t blocksize, QuantType qt,
-                   const void* bias, void* y, int num_threads);
+void matmul_4bit_cpu(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* packed,
+                     const AbsmaxSource& absmax, int64_t N, int64_t blocksize, QuantType qt,
+                     const void* bias, void* y, int num_threads);
 
 // grad_x[M, K] = grad_y[M, N] @ W (the input gradient of y = x @ W^T), W as above, never
 // materialized. grad_y and grad_x share one dtype, rows contiguous (leading dimensions N and K).
 // Each thread owns a strip of columns of W and streams it once for all M rows; meant for small M
 // (the caller should prefer dequantize + a dense GEMM for large M). N == 0 gives zeros.
-void gemm_4bit_grad_input_cpu(const void* grad_y, DType dtype, int64_t M, int64_t N,
-                              const uint8_t* packed, const AbsmaxSource& absmax, int64_t K,
-                              int64_t blocksize, QuantType qt, void* grad_x, int num_threads);
+void matmul_4bit_t_cpu(const void* grad_y, DType dtype, int64_t M, int64_t N,
+                       const uint8_t* packed, const AbsmaxSource& absmax, int64_t K,
+                       int64_t blocksize, QuantType qt, void* grad_x, int num_threads);
 
 // ---- CUDA (builds with NF4LORA_WITH_CUDA; device pointers; kernels run on `stream`, a
 // cudaStream_t passed as void*). Implemented in cuda/matmul.cu. ------------------------------
 
-constexpr int kGemmSmallMaxM = 8;  // rows of x the CUDA GEMV kernels take
+constexpr int kMatmulCudaMaxM = 8;  // rows of x matmul_4bit_cuda and matmul_4bit_t_cuda take
 
-// y[M, N] = x[M, K] @ W^T (+ bias[N]) for M <= kGemmSmallMaxM; K % 8 == 0, x 16-byte aligned.
-void gemv_4bit_cuda(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* packed,
-                    const AbsmaxSource& absmax, int64_t N, int64_t blocksize, QuantType qt,
-                    const void* bias, void* y, void* stream);
-// out[M, K] += g[M, N] @ W in fp32 (out zeroed by the caller) for M <= kGemmSmallMaxM; K % 8 == 0.
-void gemv_4bit_t_cuda(const void* g, DType dtype, int64_t M, int64_t N, const uint8_t* packed,
-                      const AbsmaxSource& absmax, int64_t K, int64_t blocksize, QuantType qt,
-                      float* out, void* stream);
+// y[M, N] = x[M, K] @ W^T (+ bias[N]) for M <= kMatmulCudaMaxM; K % 8 == 0, x 16-byte aligned.
+void matmul_4bit_cuda(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* packed,
+                      const AbsmaxSource& absmax, int64_t N, int64_t blocksize, QuantType qt,
+                      const void* bias, void* y, void* stream);
+// out[M, K] += g[M, N] @ W in fp32 (out zeroed by the caller) for M <= kMatmulCudaMaxM; K % 8 == 0.
+void matmul_4bit_t_cuda(const void* g, DType dtype, int64_t M, int64_t N, const uint8_t* packed,
+                        const AbsmaxSource& absmax, int64_t K, int64_t blocksize, QuantType qt,
+                        float* out, void* stream);
 // Tensor cores (fp16/bf16): C[M, P] = A[M, R] @ W^T (+ bias[P]) with W [P, R], or, transposed,
 // C[M, P] = A[M, R] @ W with W [R, P] (no bias). R % 32 == 0, A 16-byte aligned; transposed
 // needs P % 8 == 0.
-void gemm_4bit_tc_cuda(const void* A, DType dtype, int64_t M, int64_t R, const uint8_t* packed,
-                       const AbsmaxSource& absmax, int64_t P, int64_t blocksize, QuantType qt,
-                       bool transposed, const void* bias, void* C, void* stream);
+void matmul_4bit_tc_cuda(const void* A, DType dtype, int64_t M, int64_t R, const uint8_t* packed,
+                         const AbsmaxSource& absmax, int64_t P, int64_t blocksize, QuantType qt,
+                         bool transposed, const void* bias, void* C, void* stream);
 
 }  // namespace nf4lora

@@ -85,7 +85,7 @@ def matmul(x: Tensor, w: Weight4bit, bias: Optional[Tensor]) -> Tensor:
     rows = x.numel() // K if K else 0
     if 0 < rows <= DISPATCH.cpu_fused_max_rows:
         b = None if bias is None else bias.contiguous()  # kept alive across the native call
-        return _fused(_C.gemm_4bit_cpu, x, w, K, N, ptr(b))
+        return _fused(_C.matmul_4bit_cpu, x, w, K, N, ptr(b))
     if DISPATCH.cpu_gemm_in_fp32(x.dtype):
         w32 = dequantized(w, torch.float32)
         with torch.autocast("cpu", enabled=False):  # an fp32 GEMM even when called under autocast
@@ -97,7 +97,7 @@ def matmul_t(grad_y: Tensor, w: Weight4bit) -> Tensor:
     N, K = w.shape
     rows = grad_y.numel() // N if N else 0
     if 0 < rows <= DISPATCH.cpu_fused_t_max_rows:
-        return _fused(_C.gemm_4bit_grad_input_cpu, grad_y, w, N, K)
+        return _fused(_C.matmul_4bit_t_cpu, grad_y, w, N, K)
     if DISPATCH.cpu_gemm_in_fp32(grad_y.dtype):
         w32 = dequantized(w, torch.float32)
         with torch.autocast("cpu", enabled=False):

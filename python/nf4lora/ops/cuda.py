@@ -112,11 +112,11 @@ def matmul(x: Tensor, w: Weight4bit, bias: Optional[Tensor]) -> Tensor:
     with torch.cuda.device(x.device):
         stream = _stream(x.device)
         if use_gemv:
-            _C.gemv_4bit_cuda(x2.data_ptr(), dtype_code(x.dtype), M, K, w.packed.data_ptr(),
+            _C.matmul_4bit_cuda(x2.data_ptr(), dtype_code(x.dtype), M, K, w.packed.data_ptr(),
                               *absmax_pointers(w), N, w.blocksize, quant_type_code(w.quant_type), ptr(b),
                               y.data_ptr(), stream)
         else:
-            _C.gemm_4bit_tc_cuda(x2.data_ptr(), dtype_code(x.dtype), M, K, w.packed.data_ptr(),
+            _C.matmul_4bit_tc_cuda(x2.data_ptr(), dtype_code(x.dtype), M, K, w.packed.data_ptr(),
                                  *absmax_pointers(w), N, w.blocksize, quant_type_code(w.quant_type), False,
                                  ptr(b), y.data_ptr(), stream)
     return y.reshape(*x.shape[:-1], N)
@@ -137,13 +137,13 @@ def matmul_t(grad_y: Tensor, w: Weight4bit) -> Tensor:
         stream = _stream(grad_y.device)
         if use_gemv:
             acc = torch.zeros((M, K), dtype=torch.float32, device=grad_y.device)
-            _C.gemv_4bit_t_cuda(g2.data_ptr(), dtype_code(grad_y.dtype), M, N, w.packed.data_ptr(),
+            _C.matmul_4bit_t_cuda(g2.data_ptr(), dtype_code(grad_y.dtype), M, N, w.packed.data_ptr(),
                                 *absmax_pointers(w), K, w.blocksize, quant_type_code(w.quant_type),
                                 acc.data_ptr(), stream)
             out = acc.to(grad_y.dtype)
         else:
             out = torch.empty((M, K), dtype=grad_y.dtype, device=grad_y.device)
-            _C.gemm_4bit_tc_cuda(g2.data_ptr(), dtype_code(grad_y.dtype), M, N, w.packed.data_ptr(),
+            _C.matmul_4bit_tc_cuda(g2.data_ptr(), dtype_code(grad_y.dtype), M, N, w.packed.data_ptr(),
                                  *absmax_pointers(w), K, w.blocksize, quant_type_code(w.quant_type), True, 0,
                                  out.data_ptr(), stream)
     return out.reshape(*grad_y.shape[:-1], K)

@@ -1,7 +1,7 @@
-// checks.h — argument validation shared by the CPU entry points (dispatch.cpp,
-// gemv_dispatch.cpp, optim_dispatch.cpp) and the CUDA ones (cuda/*.cu), so both reject bad input
-// with the same std::invalid_argument messages, each naming the argument. Internal; tested through
-// tests/cpp/test_core.cpp, tests/cpp/test_optim.cpp and the Python tests.
+// nf4lora/detail/checks.h — argument validation shared by the CPU entry points
+// (cpp/src/*dispatch.cpp) and the CUDA ones (cuda/*.cu), so both reject bad input with the same
+// std::invalid_argument messages, each naming the argument. Internal (nf4lora::detail), not API.
+// Tested through tests/cpp/test_{core,matmul,optim}.cpp and the Python tests.
 #pragma once
 
 #include <cstdint>
@@ -96,12 +96,13 @@ inline bool check_blockwise_8bit_args(const void* floats, const char* floats_nam
 }
 
 
-// gemm_4bit_cpu (and a future CUDA twin): returns false when there is nothing to compute
-// (M == 0 or N == 0; null pointers are then allowed) and throws on anything invalid. With
-// K == 0 the result is bias (or 0), so x and packed may be null.
-inline bool check_gemm_4bit_args(const void* x, DType dtype, int64_t M, int64_t K,
-                                 const void* packed, const AbsmaxSource& absmax, int64_t N,
-                                 int64_t blocksize, QuantType qt, const void* y) {
+// matmul_4bit on the CPU and CUDA (matmul_4bit_t and _tc with their own sizes in the roles of
+// M, K, N): returns false when there is nothing to compute (M == 0 or N == 0; null pointers are
+// then allowed) and throws on anything invalid. With K == 0 the result is bias (or 0), so x and
+// packed may be null.
+inline bool check_matmul_4bit_args(const void* x, DType dtype, int64_t M, int64_t K,
+                                   const void* packed, const AbsmaxSource& absmax, int64_t N,
+                                   int64_t blocksize, QuantType qt, const void* y) {
   if (M < 0) throw std::invalid_argument("M must be >= 0, got " + std::to_string(M));
   if (K < 0) throw std::invalid_argument("K must be >= 0, got " + std::to_string(K));
   if (N < 0) throw std::invalid_argument("N must be >= 0, got " + std::to_string(N));

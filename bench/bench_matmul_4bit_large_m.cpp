@@ -1,10 +1,11 @@
-// bench_gemm.cpp — C++ benchmark of the fused 4-bit products at training-size M (gemm_4bit_cpu
-// forward and gemm_4bit_grad_input_cpu, the transposed product of backward) on LLaMA-7B layer
-// shapes, bf16, NF4 + double quantization (blocksize 64), per SIMD variant: time and GFLOP/s,
-// next to the cost the other large-M design pays before its dense GEMM, dequantizing all of W
-// into a reused bf16 scratch buffer (bench/bench_matmul.py has the dense torch GEMM itself).
-// Sampled outputs of every variant are checked against a float64 product before timing.
-// Usage: bench_gemm [--threads T] [--iters I] [--m M ...] [--smoke]
+// bench_matmul_4bit_large_m.cpp — C++ benchmark of matmul_4bit_cpu and matmul_4bit_t_cpu (the
+// transposed product of backward) at training-size M, per SIMD variant, against dequantizing all
+// of W into a bf16 scratch buffer (the cost the dense-GEMM design pays first). Every variant's
+// sampled outputs are checked against a float64 product before timing.
+// Usage: bench_matmul_4bit_large_m [--threads T] [--iters I] [--m M ...] [--smoke]
+
+// LLaMA-7B layer shapes, bf16, NF4 + double quantization (blocksize 64); time and GFLOP/s
+// (bench/bench_matmul.py times the dense torch GEMM itself).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -54,7 +55,7 @@ int main(int argc, char** argv) {
     else if (a == "--m") while (i + 1 < argc && argv[i + 1][0] != '-') Ms.push_back(std::atoll(argv[++i]));
     else if (a == "--smoke") smoke = true;
     else {
-      std::fprintf(stderr, "usage: bench_gemm [--threads T] [--iters I] [--m M ...] [--smoke]\n");
+      std::fprintf(stderr, "usage: bench_matmul_4bit_large_m [--threads T] [--iters I] [--m M ...] [--smoke]\n");
       return 2;
     }
   }
@@ -62,7 +63,7 @@ int main(int argc, char** argv) {
   std::vector<Shape> shapes = {{4096, 4096}, {11008, 4096}, {4096, 11008}};
   if (Ms.empty()) Ms = {16, 64, 512};
   if (smoke) shapes = {{256, 512}}, Ms = {16, 64}, iters = 2;
-  std::printf("bench_gemm: bf16, NF4 + double quant (blocksize 64), threads %d, median of %d\n", threads, iters);
+  std::printf("bench_matmul_4bit_large_m: bf16, NF4 + double quant (blocksize 64), threads %d, median of %d\n", threads, iters);
   std::printf("%-12s %4s %-4s %-12s %10s %9s %18s\n", "N x K", "M", "pass", "variant", "ms", "GFLOP/s", "dequant-scratch ms");
   std::mt19937 rng(42);
   for (const Shape s : shapes) {
@@ -86,8 +87,8 @@ int main(int argc, char** argv) {
         const CpuVariant v = static_cast<CpuVariant>(vi);
         if (!cpu_variant_supported(v)) continue;
         force_cpu_variant(v);
-        auto fwd = [&] { gemm_4bit_cpu(x.data(), DType::BF16, M, s.K, q.packed.data(), src, s.N, 64, QuantType::NF4, nullptr, y.data(), threads); };
-        auto bwd = [&] { gemm_4bit_grad_input_cpu(gy.data(), DType::BF16, M, s.N, q.packed.data(), src, s.K, 64, QuantType::NF4, gx.data(), threads); };
+        auto fwd = [&] { matmul_4bit_cpu(x.data(), DType::BF16, M, s.K, q.packed.data(), src, s.N, 64, QuantType::NF4, nullptr, y.data(), threads); };
+        auto bwd = [&] { matmul_4bit_t_cpu(gy.data(), DType::BF16, M, s.N, q.packed.data(), src, s.K, 64, QuantType::NF4, gx.data(), threads); };
         fwd(), bwd();
         // A bf16 output is within 2^-8 of its value; the fp32 sums add far less.
         const double ef = sampled_error(x, w, y, M, s.N, s.K, false), eb = sampled_error(gy, w, gx, M, s.N, s.K, true);

@@ -1,19 +1,20 @@
-// gemv_avx2.cpp — AVX2 + FMA fused 4-bit GEMV / small-M GEMM and its transposed product
-// (grad_x = grad_y @ W): each 16 packed bytes of W become four ymm of fp32 weights (16-entry
-// per-block product table codebook * absmax, looked up as two 8-entry vpermps picked by bit 3)
-// used for every row of x (or grad_y) before the next chunk is read.
-// Reference: gemv_ref.cpp (same fp32 weights; fp32 FMA accumulation in another order, so not
-// bit-exact). Tested by tests/cpp/test_matmul.cpp against Ref and a float64 product.
+// matmul_4bit_avx2.cpp — AVX2 + FMA kernels of matmul_4bit (y = x W^T, small M) and matmul_4bit_t
+// (y = g W). Reference: matmul_4bit_ref.cpp (same fp32 weights; fp32 FMA accumulation in another
+// order, so not bit-exact). Tested by tests/cpp/test_matmul.cpp against Ref and a float64 product.
+
+// Each 16 packed bytes of W become four ymm of fp32 weights (16-entry per-block product table
+// codebook * absmax, looked up as two 8-entry vpermps picked by bit 3), used for every row of x
+// (or g) before the next chunk is read.
 #include "simd.h"
 
 #include <cstdint>
 
-#include "gemv_kernels.h"
+#include "matmul_4bit_kernels.h"
 
 namespace nf4lora::detail {
 namespace {
 
-constexpr int64_t kPrefetchBytes = 512;  // as in gemv_avx512.cpp
+constexpr int64_t kPrefetchBytes = 512;  // as in matmul_4bit_avx512.cpp
 constexpr int kTileRows = 4;
 
 struct Table16 {
@@ -27,11 +28,11 @@ inline __m256 lookup16(const Table16& t, __m256i idx) {
                           _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 
-// As gemv_avx512.cpp's tile, with 8 lanes: a 32-element chunk is two halves of 8 bytes; the
+// As matmul_4bit_avx512.cpp's tile, with 8 lanes: a 32-element chunk is two halves of 8 bytes; the
 // grouped x (x_group 8) holds each half's 8 even elements, then its 8 odd ones. 16 ymm only,
 // so at most 8 accumulators.
 template <int R, int MG>
-void tile(const GemvArgs& a, const float* codebook, int64_t n, int64_t m0) {
+void tile(const MatmulArgs& a, const float* codebook, int64_t n, int64_t m0) {
   constexpr int S = R * MG <= 4 ? 2 : 1;
   const int64_t K = a.K, bs = a.blocksize, blocks_per_row = K / bs;
   const __m256 cb_lo = _mm256_loadu_ps(codebook), cb_hi = _mm256_loadu_ps(codebook + 8);
@@ -77,19 +78,19 @@ void tile(const GemvArgs& a, const float* codebook, int64_t n, int64_t m0) {
       __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
       s = _mm_add_ps(s, _mm_movehl_ps(s, s));
       s = _mm_add_ss(s, _mm_movehdup_ps(s));
-      store_gemv_output(a, m0 + m, n + r, _mm_cvtss_f32(s));
+      store_matmul_output(a, m0 + m, n + r, _mm_cvtss_f32(s));
     }
 }
 
 template <int MG>
-void row_tile(const GemvArgs& a, const float* codebook, int64_t n, int64_t rows, int64_t m0) {
+void row_tile(const MatmulArgs& a, const float* codebook, int64_t n, int64_t rows, int64_t m0) {
   constexpr int R = MG == 1 ? 4 : MG <= 4 ? 2 : 1;
   int64_t r = 0;
   for (; r + R <= rows; r += R) tile<R, MG>(a, codebook, n + r, m0);
   for (; r < rows; ++r) tile<1, MG>(a, codebook, n + r, m0);
 }
 
-void gemv_rows_avx2(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
+void matmul_4bit_avx2(const MatmulArgs& a, int64_t n_begin, int64_t n_end) {
   const float* codebook = a.qt == QuantType::NF4 ? kNF4Codebook : kFP4Codebook;
   for (int64_t n = n_begin; n < n_end; n += kTileRows) {
     const int64_t rows = n_end - n < kTileRows ? n_end - n : kTileRows;
@@ -103,14 +104,14 @@ void gemv_rows_avx2(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
   }
 }
 
-// Transposed product as gemv_avx512.cpp's tile_t (two-level summation over n, same kRun), with
+// Transposed product as matmul_4bit_avx512.cpp's tile_t (two-level summation over n, same kRun), with
 // 8 lanes: C chunks of 32 columns, each two halves of 8 bytes = 8 even + 8 odd columns (x_group
 // 8 order in `total`). 16 ymm: C = 2 chunks of one g row is 8 accumulators.
 constexpr int64_t kRun = 64;
 constexpr int64_t kAheadRows = 8;
 
 template <int C>
-void tile_t(const GemvTArgs& a, const float* codebook, int64_t k0, int64_t m) {
+void tile_t(const MatmulTArgs& a, const float* codebook, int64_t k0, int64_t m) {
   const int64_t K = a.K, N = a.N, bs = a.blocksize, bpr = K / bs;
   const __m256 cb_lo = _mm256_loadu_ps(codebook), cb_hi = _mm256_loadu_ps(codebook + 8);
   const AbsmaxReader absmax(*a.absmax);
@@ -147,7 +148,7 @@ void tile_t(const GemvTArgs& a, const float* codebook, int64_t k0, int64_t m) {
   store_grouped(total[0], 8, 32 * C, a.out, a.dtype, m * K + k0);
 }
 
-void gemv_cols_avx2(const GemvTArgs& a, int64_t k_begin, int64_t k_end) {
+void matmul_4bit_t_avx2(const MatmulTArgs& a, int64_t k_begin, int64_t k_end) {
   const float* codebook = a.qt == QuantType::NF4 ? kNF4Codebook : kFP4Codebook;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += 64)
     for (int64_t m = 0; m < a.M; ++m) {
@@ -158,6 +159,6 @@ void gemv_cols_avx2(const GemvTArgs& a, int64_t k_begin, int64_t k_end) {
 
 }  // namespace
 
-const GemvKernels kGemvAvx2Kernels = {8, gemv_rows_avx2, gemv_cols_avx2, true};
+const MatmulKernels kMatmulAvx2Kernels = {8, matmul_4bit_avx2, matmul_4bit_t_avx2, true};
 
 }  // namespace nf4lora::detail

@@ -1,8 +1,8 @@
-// gemv_kernels.h — the per-ISA kernel table of the fused 4-bit GEMV / small-M GEMM and of its
-// transposed product (grad_x = grad_y @ W) (internal). gemv_ref.cpp is the spec; gemv_avx2.cpp,
-// gemv_avx512.cpp and gemv_bf16.cpp fill the same table and gemv_dispatch.cpp picks one by
-// active_cpu_variant() and splits rows (forward) or columns (transposed) of W over threads.
-// Tested by tests/cpp/test_matmul.cpp (every supported variant against Ref and a float64 product).
+// matmul_4bit_kernels.h — the per-ISA kernel table of matmul_4bit (y = x W^T, small M) and of
+// its transposed product matmul_4bit_t (y = g W) (internal). matmul_4bit_ref.cpp is the spec;
+// matmul_4bit_{avx2,avx512,avx512_bf16}.cpp fill the same table, and matmul_4bit_dispatch.cpp
+// picks one by active_cpu_variant() and splits rows (forward) or columns (transposed) of W over
+// threads. Tested by tests/cpp/test_matmul.cpp (every supported variant against Ref and float64).
 #pragma once
 
 #include <cstdint>
@@ -11,9 +11,9 @@
 
 namespace nf4lora::detail {
 
-struct GemvArgs {
+struct MatmulArgs {
   const void* x;       // [M, K] in dtype (what the reference reads)
-  const float* xf;     // x in fp32, grouped as GemvKernels::x_group says (null for the reference)
+  const float* xf;     // x in fp32, grouped as MatmulKernels::x_group says (null for the reference)
   const uint16_t* xb;  // or x's bf16 bits, grouped the same way (kernels with x_bf16 set)
   DType dtype;         // of x, bias and y
   int64_t M, K, N;
@@ -26,10 +26,10 @@ struct GemvArgs {
 };
 
 // Computes y[m, n] for all m < M and n in [n_begin, n_end).
-using GemvRowsFn = void (*)(const GemvArgs& a, int64_t n_begin, int64_t n_end);
+using MatmulRowsFn = void (*)(const MatmulArgs& a, int64_t n_begin, int64_t n_end);
 
 // The transposed product out[M, K] = g[M, N] @ W[N, K] (the input gradient of y = x W^T).
-struct GemvTArgs {
+struct MatmulTArgs {
   const void* g;       // [M, N] in dtype (what the reference reads)
   const float* gf;     // g in fp32, same layout (null for the reference)
   DType dtype;         // of g and out
@@ -43,36 +43,36 @@ struct GemvTArgs {
 
 // Computes out[m, k] for all m < M and k in [k_begin, k_end). For the SIMD kernels k_begin and
 // k_end are multiples of kTColUnit (or k_end == K), and K % blocksize == 0.
-using GemvColsFn = void (*)(const GemvTArgs& a, int64_t k_begin, int64_t k_end);
+using MatmulColsFn = void (*)(const MatmulTArgs& a, int64_t k_begin, int64_t k_end);
 constexpr int64_t kTColUnit = 128;  // 64 packed bytes: one cache line of each W row per tile
 
-struct GemvKernels {
+struct MatmulKernels {
   // 0: the kernel reads x itself. G > 0: the kernel wants xf (xb if x_bf16), where every run of 2G elements of
   // a row of x holds its G even-index elements, then its G odd-index ones. That is the order in
   // which one vector of packed bytes splits into high nibbles (even elements) and low nibbles
   // (odd elements), so the kernels never interleave dequantized weights. SIMD kernels require
   // K % blocksize == 0 (then K % 32 == 0 too); the dispatcher routes other shapes to the reference.
   int x_group;
-  GemvRowsFn rows;
-  GemvColsFn cols;  // the transposed product
+  MatmulRowsFn rows;
+  MatmulColsFn cols;  // the transposed product
   bool cols_read_gf;  // cols wants g in fp32 (gf); the reference reads g itself
   // Set for a variant whose `rows` handles bf16 x with blocksize >= 64 only (the AVX512-BF16 dot
   // products read xb): other dtypes (they would lose their precision) and blocksize 32 go to
   // this table instead.
   bool x_bf16 = false;
-  const GemvKernels* other_dtypes = nullptr;
+  const MatmulKernels* other_dtypes = nullptr;
 };
 
-extern const GemvKernels kGemvRefKernels;
+extern const MatmulKernels kMatmulRefKernels;
 #if defined(NF4LORA_HAVE_AVX2)
-extern const GemvKernels kGemvAvx2Kernels;
+extern const MatmulKernels kMatmulAvx2Kernels;
 #endif
 #if defined(NF4LORA_HAVE_AVX512)
-extern const GemvKernels kGemvAvx512Kernels;
-void gemv_cols_avx512(const GemvTArgs& a, int64_t k_begin, int64_t k_end);  // shared with BF16
+extern const MatmulKernels kMatmulAvx512Kernels;
+void matmul_4bit_t_avx512(const MatmulTArgs& a, int64_t k_begin, int64_t k_end);  // shared with BF16
 #endif
 #if defined(NF4LORA_HAVE_AVX512BF16)
-extern const GemvKernels kGemvBf16Kernels;
+extern const MatmulKernels kMatmulAvx512Bf16Kernels;
 #endif
 
 // block_absmax() with the nested block index taken by a shift (nested_blocksize is a validated
@@ -126,7 +126,7 @@ inline void store_grouped(const float* grouped, int group, int64_t count, void* 
 }
 
 // The epilogue every variant shares: one fp32 addition of the bias, one rounding to dtype.
-inline void store_gemv_output(const GemvArgs& a, int64_t m, int64_t n, float acc) {
+inline void store_matmul_output(const MatmulArgs& a, int64_t m, int64_t n, float acc) {
   if (a.bias != nullptr) acc += load_as_float(a.bias, a.dtype, n);
   store_from_float(a.y, a.dtype, m * a.N + n, acc);
 }

@@ -1,6 +1,7 @@
-// parallel.h — split a range over at most num_threads std::threads (no OpenMP: the extension
-// must not bring a second OpenMP runtime next to torch's). The caller's thread takes a share.
-// Work below `grain` items per thread runs on fewer threads.
+// nf4lora/detail/parallel.h — split a range over at most num_threads std::threads (no OpenMP: the
+// extension must not bring a second OpenMP runtime next to torch's); the caller's thread takes a
+// share, and work below `grain` items per thread runs on fewer threads. Internal, not API; used by
+// cpp/src and bench/. Tested through the multi-threaded cases of tests/cpp.
 #pragma once
 
 #include <algorithm>

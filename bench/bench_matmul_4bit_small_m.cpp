@@ -1,11 +1,13 @@
-// bench_gemv.cpp — C++ benchmark of the fused 4-bit GEMV / small-M GEMM (gemm_4bit_cpu) on
-// LLaMA-7B layer shapes, bf16 activations, NF4 + double quantization (blocksize 64), per CPU
-// variant, against the memory-bandwidth bound: the time to stream the packed weight bytes once
-// (a memcpy of them with the same threads). Each variant is checked against the reference first.
+// bench_matmul_4bit_small_m.cpp — C++ benchmark of matmul_4bit_cpu at decode sizes (M = 1 and 8,
+// the fused GEMV / small-M GEMM) per CPU variant, against the memory-bandwidth bound: a memcpy of
+// the packed weight bytes with the same threads. Each variant is checked against the reference
+// (ref) first.
+// Usage: bench_matmul_4bit_small_m [--threads T] [--iters I] [--shape N K] [--plain-absmax] [--smoke]
+
+// LLaMA-7B layer shapes, bf16 activations, NF4 + double quantization (blocksize 64).
 // --shape N K times one shape instead; a small one (256 4096: 512 KiB of codes, L2-resident)
 // measures the decode throughput of each kernel without the memory bound.
 // --plain-absmax: fp32 absmax instead of double quantization (what the nested decode costs).
-// Usage: bench_gemv [--threads T] [--iters I] [--shape N K] [--plain-absmax] [--smoke]
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -17,9 +19,9 @@
 #include <thread>
 #include <vector>
 
+#include "nf4lora/detail/parallel.h"
 #include "nf4lora/matmul.h"
 #include "nf4lora/quantize.h"
-#include "../cpp/src/parallel.h"
 #include "bench_util.h"
 
 using namespace nf4lora;
@@ -44,7 +46,7 @@ int main(int argc, char** argv) {
     else if (a == "--plain-absmax") plain_absmax = true;
     else if (a == "--shape" && i + 2 < argc) shape_n = std::atoll(argv[++i]), shape_k = std::atoll(argv[++i]);
     else {
-      std::fprintf(stderr, "usage: bench_gemv [--threads T] [--iters I] [--shape N K] [--plain-absmax] [--smoke]\n");
+      std::fprintf(stderr, "usage: bench_matmul_4bit_small_m [--threads T] [--iters I] [--shape N K] [--plain-absmax] [--smoke]\n");
       return 2;
     }
   }
@@ -52,7 +54,7 @@ int main(int argc, char** argv) {
   std::vector<Shape> shapes = {{4096, 4096}, {11008, 4096}, {4096, 11008}};
   if (shape_n > 0 && shape_k > 0) shapes = {{shape_n, shape_k}};
   if (smoke) shapes = {{256, 512}}, iters = 2;
-  std::printf("bench_gemv: bf16 x, NF4 + %s (blocksize 64), threads %d, median of %d\n",
+  std::printf("bench_matmul_4bit_small_m: bf16 x, NF4 + %s (blocksize 64), threads %d, median of %d\n",
               plain_absmax ? "fp32 absmax" : "double quant", threads, iters);
   std::printf("%-12s %3s %-7s %10s %9s %12s %9s\n", "N x K", "M", "variant", "ms", "GB/s", "memcpy ms", "vs bound");
   std::mt19937 rng(42);
@@ -75,7 +77,7 @@ int main(int argc, char** argv) {
       std::vector<uint16_t> yref(M * s.N), y(M * s.N);
       force_cpu_variant(CpuVariant::Ref);
       auto t0 = Clock::now();
-      gemm_4bit_cpu(x.data(), DType::BF16, M, s.K, q.packed.data(), src, s.N, 64, QuantType::NF4, nullptr, yref.data(), threads);
+      matmul_4bit_cpu(x.data(), DType::BF16, M, s.K, q.packed.data(), src, s.N, 64, QuantType::NF4, nullptr, yref.data(), threads);
       const double ref_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
       char shape[32];
       std::snprintf(shape, sizeof shape, "%lldx%lld", (long long)s.N, (long long)s.K);
@@ -85,7 +87,7 @@ int main(int argc, char** argv) {
         const CpuVariant v = static_cast<CpuVariant>(vi);
         if (!cpu_variant_supported(v)) continue;
         force_cpu_variant(v);
-        gemm_4bit_cpu(x.data(), DType::BF16, M, s.K, q.packed.data(), src, s.N, 64, QuantType::NF4, nullptr, y.data(), threads);
+        matmul_4bit_cpu(x.data(), DType::BF16, M, s.K, q.packed.data(), src, s.N, 64, QuantType::NF4, nullptr, y.data(), threads);
         // Not bit-exact (summation order; avx512_bf16 rounds W to bf16): a loose sanity check
         // against the outputs' RMS, the real one is test_matmul.
         double max_diff = 0.0, rms = 0.0;
@@ -100,7 +102,7 @@ int main(int argc, char** argv) {
           return 1;
         }
         const double ms = median_ms(iters, [&] {
-          gemm_4bit_cpu(x.data(), DType::BF16, M, s.K, q.packed.data(), src, s.N, 64, QuantType::NF4, nullptr, y.data(), threads);
+          matmul_4bit_cpu(x.data(), DType::BF16, M, s.K, q.packed.data(), src, s.N, 64, QuantType::NF4, nullptr, y.data(), threads);
         });
         std::printf("%-12s %3lld %-7s %10.3f %9.2f %12.3f %8.2fx\n", shape, (long long)M, cpu_variant_name(v), ms,
                     weight_bytes / ms * 1e-6, memcpy_ms, ms / memcpy_ms);

@@ -1,17 +1,17 @@
-// gemv_dispatch.cpp — the public entry points gemm_4bit_cpu and gemm_4bit_grad_input_cpu of
-// matmul.h: argument checks (checks.h), choice of the kernel by active_cpu_variant(), one fp32
-// copy of x (grad_y) in the kernel's lane order, and the split of W over threads: by rows for the
-// forward product, by column strips for the transposed one (each thread reads its part of W
-// once, for all M rows). Tested by tests/cpp/test_matmul.cpp.
+// matmul_4bit_dispatch.cpp — the public CPU entry points matmul_4bit_cpu (y = x W^T) and
+// matmul_4bit_t_cpu (y = g W) of nf4lora/matmul.h: argument checks, the kernel chosen by
+// active_cpu_variant(), x (g) copied once in the kernel's lane order, W split over threads (rows
+// forward, column strips transposed). Reference kernels: matmul_4bit_ref.cpp. Tested by
+// tests/cpp/test_matmul.cpp.
 #include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
-#include "checks.h"
-#include "gemv_kernels.h"
+#include "matmul_4bit_kernels.h"
+#include "nf4lora/detail/checks.h"
+#include "nf4lora/detail/parallel.h"
 #include "nf4lora/matmul.h"
-#include "parallel.h"
 
 namespace nf4lora {
 namespace {
@@ -22,37 +22,37 @@ using namespace detail;
 // get at least 256 KiB of packed weight before another one is started: parallel_for starts a
 // std::thread per call (~10 us here), about the time the AVX-512 kernel takes for 100 KiB. At
 // 64 KiB, SmolLM2's 576x576 layer (162 KiB) took 30 us on 2 threads against 19 us on one
-// (`./build-dev/bench_gemv --threads 1|2 --shape 576 576`, M = 1).
+// (`./build-dev/bench_matmul_4bit_small_m --threads 1|2 --shape 576 576`, M = 1).
 constexpr int64_t kRowUnit = 8;
 constexpr int64_t kGrainBytes = int64_t{1} << 18;
 
-const GemvKernels& gemv_kernels_for(CpuVariant v) {
+const MatmulKernels& matmul_kernels_for(CpuVariant v) {
   switch (v) {
 #if defined(NF4LORA_HAVE_AVX512BF16)
-    case CpuVariant::AVX512_BF16: return kGemvBf16Kernels;
+    case CpuVariant::AVX512_BF16: return kMatmulAvx512Bf16Kernels;
 #endif
 #if defined(NF4LORA_HAVE_AVX512)
-    case CpuVariant::AVX512: return kGemvAvx512Kernels;
+    case CpuVariant::AVX512: return kMatmulAvx512Kernels;
 #endif
 #if defined(NF4LORA_HAVE_AVX2)
-    case CpuVariant::AVX2: return kGemvAvx2Kernels;
+    case CpuVariant::AVX2: return kMatmulAvx2Kernels;
 #endif
-    default: return kGemvRefKernels;
+    default: return kMatmulRefKernels;
   }
 }
 
 }  // namespace
 
-void gemm_4bit_cpu(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* packed,
-                   const AbsmaxSource& absmax, int64_t N, int64_t blocksize, QuantType qt,
-                   const void* bias, void* y, int num_threads) {
-  if (!check_gemm_4bit_args(x, dtype, M, K, packed, absmax, N, blocksize, qt, y)) return;
-  const GemvKernels* k = &gemv_kernels_for(active_cpu_variant());
+void matmul_4bit_cpu(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* packed,
+                     const AbsmaxSource& absmax, int64_t N, int64_t blocksize, QuantType qt,
+                     const void* bias, void* y, int num_threads) {
+  if (!check_matmul_4bit_args(x, dtype, M, K, packed, absmax, N, blocksize, qt, y)) return;
+  const MatmulKernels* k = &matmul_kernels_for(active_cpu_variant());
   if (k->other_dtypes != nullptr && (dtype != DType::BF16 || blocksize < 64)) k = k->other_dtypes;
   // The SIMD kernels need whole blocks per row (no block spans two rows, rows start on a byte).
-  if (K == 0 || K % blocksize != 0) k = &kGemvRefKernels;
+  if (K == 0 || K % blocksize != 0) k = &kMatmulRefKernels;
 
-  GemvArgs a{x, nullptr, nullptr, dtype, M, K, N, packed, &absmax, blocksize, qt, bias, y};
+  MatmulArgs a{x, nullptr, nullptr, dtype, M, K, N, packed, &absmax, blocksize, qt, bias, y};
   std::vector<float> xf;  // the one allocation: x in fp32, M * K floats (small for small M)
   std::vector<uint16_t> xb;  // or in bf16
   if (k->x_bf16) {
@@ -72,17 +72,17 @@ void gemm_4bit_cpu(const void* x, DType dtype, int64_t M, int64_t K, const uint8
                });
 }
 
-void gemm_4bit_grad_input_cpu(const void* grad_y, DType dtype, int64_t M, int64_t N,
-                              const uint8_t* packed, const AbsmaxSource& absmax, int64_t K,
-                              int64_t blocksize, QuantType qt, void* grad_x, int num_threads) {
+void matmul_4bit_t_cpu(const void* grad_y, DType dtype, int64_t M, int64_t N,
+                       const uint8_t* packed, const AbsmaxSource& absmax, int64_t K,
+                       int64_t blocksize, QuantType qt, void* grad_x, int num_threads) {
   // The forward check with the roles of K and N swapped: nothing to do for M == 0 or K == 0,
   // zeros for N == 0. Sizes are checked here first so a bad one is named correctly.
   if (N < 0) throw std::invalid_argument("N must be >= 0, got " + std::to_string(N));
   if (K < 0) throw std::invalid_argument("K must be >= 0, got " + std::to_string(K));
-  if (!check_gemm_4bit_args(grad_y, dtype, M, N, packed, absmax, K, blocksize, qt, grad_x)) return;
-  const GemvKernels* k = &gemv_kernels_for(active_cpu_variant());
-  if (N == 0 || K % blocksize != 0) k = &kGemvRefKernels;
-  GemvTArgs a{grad_y, nullptr, dtype, M, K, N, packed, &absmax, blocksize, qt, grad_x};
+  if (!check_matmul_4bit_args(grad_y, dtype, M, N, packed, absmax, K, blocksize, qt, grad_x)) return;
+  const MatmulKernels* k = &matmul_kernels_for(active_cpu_variant());
+  if (N == 0 || K % blocksize != 0) k = &kMatmulRefKernels;
+  MatmulTArgs a{grad_y, nullptr, dtype, M, K, N, packed, &absmax, blocksize, qt, grad_x};
   std::vector<float> gf;  // grad_y in fp32, M * N floats
   if (k->cols_read_gf) {
     gf.resize(static_cast<size_t>(M * N));

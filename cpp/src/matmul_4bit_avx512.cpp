@@ -1,15 +1,16 @@
-// gemv_avx512.cpp — AVX-512 (F/BW/VL/DQ) fused 4-bit GEMV / small-M GEMM and its transposed
-// product (grad_x = grad_y @ W): W is dequantized 32 elements at a time into two zmm registers
-// (16-entry per-block product table codebook * absmax, two vpermps) and used for every row of x
-// (or grad_y) before the next chunk is read.
-// Reference: gemv_ref.cpp (same fp32 weights; fp32 FMA accumulation in another order, so not
-// bit-exact). Tested by tests/cpp/test_matmul.cpp against Ref and a float64 product.
+// matmul_4bit_avx512.cpp — AVX-512 (F/BW/VL/DQ) kernels of matmul_4bit (y = x W^T, small M) and
+// matmul_4bit_t (y = g W). Reference: matmul_4bit_ref.cpp (same fp32 weights; fp32 FMA
+// accumulation in another order, so not bit-exact). Tested by tests/cpp/test_matmul.cpp against
+// Ref and a float64 product.
+
+// W is dequantized 32 elements at a time into two zmm registers (16-entry per-block product table
+// codebook * absmax, two vpermps) and used for every row of x (or g) before the next chunk is read.
 
 #include "simd.h"
 
 #include <cstdint>
 
-#include "gemv_avx512.h"
+#include "matmul_4bit_avx512.h"
 
 namespace nf4lora::detail {
 namespace {
@@ -23,7 +24,7 @@ constexpr int kTileRows = 4;  // rows of W kept hot in L1 while every group of x
 // 32-element chunk never leaves its block and every row starts on a byte. With few
 // accumulators (R * MG <= 4) even and odd halves get separate ones, to break the FMA chain.
 template <int R, int MG>
-void tile(const GemvArgs& a, __m512 codebook, int64_t n, int64_t m0) {
+void tile(const MatmulArgs& a, __m512 codebook, int64_t n, int64_t m0) {
   constexpr int S = R * MG <= 4 ? 2 : 1;
   const int64_t K = a.K, bs = a.blocksize, blocks_per_row = K / bs;
   __m512 acc[R][MG][S];
@@ -63,7 +64,7 @@ void tile(const GemvArgs& a, __m512 codebook, int64_t n, int64_t m0) {
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MG; ++m) {
       const __m512 v = S == 2 ? _mm512_add_ps(acc[r][m][0], acc[r][m][S - 1]) : acc[r][m][0];
-      store_gemv_output(a, m0 + m, n + r, hsum(v));
+      store_matmul_output(a, m0 + m, n + r, hsum(v));
     }
 }
 
@@ -73,14 +74,14 @@ void tile(const GemvArgs& a, __m512 codebook, int64_t n, int64_t m0) {
 // W row tile re-reads it from L2. 4 W rows per x load halved the M = 8 time against 2 rows x 8
 // x rows (measured, Sapphire Rapids VM); the W tile is re-decoded per group, from L1.
 template <int MG>
-void row_tile(const GemvArgs& a, __m512 codebook, int64_t n, int64_t rows, int64_t m0) {
+void row_tile(const MatmulArgs& a, __m512 codebook, int64_t n, int64_t rows, int64_t m0) {
   constexpr int R = 4;
   int64_t r = 0;
   for (; r + R <= rows; r += R) tile<R, MG>(a, codebook, n + r, m0);
   for (; r < rows; ++r) tile<1, MG>(a, codebook, n + r, m0);
 }
 
-void gemv_rows_avx512(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
+void matmul_4bit_avx512(const MatmulArgs& a, int64_t n_begin, int64_t n_end) {
   const __m512 codebook = _mm512_loadu_ps(a.qt == QuantType::NF4 ? kNF4Codebook : kFP4Codebook);
   for (int64_t n = n_begin; n < n_end; n += kTileRows) {
     const int64_t rows = n_end - n < kTileRows ? n_end - n : kTileRows;
@@ -103,7 +104,7 @@ constexpr int64_t kRun = 64;
 constexpr int64_t kAheadRows = 8;  // software prefetch of the W row this far ahead (strided walk)
 
 template <int C, int MG>
-void tile_t(const GemvTArgs& a, __m512 codebook, int64_t k0, int64_t m0) {
+void tile_t(const MatmulTArgs& a, __m512 codebook, int64_t k0, int64_t m0) {
   const int64_t K = a.K, N = a.N, bs = a.blocksize, bpr = K / bs;
   const AbsmaxReader absmax(*a.absmax);
   alignas(64) float total[MG][C][32] = {};
@@ -143,7 +144,7 @@ void tile_t(const GemvTArgs& a, __m512 codebook, int64_t k0, int64_t m0) {
 }
 
 template <int MG>
-void cols_tile(const GemvTArgs& a, __m512 codebook, int64_t k0, int64_t chunks, int64_t m0) {
+void cols_tile(const MatmulTArgs& a, __m512 codebook, int64_t k0, int64_t chunks, int64_t m0) {
   switch (chunks) {
     case 4: tile_t<4, MG>(a, codebook, k0, m0); break;
     case 3: tile_t<3, MG>(a, codebook, k0, m0); break;
@@ -156,7 +157,7 @@ void cols_tile(const GemvTArgs& a, __m512 codebook, int64_t k0, int64_t chunks, 
 
 // Rows of g in pairs (16 accumulators): more rows would spill, and the 128-column strip of W
 // (N * 64 bytes) stays in L2 for the next pair.
-void gemv_cols_avx512(const GemvTArgs& a, int64_t k_begin, int64_t k_end) {
+void matmul_4bit_t_avx512(const MatmulTArgs& a, int64_t k_begin, int64_t k_end) {
   const __m512 codebook = _mm512_loadu_ps(a.qt == QuantType::NF4 ? kNF4Codebook : kFP4Codebook);
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kTColUnit) {
     const int64_t chunks = (k_end - k0 < kTColUnit ? k_end - k0 : kTColUnit) / 32;
@@ -167,6 +168,6 @@ void gemv_cols_avx512(const GemvTArgs& a, int64_t k_begin, int64_t k_end) {
   }
 }
 
-const GemvKernels kGemvAvx512Kernels = {16, gemv_rows_avx512, gemv_cols_avx512, true};
+const MatmulKernels kMatmulAvx512Kernels = {16, matmul_4bit_avx512, matmul_4bit_t_avx512, true};
 
 }  // namespace nf4lora::detail

@@ -1,13 +1,14 @@
-// gemv_avx512.h — AVX-512 helpers shared by gemv_avx512.cpp and gemv_bf16.cpp (internal; include
-// only from translation units compiled with the AVX-512 F/BW/VL/DQ flags): the horizontal sum
-// and the 16-block absmax decode. Tested through those kernels by tests/cpp/test_matmul.cpp.
+// matmul_4bit_avx512.h — AVX-512 helpers shared by matmul_4bit_avx512.cpp and
+// matmul_4bit_avx512_bf16.cpp (internal; include only from translation units compiled with the
+// AVX-512 F/BW/VL/DQ flags): the horizontal sum and the 16-block absmax decode. Tested through
+// those kernels by tests/cpp/test_matmul.cpp.
 #pragma once
 
 #include "simd.h"
 
 #include <cstdint>
 
-#include "gemv_kernels.h"
+#include "matmul_4bit_kernels.h"
 
 namespace nf4lora::detail {
 namespace {

@@ -1,12 +1,14 @@
-// gemv_bf16.cpp — AVX512-BF16 fused 4-bit GEMV / small-M GEMM for bf16 activations: W is
-// dequantized 64 elements at a time straight into two zmm of bf16 (32 even-index and 32 odd-index
-// elements; per-block product table codebook * absmax rounded to bf16, looked up by vpermw) and
-// multiplied with x (grouped the same way, x_group 32) by vdpbf16ps (two bf16 products per fp32
-// lane; exact products, fp32 sums). The weights are thus rounded to bf16 first, exactly as
-// "dequantize to bf16 + dense bf16 matmul" does. Blocksize >= 64 (a 64-element chunk in one block).
-// Reference: gemv_ref.cpp. fp32/fp16 activations and the transposed product use the AVX-512
-// kernels. Tested by tests/cpp/test_matmul.cpp against Ref and a float64 product.
-#include "gemv_avx512.h"
+// matmul_4bit_avx512_bf16.cpp — AVX512-BF16 kernel of matmul_4bit (y = x W^T, small M) for bf16
+// activations and blocksize >= 64; fp32/fp16 activations and matmul_4bit_t use the AVX-512
+// kernels. Reference: matmul_4bit_ref.cpp. Tested by tests/cpp/test_matmul.cpp against Ref and a
+// float64 product.
+
+// W is dequantized 64 elements at a time straight into two zmm of bf16 (32 even-index and 32
+// odd-index elements; per-block product table codebook * absmax rounded to bf16, looked up by
+// vpermw) and multiplied with x (grouped the same way, x_group 32) by vdpbf16ps (two bf16
+// products per fp32 lane; exact products, fp32 sums). The weights are thus rounded to bf16 first,
+// exactly as "dequantize to bf16 + dense bf16 matmul" does; a 64-element chunk lies in one block.
+#include "matmul_4bit_avx512.h"
 
 #include <cstdint>
 #include <cstring>
@@ -14,7 +16,7 @@
 namespace nf4lora::detail {
 namespace {
 
-constexpr int64_t kPrefetchBytes = 512;  // as in gemv_avx512.cpp
+constexpr int64_t kPrefetchBytes = 512;  // as in matmul_4bit_avx512.cpp
 constexpr int kTileRows = 4;
 
 inline __m512bh as_bh(__m512i v) {
@@ -26,7 +28,7 @@ inline __m512bh as_bh(__m512i v) {
 // R rows of W (n .. n+R) times MG rows of x (m0 .. m0+MG), K % blocksize == 0, blocksize >= 64.
 // One accumulator per pair: vdpbf16ps already sums two products per lane.
 template <int R, int MG>
-void tile(const GemvArgs& a, __m512 codebook, int64_t n, int64_t m0) {
+void tile(const MatmulArgs& a, __m512 codebook, int64_t n, int64_t m0) {
   const int64_t K = a.K, bs = a.blocksize, blocks_per_row = K / bs;
   __m512 acc[R][MG];
   for (int r = 0; r < R; ++r)
@@ -69,19 +71,19 @@ void tile(const GemvArgs& a, __m512 codebook, int64_t n, int64_t m0) {
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MG; ++m) store_gemv_output(a, m0 + m, n + r, hsum(acc[r][m]));
+    for (int m = 0; m < MG; ++m) store_matmul_output(a, m0 + m, n + r, hsum(acc[r][m]));
 }
 
 template <int MG>
-void row_tile(const GemvArgs& a, __m512 codebook, int64_t n, int64_t rows, int64_t m0) {
+void row_tile(const MatmulArgs& a, __m512 codebook, int64_t n, int64_t rows, int64_t m0) {
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4) tile<4, MG>(a, codebook, n + r, m0);
   for (; r < rows; ++r) tile<1, MG>(a, codebook, n + r, m0);
 }
 
-// As gemv_avx512.cpp: a tile of 4 W rows stays in L1 while groups of up to 4 x rows use it
+// As matmul_4bit_avx512.cpp: a tile of 4 W rows stays in L1 while groups of up to 4 x rows use it
 // (16 accumulators, 4 tables and 4 weight vectors: more rows would spill).
-void gemv_rows_bf16(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
+void matmul_4bit_avx512_bf16(const MatmulArgs& a, int64_t n_begin, int64_t n_end) {
   const __m512 codebook = _mm512_loadu_ps(a.qt == QuantType::NF4 ? kNF4Codebook : kFP4Codebook);
   for (int64_t n = n_begin; n < n_end; n += kTileRows) {
     const int64_t rows = n_end - n < kTileRows ? n_end - n : kTileRows;
@@ -96,6 +98,6 @@ void gemv_rows_bf16(const GemvArgs& a, int64_t n_begin, int64_t n_end) {
 
 }  // namespace
 
-const GemvKernels kGemvBf16Kernels = {32, gemv_rows_bf16, gemv_cols_avx512, true, true, &kGemvAvx512Kernels};
+const MatmulKernels kMatmulAvx512Bf16Kernels = {32, matmul_4bit_avx512_bf16, matmul_4bit_t_avx512, true, true, &kMatmulAvx512Kernels};
 
 }  // namespace nf4lora::detail
