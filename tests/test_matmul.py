@@ -24,7 +24,7 @@ def weight(N, K, seed=0, dq=True, qt="nf4"):
 
 def grad_input(gy, packed, state):
     nested = (state.nested_absmax, state.nested_code, state.offset) if state.nested else (None, None, None)
-    return torch.ops.nf4lora.matmul_4bit_grad_input(gy, packed.view(-1), state.absmax, state.blocksize,
+    return torch.ops.nf4lora.matmul_4bit_t(gy, packed.view(-1), state.absmax, state.blocksize,
                                                     state.quant_type, list(state.shape), *nested,
                                                     state.nested_blocksize)
 

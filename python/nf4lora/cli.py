@@ -67,10 +67,10 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace, quantize: Optional[str] = "nf4"):
     from .loading import load_model
-    import nf4lora as nl
+    from .lora import load_adapter
     model, tok = load_model(args.model, quantize=quantize)
     if getattr(args, "adapter", None):
-        model = nl.load_adapter(model, args.adapter)
+        model = load_adapter(model, args.adapter)
     return model, tok
 
 
@@ -122,15 +122,16 @@ def merge(model: nn.Module, tokenizer: Any, out: Path, fmt: str = "bf16") -> Pat
     """Folds the active adapter into the weights and writes `out` as a transformers checkpoint:
     dense bf16, or fmt="nf4": the merged linears requantized to NF4 + double quantization with a
     bitsandbytes quantization_config, which transformers + bitsandbytes and load_model read."""
-    import nf4lora as nl
     from safetensors.torch import save_file
-    merged = nl.merge_and_unload(model, dtype=torch.bfloat16)
+    from .lora import merge_and_unload
+    from .quant import quantize_model
+    merged = merge_and_unload(model, dtype=torch.bfloat16)
     merged = merged.to(torch.bfloat16)
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "bf16":
         merged.save_pretrained(str(out))
     else:
-        nl.quantize_model(merged, skip_modules=("lm_head",))
+        quantize_model(merged, skip_modules=("lm_head",))
         state = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
         if getattr(merged.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # tied: saved once, as transformers does

@@ -47,7 +47,7 @@ class LoraMatmul4bit(torch.autograd.Function):
         y  += x_a B^T                                 (in place, addmm_)
 
     Backward, with g = dL/dy [M, N] and g_b = s * g B [M, r]:
-        dL/dx   = g W            (nf4lora::matmul_4bit_grad_input, from the packed weight)
+        dL/dx   = g W            (nf4lora::matmul_4bit_t, from the packed weight)
                 + g_b A          (added in place when x_d is x; else returned as dL/dx_d and
                                   the dropout's own backward applies its mask and 1/(1-p))
         dL/dA   = g_b^T x_d      [r, K]   = s B^T g^T x_d

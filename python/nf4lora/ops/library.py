@@ -66,13 +66,13 @@ def matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, quant
     raise NotImplementedError(f"nf4lora::matmul_4bit has no kernel for device {x.device}")
 
 
-@torch.library.custom_op("nf4lora::matmul_4bit_grad_input", mutates_args=())
-def matmul_4bit_grad_input(grad_y: Tensor, packed: Tensor, absmax: Tensor, blocksize: int,
+@torch.library.custom_op("nf4lora::matmul_4bit_t", mutates_args=())
+def matmul_4bit_t(grad_y: Tensor, packed: Tensor, absmax: Tensor, blocksize: int,
                            quant_type: str, shape: Sequence[int], nested_absmax: Optional[Tensor],
                            nested_code: Optional[Tensor], offset: Optional[Tensor],
                            nested_blocksize: int) -> Tensor:
     """grad_y [..., N] @ W [N, K] -> [..., K], in grad_y's dtype (matmul_4bit's backward)."""
-    raise NotImplementedError(f"nf4lora::matmul_4bit_grad_input has no kernel for device {grad_y.device}")
+    raise NotImplementedError(f"nf4lora::matmul_4bit_t has no kernel for device {grad_y.device}")
 
 
 # ---- checks shared by the fakes and the device kernels ----------------------------------------
@@ -153,7 +153,7 @@ def _(x, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_cod
     return x.new_empty((*x.shape[:-1], N))
 
 
-@matmul_4bit_grad_input.register_fake
+@matmul_4bit_t.register_fake
 def _(grad_y, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset,
       nested_blocksize):
     w = _weight(packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset,
@@ -221,7 +221,7 @@ def register(device: str, impl: ModuleType) -> None:
         check_weight(w)
         return impl.matmul(x, w, bias)
 
-    @matmul_4bit_grad_input.register_kernel(device)
+    @matmul_4bit_t.register_kernel(device)
     def _(grad_y, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset,
           nested_blocksize):
         w = _weight(packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset,

@@ -3,7 +3,7 @@ differentiable in x and bias; the frozen base weight never gets a gradient, and 
 nothing but references to the packed weight (no dequantized weight, no activation).
 
     forward:   y = x W^T + b            W = dequantize(w)   [N, K]
-    backward:  dL/dx = dL/dy W          (from the packed weight again: nf4lora::matmul_4bit_grad_input)
+    backward:  dL/dx = dL/dy W          (from the packed weight again: nf4lora::matmul_4bit_t)
                dL/db = sum over all leading dims of dL/dy
                dL/dW: none (frozen)
 
@@ -55,7 +55,7 @@ def grad_input(grad_y: Tensor, w: Weight4bit) -> Tensor:
         check_grad_input(grad_y, w)
         check_weight(w)
         return cpu.matmul_t(grad_y, w)
-    return library.matmul_4bit_grad_input(grad_y, *w.op_args())
+    return library.matmul_4bit_t(grad_y, *w.op_args())
 
 
 def dequantized(w: Weight4bit, dtype: torch.dtype) -> Tensor:

@@ -43,7 +43,7 @@ class Weight4bit(NamedTuple):
         return self.packed.device
 
     def op_args(self) -> tuple:
-        """The weight's arguments of nf4lora::matmul_4bit / matmul_4bit_grad_input, in schema order."""
+        """The weight's arguments of nf4lora::matmul_4bit / matmul_4bit_t, in schema order."""
         return (self.packed, self.absmax, self.blocksize, self.quant_type, list(self.shape),
                 self.nested_absmax, self.nested_code, self.offset, self.nested_blocksize)
 

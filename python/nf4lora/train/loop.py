@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as D
+from .. import lora
 from ..files import fsync_tree, write_atomic
+from ..lora import LoraConfig, get_lora_model
 from .plot import write_loss_png
 
 _CKPT_PREFIX = "checkpoint-"
@@ -90,13 +92,12 @@ class TrainOptions:
 # ---- the LoRA (issue 4) and optimizer (issue 5) interfaces: every call site is here -----------
 
 def _add_lora(model: nn.Module, opts: TrainOptions) -> nn.Module:
-    import nf4lora as nl
     targets: Any = opts.target_modules
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
-    config = nl.LoraConfig(r=opts.r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
-                           target_modules=targets, task_type="CAUSAL_LM", base_model_name_or_path=opts.model)
-    return nl.get_lora_model(model, config)
+    config = LoraConfig(r=opts.r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
+                        target_modules=targets, task_type="CAUSAL_LM", base_model_name_or_path=opts.model)
+    return get_lora_model(model, config)
 
 
 def _optimizer(params: list[nn.Parameter], opts: TrainOptions) -> torch.optim.Optimizer:
@@ -108,8 +109,7 @@ def _optimizer(params: list[nn.Parameter], opts: TrainOptions) -> torch.optim.Op
 
 
 def save_adapter(model: nn.Module, directory: Path) -> None:
-    import nf4lora as nl
-    nl.save_adapter(_unwrap(model), directory)
+    lora.save_adapter(_unwrap(model), directory)
 
 
 # ---- helpers --------------------------------------------------------------------------------
