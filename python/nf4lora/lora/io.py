@@ -2,7 +2,7 @@
 + adapter_model.safetensors with keys base_model.model.<module>.lora_A.weight [r, in] and
 .lora_B.weight [out, r] (and PEFT's keys for modules_to_save and trained biases).
 Files are written atomically (temp name, fsync, rename); loading checks the safetensors file,
-every key, shape and dtype before it touches the model. Reference: peers.md §2 (PEFT 0.21.2).
+every key, shape and dtype before it touches the model. Reference: PEFT 0.21.2's save_pretrained / load_adapter.
 Tested by tests/test_peft_compat.py (real PEFT both ways) and tests/test_lora.py."""
 from __future__ import annotations
 

@@ -26,10 +26,9 @@ from ..quant import Linear4bit, dequantize_4bit, quantize_4bit
 def _adapter_in_fp32(x: Tensor, rows: int) -> bool:
     """Whether LoraMatmul4bit computes the adapter's two thin products in fp32 for x of `rows`
     rows: on the CPU for bf16 and fp16 within the fused kernels' range of rows. Such tiny GEMMs in
-    bf16 go to oneDNN, which may wake its OpenMP threads for them: a LoraLinear over a 64x64
-    Linear4bit (r 8, M = 1) measured 0.4-1.5 ms a call on this 2-vCPU VM, against tens of
-    microseconds for the same products in fp32 (MKL). More rows keep their route (fp32 GEMMs
-    without AMX, bf16 ones with it)."""
+    bf16 go to oneDNN, which may wake its OpenMP threads for them (docs/decisions.md: ~10x the
+    time of the same products in fp32). More rows keep their route (fp32 GEMMs without AMX, bf16
+    ones with it)."""
     return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
             and rows <= DISPATCH.fused_rows(x.device))
 

@@ -1,7 +1,7 @@
 """Model-level LoRA: get_lora_model (inject adapters in place, optionally quantizing the base as it
 goes, freeze the rest), named adapters (add_adapter / set_adapter / delete_adapter /
 disable_adapters), trainable_parameters, merge_adapter / unmerge_adapter and merge_and_unload.
-Reference: PEFT's LoraModel / PeftModel behaviour (see /work/shared/reference/peers.md §1).
+Reference: PEFT's LoraModel / PeftModel behaviour (PEFT 0.21).
 Every name check happens before the model is touched, so a bad config leaves it unchanged.
 Tested by tests/test_lora.py."""
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """An SDPA attention for transformers models that computes bf16 attention on the CPU in fp32 over the
-same bf16 q, k, v (widened exactly) and rounds the output to bf16 once: on this CPU without AMX,
-torch's bf16 flash-attention forward + backward took 24 ms against 12 ms in fp32 for one SmolLM2
-layer ([4, 9, 192, 64] queries, 3 kv heads; one thread, thread CPU time). Everywhere else (GPU,
+same bf16 q, k, v (widened exactly) and rounds the output to bf16 once, where bf16 GEMMs are the
+slow ones (docs/decisions.md has the measurement). Everywhere else (GPU,
 fp32/fp16, a CPU with AMX, see nf4lora.ops.DISPATCH.cpu_gemm_in_fp32) it is transformers' own sdpa.
 Registered under the name ATTN_IMPLEMENTATION; use_fp32_cpu_attention(model) switches a loaded
 model to it (the trainer does). Tested by tests/test_attention.py (against sdpa, forced on and off)."""

@@ -89,7 +89,7 @@ class TrainOptions:
             raise ValueError("warmup_steps and save_every must be >= 0")
 
 
-# ---- the LoRA (issue 4) and optimizer (issue 5) interfaces: every call site is here -----------
+# ---- the LoRA and optimizer interfaces: every call site is here ------------------------------
 
 def _add_lora(model: nn.Module, opts: TrainOptions) -> nn.Module:
     targets: Any = opts.target_modules
