@@ -1,8 +1,11 @@
 """Shared fixtures and options: every CPU kernel variant this machine supports, so each test
 that takes `cpu_variant` runs once per variant (forced through nf4lora.use_cpu_variant);
 `--runslow` opts in to tests marked slow; `--fuzz-examples N` (or NF4LORA_FUZZ_EXAMPLES) sets how
-many examples each fuzz test in test_fuzz.py draws (CI runs the small default)."""
+many examples each fuzz test in test_fuzz.py draws (CI runs the small default). Tests run with the
+CPU dispatch calibration off (fixed, machine-independent routes; tests/test_calibrate.py tests it)."""
 import os
+
+os.environ.setdefault("NF4LORA_CALIBRATE", "0")
 
 import pytest
 

@@ -16,8 +16,9 @@ PACKAGE = Path(nf4lora.__file__).parent
 # What each unit may import from the package (besides itself). A unit is a subpackage or a
 # top-level module; "__init__" is the package's public face and may import everything.
 ALLOWED = {
-    "ops": set(),
+    "ops": {"version"},
     "files": set(),
+    "version": set(),
     "quant": {"ops"},
     "optim": {"ops"},
     "lora": {"ops", "quant", "files"},
@@ -25,7 +26,7 @@ ALLOWED = {
     "train": {"ops", "quant", "lora", "optim", "loading", "files"},
     "cli": {"ops", "quant", "lora", "optim", "loading", "train", "files"},
     "__main__": {"cli"},
-    "__init__": {"ops", "quant", "lora", "optim", "loading", "train", "files", "cli"},
+    "__init__": {"ops", "quant", "lora", "optim", "loading", "train", "files", "cli", "version"},
 }
 
 

@@ -16,7 +16,7 @@ from .lora import (LoftQResult, LoraConfig, LoraLinear, ModulesToSave, Trainable
 from . import optim
 from .loading import load_model
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "BUILD_INFO",

@@ -244,6 +244,35 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tune(sub: Any) -> None:
+    p = sub.add_parser("tune", help="measure (or show the cached) CPU dispatch choices of this machine")
+    p.add_argument("--force", action="store_true", help="measure again even when a cached result exists")
+    p.add_argument("--json", action="store_true", help="print the choices and measurements as JSON")
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from .ops import DISPATCH, calibrate
+    cal = calibrate.calibrate(force=args.force)
+    forced = {name: getattr(DISPATCH, name) for name in cal.choices if getattr(DISPATCH, name) is not None}
+    if args.json:
+        print(json.dumps({"choices": cal.choices, "forced": forced, "measurements": cal.measurements,
+                          "key": cal.key, "source": cal.source, "path": cal.path}, indent=1))
+        return 0
+    print(f"machine: {cal.key['cpu']}, {cal.key['threads']} thread(s), torch {cal.key['torch']}")
+    print(f"calibration: {cal.source}" + (f" ({cal.path})" if cal.path else "")
+          + (f", measured in {cal.seconds:.1f} s" if cal.seconds else ""))
+    gemm = cal.measurements.get("gemm_M256_1024x1024_ms")
+    why = f" (M=256 1024x1024: bf16 route {gemm['bf16']:.2f} ms, fp32 route {gemm['fp32']:.2f} ms)" if gemm else ""
+    print(f"  bf16 GEMMs above the fused sizes run as: {'fp32' if cal.choices['cpu_gemm_fp32'] else 'bf16'}{why}")
+    for field, direction in (("cpu_fused_max_rows", "forward"), ("cpu_fused_t_max_rows", "transposed")):
+        times = cal.measurements.get(f"{direction}_2048x2048_ms", {})
+        detail = ", ".join(f"{m}: {t['fused']:.2f} vs {t['scratch']:.2f} ms" for m, t in times.items())
+        print(f"  fused {direction} kernel up to M = {cal.choices[field]}" + (f" (2048x2048 fused vs scratch: {detail})" if detail else ""))
+    for name, value in forced.items():
+        print(f"  forced by NF4LORA_DISPATCH or code: {name} = {value}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="nf4lora", description="QLoRA fine-tuning with NF4 base weights")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -251,8 +280,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _add_generate(sub)
     _add_merge(sub)
     _add_inspect(sub)
+    _add_tune(sub)
     args = parser.parse_args(argv)
-    run = {"finetune": _run_finetune, "generate": _run_generate, "merge": _run_merge, "inspect": _run_inspect}
+    run = {"finetune": _run_finetune, "generate": _run_generate, "merge": _run_merge, "inspect": _run_inspect,
+           "tune": _run_tune}
     try:
         return run[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as exc:

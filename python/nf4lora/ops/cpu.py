@@ -4,7 +4,7 @@ reference, AVX2, AVX-512 variants chosen at run time).
 
 The 4-bit product, forward y = x W^T (+ b) and transposed g W, takes one of two routes, chosen by
 the dispatch policy (ops/dispatch.py) from the number of rows:
-    rows <= DISPATCH.cpu_fused_max_rows (_t_ for g W): the fused native kernel; W is dequantized
+    rows <= DISPATCH.cpu_rows() (cpu_t_rows() for g W): the fused native kernel; W is dequantized
         in registers, never materialized;
     above: W dequantized into this thread's reused scratch buffer, then a dense torch GEMM in x's
         dtype — or, for bf16 where DISPATCH.cpu_gemm_in_fp32 says so, an fp32 GEMM over x widened
@@ -83,7 +83,7 @@ def _fused(fn, inp: Tensor, w: Weight4bit, cols_in: int, cols_out: int, *extra) 
 def matmul(x: Tensor, w: Weight4bit, bias: Optional[Tensor]) -> Tensor:
     N, K = w.shape
     rows = x.numel() // K if K else 0
-    if 0 < rows <= DISPATCH.cpu_fused_max_rows:
+    if 0 < rows <= DISPATCH.cpu_rows():
         b = None if bias is None else bias.contiguous()  # kept alive across the native call
         return _fused(_C.matmul_4bit_cpu, x, w, K, N, ptr(b))
     if DISPATCH.cpu_gemm_in_fp32(x.dtype):
@@ -96,7 +96,7 @@ def matmul(x: Tensor, w: Weight4bit, bias: Optional[Tensor]) -> Tensor:
 def matmul_t(grad_y: Tensor, w: Weight4bit) -> Tensor:
     N, K = w.shape
     rows = grad_y.numel() // N if N else 0
-    if 0 < rows <= DISPATCH.cpu_fused_t_max_rows:
+    if 0 < rows <= DISPATCH.cpu_t_rows():
         return _fused(_C.matmul_4bit_t_cpu, grad_y, w, N, K)
     if DISPATCH.cpu_gemm_in_fp32(grad_y.dtype):
         w32 = dequantized(w, torch.float32)

@@ -1,45 +1,64 @@
 """The op layer's dispatch policy: one object, ``DISPATCH``, holding every machine-dependent choice
 of how a 4-bit product runs (fused kernel or dequantize + dense GEMM, the GEMM's precision on the
-CPU, which CUDA kernel). The ops read it on each call; code above the op layer asks it
+CPU, which CUDA kernel). The ops ask it on each call; code above the op layer asks it too
 (``DISPATCH.fused_rows``, ``DISPATCH.cpu_gemm_in_fp32``) instead of keeping constants of its own.
-Tests and benchmarks force a choice with ``DISPATCH.override(...)``. Where the defaults come from
-is written in docs/decisions.md. Tested by tests/test_matmul.py, tests/test_cuda_matmul.py."""
+
+The CPU choices are measured on the running machine (ops/calibrate.py) the first time they are
+needed, and cached per machine; a field set here (tests, ``DISPATCH.override(...)``, the
+environment variable NF4LORA_DISPATCH="cpu_gemm_fp32=1,cpu_fused_max_rows=4") forces a choice and
+takes precedence. NF4LORA_CALIBRATE=0 turns measuring off (then the kernels' own limits and torch's
+own GEMM precision are used). Tested by tests/test_calibrate.py, tests/test_matmul.py and
+tests/test_cuda_matmul.py."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterator, Optional
+import os
+from typing import Any, Iterator, Optional
 
 import torch
 
-
-def _cpu_has_amx() -> bool:
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(probe()) if probe is not None else False
-    except RuntimeError:  # pragma: no cover - torch without the probe compiled in
-        return False
+# The fused CPU kernels take at most this many rows (nf4lora/matmul.h), and the CUDA ones too.
+FUSED_KERNEL_MAX_ROWS = 8
 
 
 @dataclasses.dataclass
 class DispatchPolicy:
     """Crossovers are row counts M of x (of grad_y for the transposed product): up to them the
-    fused kernel runs, above them W is dequantized into a scratch buffer for a dense GEMM."""
+    fused kernel runs, above them W is dequantized into a scratch buffer for a dense GEMM.
+    None = the calibrated choice."""
 
-    cpu_fused_max_rows: int = 8        # forward, fused CPU kernel (the kernels take up to 8)
-    cpu_fused_t_max_rows: int = 8      # transposed product (backward), fused CPU kernel
-    # A bf16 dense GEMM on the CPU as an fp32 GEMM over the same values, rounded once: None =
-    # automatic (where torch reports no AMX), True/False force it.
+    cpu_fused_max_rows: Optional[int] = None    # forward, fused CPU kernel
+    cpu_fused_t_max_rows: Optional[int] = None  # transposed product (backward), fused CPU kernel
+    # A bf16 dense GEMM on the CPU as an fp32 GEMM over the same values, rounded once.
     cpu_gemm_fp32: Optional[bool] = None
-    cuda_gemv_max_rows: int = 3        # forward fused GEMV on CUDA
-    cuda_gemv_t_max_rows: int = 1      # transposed fused GEMV on CUDA
+    # CUDA: measured on an H200 (docs/decisions.md); not calibrated yet.
+    cuda_gemv_max_rows: int = 3        # forward fused GEMV
+    cuda_gemv_t_max_rows: int = 1      # transposed fused GEMV
     cuda_tc_max_rows: int = 0          # tensor-core kernel: off (slower than dequantize + cuBLAS)
-    has_amx: bool = dataclasses.field(default_factory=_cpu_has_amx)
+    calibration: Any = dataclasses.field(default=None, repr=False)  # ops.calibrate.Calibration
+
+    def _choice(self, name: str):
+        forced = getattr(self, name)
+        if forced is not None:
+            return forced
+        if self.calibration is None:
+            from .calibrate import current  # the first product that needs a choice measures them
+            self.calibration = current()
+        return self.calibration.choices[name]
+
+    def cpu_rows(self) -> int:
+        """Rows of x up to which the forward product runs in the fused CPU kernel."""
+        return self._choice("cpu_fused_max_rows")
+
+    def cpu_t_rows(self) -> int:
+        """Rows of grad_y up to which the transposed product runs in the fused CPU kernel."""
+        return self._choice("cpu_fused_t_max_rows")
 
     def fused_rows(self, device: torch.device) -> int:
         """Rows up to which a product on `device` (either direction) runs in a fused kernel."""
         if device.type == "cpu":
-            return max(self.cpu_fused_max_rows, self.cpu_fused_t_max_rows)
+            return max(self.cpu_rows(), self.cpu_t_rows())
         if device.type == "cuda":
             return max(self.cuda_gemv_max_rows, self.cuda_gemv_t_max_rows)
         return 0
@@ -48,15 +67,12 @@ class DispatchPolicy:
         """Whether a CPU GEMM in `dtype` above the fused sizes runs as an fp32 GEMM (bf16 only)."""
         if dtype != torch.bfloat16:
             return False
-        return (not self.has_amx) if self.cpu_gemm_fp32 is None else bool(self.cpu_gemm_fp32)
+        return bool(self._choice("cpu_gemm_fp32"))
 
     @contextlib.contextmanager
     def override(self, **choices) -> Iterator["DispatchPolicy"]:
-        """Sets the given fields for the duration of the block, then restores them."""
-        unknown = set(choices) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ValueError(f"unknown dispatch choices {sorted(unknown)}; known: "
-                             f"{[f.name for f in dataclasses.fields(self)]}")
+        """Forces the given fields for the duration of the block, then restores them."""
+        _check_names(choices)
         saved = {name: getattr(self, name) for name in choices}
         for name, value in choices.items():
             setattr(self, name, value)
@@ -67,4 +83,34 @@ class DispatchPolicy:
                 setattr(self, name, value)
 
 
-DISPATCH = DispatchPolicy()
+_FORCEABLE = ("cpu_fused_max_rows", "cpu_fused_t_max_rows", "cpu_gemm_fp32", "cuda_gemv_max_rows",
+              "cuda_gemv_t_max_rows", "cuda_tc_max_rows")
+
+
+def _check_names(choices) -> None:
+    unknown = set(choices) - set(_FORCEABLE)
+    if unknown:
+        raise ValueError(f"unknown dispatch choices {sorted(unknown)}; known: {list(_FORCEABLE)}")
+
+
+def parse_forced(text: str) -> dict:
+    """'cpu_gemm_fp32=1,cpu_fused_max_rows=4' -> {'cpu_gemm_fp32': True, 'cpu_fused_max_rows': 4}."""
+    out: dict = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        name, value = name.strip(), value.strip().lower()
+        _check_names([name])
+        if not sep:
+            raise ValueError(f"NF4LORA_DISPATCH: {item!r} is not name=value")
+        if name == "cpu_gemm_fp32":
+            if value not in ("1", "0", "true", "false"):
+                raise ValueError(f"NF4LORA_DISPATCH: cpu_gemm_fp32 must be 1/0/true/false, got {value!r}")
+            out[name] = value in ("1", "true")
+        else:
+            if not value.isdigit():
+                raise ValueError(f"NF4LORA_DISPATCH: {name} must be a non-negative int, got {value!r}")
+            out[name] = int(value)
+    return out
+
+
+DISPATCH = DispatchPolicy(**parse_forced(os.environ.get("NF4LORA_DISPATCH", "")))
