@@ -107,3 +107,78 @@ def test_fsdp_world_size_1_on_cuda(tmp_path):
     report = _torchrun(tmp_path, 1, "cuda")
     assert report[0]["resume_exact"] and report[0]["bytes"]["local"] == report[0]["bytes"]["total"]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# ---- the command line: torchrun -m nf4lora finetune --fsdp ------------------------------------
+
+KILL_RANK1_IN_SECOND_SAVE = """
+import os, sys
+import torch.distributed.checkpoint as dcp
+real, calls = dcp.save, []
+def save(*args, **kwargs):  # rank 1 dies in the middle of the second checkpoint (step 4)
+    calls.append(1)
+    if len(calls) == 2 and os.environ["RANK"] == "1":
+        os._exit(9)
+    return real(*args, **kwargs)
+dcp.save = save
+from nf4lora.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from .tiny_lm import save_tiny_model
+    root = tmp_path_factory.mktemp("cli")
+    rows = [{"prompt": f"What is {i} + {i}?", "response": f"{i} + {i} = {2 * i}."} for i in range(40)]
+    (root / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root, save_tiny_model(root / "tiny")
+
+
+def _finetune_args(root, tiny, out, *extra):
+    return ["finetune", "--fsdp", "--model", str(tiny), "--data", str(root / "d.jsonl"), "--steps", "6",
+            "--batch-size", "4", "--grad-accum", "2", "--seq-len", "64", "--lr", "1e-2", "--warmup-steps", "1",
+            "--max-eval", "4", "--save-every", "2", "--quiet", "--output-dir", str(out), *extra]
+
+
+def _cli_torchrun(args, script=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "python"))
+    target = [str(script)] if script else ["-m", "nf4lora"]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *target, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_fsdp_equals_one_process_and_resumes_after_a_rank_is_killed(tiny_run):
+    from safetensors.torch import load_file
+    from nf4lora import train as T
+    root, tiny = tiny_run
+    done = _cli_torchrun(_finetune_args(root, tiny, root / "full"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    full = load_file(str(root / "full" / "adapter" / "adapter_model.safetensors"))
+    # one process, the same micro-batches (4 of one example) and options
+    T.finetune(T.TrainOptions(model=str(tiny), data=str(root / "d.jsonl"), output_dir=str(root / "one"), steps=6,
+                              batch_size=4, grad_accum=4, seq_len=64, lr=1e-2, warmup_steps=1, max_eval=4,
+                              quiet=True))
+    one = load_file(str(root / "one" / "adapter" / "adapter_model.safetensors"))
+    assert full.keys() == one.keys()
+    for k in one:
+        torch.testing.assert_close(full[k], one[k], rtol=1e-5, atol=1e-7, msg=k)
+
+    script = root / "kill.py"
+    script.write_text(KILL_RANK1_IN_SECOND_SAVE)
+    killed = _cli_torchrun(_finetune_args(root, tiny, root / "kill"), script)
+    assert killed.returncode != 0
+    names = sorted(p.name for p in (root / "kill").iterdir())
+    assert "checkpoint-2" in names and "checkpoint-4" not in names and "adapter" not in names, names
+    assert (root / "kill" / "checkpoint-2" / "trainer_state.pt").is_file()
+    resumed = _cli_torchrun(_finetune_args(root, tiny, root / "kill", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    got = load_file(str(root / "kill" / "adapter" / "adapter_model.safetensors"))
+    assert got.keys() == full.keys() and all(torch.equal(got[k], full[k]) for k in full)
+
+
+def test_cli_fsdp_needs_torchrun(tiny_run, capsys):
+    from nf4lora.cli import main
+    root, tiny = tiny_run
+    assert main(_finetune_args(root, tiny, root / "x")) == 2
+    assert "start the run with torchrun" in capsys.readouterr().err

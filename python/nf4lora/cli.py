@@ -51,6 +51,8 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from a checkpoint folder (no value: the latest in --output-dir)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--fsdp", action="store_true", help="with torchrun: FSDP2, the 4-bit base, adapters and "
+                   "optimizer state sharded over the processes (default with several processes: DDP)")
 
 
 def _run_finetune(args: argparse.Namespace) -> int:

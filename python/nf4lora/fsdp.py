@@ -78,10 +78,17 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def shard_model(model: nn.Module, *, mesh: Any = None, param_dtype: Optional[torch.dtype] = None,
-                reduce_dtype: Optional[torch.dtype] = None, reshard_after_forward: bool = True,
-                shard_scales: bool = True) -> nn.Module:
+def shard_model(model: nn.Module, *, root: Optional[nn.Module] = None, mesh: Any = None,
+                param_dtype: Optional[torch.dtype] = None, reduce_dtype: Optional[torch.dtype] = None,
+                reshard_after_forward: bool = True, shard_scales: bool = True,
+                shard_adapters: bool = True) -> nn.Module:
     """Applies fully_shard to every decoder layer, then to the root, in place; returns the model.
+
+    root: the module whose forward is called (default: the model), e.g. a loss module that calls
+    the decoder and the head separately: its pre-forward all-gathers the parameters outside the
+    layers (embeddings, final norm, head) for both calls.
+    shard_adapters=False keeps the LoRA weights whole on every rank (FSDP's ignored_params; their
+    gradients are all-reduced by ShardedOptimizer before each step) - measured by bench/bench_fsdp.py.
 
     param_dtype / reduce_dtype: FSDP's MixedPrecisionPolicy (e.g. torch.bfloat16: float params,
     LoRA included, are all-gathered and computed in bf16; the fp32 shards stay the master copy).
@@ -106,10 +113,15 @@ def shard_model(model: nn.Module, *, mesh: Any = None, param_dtype: Optional[tor
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     if shard_scales:
         _shard_scales(model)
+    root = model if root is None else root
+    if not any(m is model for m in root.modules()):
+        raise ValueError("nf4lora.fsdp: root must contain the model")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    ignored = None if shard_adapters else {p for p in model.parameters() if p.requires_grad}
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
+                    ignored_params=ignored)
+    fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
     return model
 
 
@@ -158,6 +170,16 @@ class ShardedOptimizer:
 
     @torch.no_grad()
     def _bind(self) -> None:
+        from torch.distributed.tensor import DTensor
+        import torch.distributed as dist
+        whole = [p.grad for p in self.params if not isinstance(p, DTensor) and p.grad is not None]
+        if whole and dist.is_initialized() and dist.get_world_size() > 1:
+            # replicated adapters (shard_adapters=False): one flat all-reduce, then the mean
+            flat = torch.cat([g.reshape(-1) for g in whole])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            for g, part in zip(whole, flat.split([g.numel() for g in whole])):
+                g.copy_(part.view_as(g))
         for p, loc in zip(self.params, self.locals):
             shard = _local(p.detach())
             if loc.data.data_ptr() != shard.data_ptr() or loc.shape != shard.shape:
