@@ -119,6 +119,14 @@ def main(out: Path, device: str) -> None:
         report["resume_exact"] = all(torch.equal(after[k], v.cpu()) for k, v in full.items())
         report["resume_keys"] = sorted(full) == sorted(after)
 
+    # adapters replicated (FSDP's ignored_params; ShardedOptimizer all-reduces their gradients)
+    rep = fsdp.shard_model(make_model(device), shard_adapters=False)
+    rparams = [p for p in rep.parameters() if p.requires_grad]
+    train(rep, fsdp.ShardedOptimizer(rparams, make_optimizer).optimizer, data[:STEPS], rank, world)
+    if rank == 0:
+        torch.save({k: v.detach().cpu().clone() for k, v in rep.named_parameters() if v.requires_grad},
+                   out / "replicated.pt")
+
     # bf16 mixed precision: fp32 shards, bf16 all-gathered params and compute.
     mp = fsdp.shard_model(make_model(device), param_dtype=torch.bfloat16)
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """FSDP2 over a 4-bit Llama with LoRA (nf4lora.fsdp), 2 gloo processes started by torchrun running
 tests/fsdp_worker.py, against one process without FSDP: the same adapter after 3 AdamW steps
-(rtol 1e-5), each rank holding <= 0.55 of the 4-bit base, bf16 mixed precision giving the
+(rtol 1e-5; adapters sharded, and replicated), each rank holding <= 0.55 of the 4-bit base, bf16 mixed precision giving the
 one-process bf16 loss, the gathered adapter saved once in PEFT's format, a DCP checkpoint that
 resumes bit for bit; odd sizes throughout (packed bytes and absmax blocks that do not divide by 2).
 Bad use raises clear errors; a CUDA-marked test runs the same worker with world size 1 on NCCL."""
@@ -45,6 +45,14 @@ def test_fsdp_adapter_equals_one_process(run):
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-7, msg=k)
     assert any(v.abs().sum() > 0 for k, v in got.items() if "lora_B" in k)  # it trained
+
+
+def test_replicated_adapters_equal_one_process(run):
+    out, _ = run
+    got, ref = torch.load(out / "replicated.pt"), torch.load(out / "ref.pt")
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
 def test_fsdp_saves_the_full_adapter_once_in_peft_format(run):
