@@ -5,7 +5,6 @@ Usage: torchrun --nproc_per_node 2 tests/fsdp_worker.py OUT_DIR [cuda]"""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 

@@ -3,11 +3,9 @@ LoRA (4-bit base, dense tensors, adapters); its peak is within 15% of a measured
 (bench/bench_plan.py's first configuration, in a fresh process); presets, config files and folders
 resolve; FSDP divides what it shards; bad input is refused with exit status 2."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 import nf4lora as nl

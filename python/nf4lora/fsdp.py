@@ -16,7 +16,9 @@ codes and 8-bit absmax cross a bf16 policy unchanged.
 
 Blocks of 64 weights may straddle two ranks' shards and the packed byte count may not divide by
 the world size: compute only ever sees the all-gathered tensors, so neither matters (the tests use
-a layer of 855 packed bytes on 2 ranks). Tested by tests/test_fsdp.py (2 gloo processes)."""
+a 509 x 254 layer: 64,643 packed bytes, 2,021 absmax blocks, on 2 ranks). Adapters are sharded by
+default: the same time per step as replicated ones and 1/N of the bytes (bench/bench_fsdp.py).
+Tested by tests/test_fsdp.py (2 gloo processes against one process)."""
 from __future__ import annotations
 
 import contextlib
@@ -105,7 +107,8 @@ def shard_model(model: nn.Module, *, root: Optional[nn.Module] = None, mesh: Any
         raise ValueError(f"nf4lora.fsdp: the model's parameters are on several devices: {sorted(map(str, devices))}")
     device = devices.pop()
     backend = dist.get_backend()
-    if device.type == "cuda" and backend != "nccl" or device.type == "cpu" and backend not in ("gloo", "cpu:gloo,cuda:nccl"):
+    cpu_ok = ("gloo", "cpu:gloo,cuda:nccl")
+    if (device.type == "cuda" and backend != "nccl") or (device.type == "cpu" and backend not in cpu_ok):
         raise ValueError(f"nf4lora.fsdp: the model is on {device} but the process group's backend is "
                          f"{backend!r} (use gloo for CPU models, nccl for CUDA ones)")
     if mesh is None:
@@ -321,7 +324,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: ShardedOptimizer,
         if k.startswith(mine):
             if not isinstance(m, TensorStorageMetadata):
                 raise ValueError(f"resume: {path}: {k} is not a tensor")
-            flat[k] = torch.empty(m.size, dtype=m.properties.dtype)
+            index = int(k[len(mine):].split(".", 1)[0])
+            device = optimizer.locals[index].device if index < len(optimizer.locals) else "cpu"
+            flat[k] = torch.empty(m.size, dtype=m.properties.dtype, device=device)
     dcp.load({**named, **flat}, checkpoint_id=str(path / _DCP_DIR))
     state: dict[int, dict[str, Any]] = {}
     for k, v in flat.items():

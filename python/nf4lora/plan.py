@@ -54,6 +54,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                         num_key_value_heads=40, vocab_size=32000, tie_word_embeddings=False),
     "llama-2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                         num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False),
+    "llama-65b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64,
+                      num_key_value_heads=64, vocab_size=32000, tie_word_embeddings=False),
     "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                            num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -179,8 +181,9 @@ _LABELS = {"base_4bit": "4-bit base (shard)", "dense": "dense (embeddings, head,
 
 def format_plan(p: dict[str, Any]) -> str:
     m = p["model"]
-    lines = [f"model: {m['layers']} layers, hidden {m['hidden']}, intermediate {m['intermediate']}, vocab {m['vocab']}; "
-             f"{p['params_4bit'] / 1e9:.2f}B 4-bit weights, {p['lora_params'] / 1e6:.1f}M LoRA params (r {p['lora_r']})",
+    lines = [f"model: {m['layers']} layers, hidden {m['hidden']}, intermediate {m['intermediate']}, "
+             f"vocab {m['vocab']}; {p['params_4bit'] / 1e9:.2f}B 4-bit weights, "
+             f"{p['lora_params'] / 1e6:.1f}M LoRA params (r {p['lora_r']})",
              f"{p['devices']} device(s), {'FSDP' if p['fsdp'] else 'replicated (DDP)'}, seq {p['seq']}, "
              f"batch {p['batch']} per device, {p['optim']}, gradient checkpointing "
              f"{'on' if p['gradient_checkpointing'] else 'off'}", "peak memory per device:"]
