@@ -57,7 +57,7 @@ def adapters_child(model_path: str, steps: int, out: str) -> None:
     import torch.distributed as dist
     from nf4lora import fsdp
     from nf4lora.loading import load_model
-    from nf4lora.train import CausalLMLoss, TrainOptions, _optimizer
+    from nf4lora.train import CausalLMLoss
     import nf4lora as nl
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -70,7 +70,7 @@ def adapters_child(model_path: str, steps: int, out: str) -> None:
         lm = CausalLMLoss(model)
         fsdp.shard_model(model, root=lm, shard_adapters=shard)
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = fsdp.ShardedOptimizer(params, lambda ps: _optimizer(ps, TrainOptions(optim="paged_adamw")))
+        opt = fsdp.ShardedOptimizer(params, lambda ps: nl.optim.PagedAdamW(ps, lr=2e-4))
         g = torch.Generator().manual_seed(rank)
         times = []
         for _ in range(steps):

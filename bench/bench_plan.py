@@ -66,7 +66,7 @@ def child(cfg: dict) -> dict:
     import torch
     import nf4lora as nl
     from nf4lora.attention import use_fp32_cpu_attention
-    from nf4lora.train import CausalLMLoss, _optimizer, TrainOptions
+    from nf4lora.train import CausalLMLoss
     from transformers import AutoModelForCausalLM
     from tests.tiny_lm import tiny_config
     rank, world = 0, 1
@@ -77,6 +77,11 @@ def child(cfg: dict) -> dict:
         from nf4lora import fsdp
         dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
+
+    def make_opt(params):  # what finetune's --optim builds
+        if cfg["optim"] == "adamw":
+            return nl.optim.AdamW(params, lr=1e-4)
+        return nl.optim.PagedAdamW(params, lr=1e-4, optim_bits=8 if cfg["optim"] == "paged_adamw_8bit" else 32)
 
     def build(layers, **over):
         torch.manual_seed(0)
@@ -92,9 +97,9 @@ def child(cfg: dict) -> dict:
         if cfg["fsdp"]:
             fsdp.shard_model(m, root=loss_module)
             params = [p for p in m.parameters() if p.requires_grad]
-            opt = fsdp.ShardedOptimizer(params, lambda ps: _optimizer(ps, TrainOptions(optim=cfg["optim"]))).optimizer
+            opt = fsdp.ShardedOptimizer(params, make_opt).optimizer
         else:
-            opt = _optimizer([p for p in m.parameters() if p.requires_grad], TrainOptions(optim=cfg["optim"]))
+            opt = make_opt([p for p in m.parameters() if p.requires_grad])
         return m, loss_module, opt
 
     # warm-up: every code path once, on a small model; then the baseline
