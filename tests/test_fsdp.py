@@ -4,7 +4,7 @@ tests/fsdp_worker.py, against one process without FSDP: the same adapter after 3
 mixed precision giving the one-process bf16 loss, the gathered adapter saved once in PEFT's format,
 a DCP checkpoint that resumes bit for bit; odd sizes throughout (packed bytes and absmax blocks
 that do not divide by 2). The command line: finetune --fsdp equals one process and resumes after a
-rank is killed mid-checkpoint. Bad use raises clear errors; a CUDA-marked test runs the worker with
+rank is killed mid-checkpoint, and refuses to resume with another world size. Bad use raises clear errors; a CUDA-marked test runs the worker with
 world size 1 on NCCL."""
 import json
 import os
@@ -185,6 +185,13 @@ def test_cli_fsdp_equals_one_process_and_resumes_after_a_rank_is_killed(tiny_run
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     got = load_file(str(root / "kill" / "adapter" / "adapter_model.safetensors"))
     assert got.keys() == full.keys() and all(torch.equal(got[k], full[k]) for k in full)
+
+    # another world size cannot resume a sharded checkpoint: a clear error, exit status 2
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "python"))
+    one = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                          "-m", "nf4lora", *_finetune_args(root, tiny, root / "kill", "--resume")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode != 0 and "written by 2 process(es), this run has 1" in one.stderr, one.stderr[-2000:]
 
 
 def test_cli_fsdp_needs_torchrun(tiny_run, capsys):
