@@ -3,9 +3,9 @@ tests/fsdp_worker.py, against one process without FSDP: the same adapter after 3
 (rtol 1e-5; adapters sharded, and replicated), each rank holding <= 0.55 of the 4-bit base, bf16
 mixed precision giving the one-process bf16 loss, the gathered adapter saved once in PEFT's format,
 a DCP checkpoint that resumes bit for bit; odd sizes throughout (packed bytes and absmax blocks
-that do not divide by 2). The command line: finetune --fsdp equals one process and resumes after a
-rank is killed mid-checkpoint, and refuses to resume with another world size. Bad use raises clear errors; a CUDA-marked test runs the worker with
-world size 1 on NCCL."""
+that do not divide by 2). The command line: finetune --fsdp equals one process, resumes after a
+rank is killed mid-checkpoint, and refuses to resume with another world size. Bad use raises
+clear errors; a CUDA-marked test runs the worker with world size 1 on NCCL."""
 import json
 import os
 import subprocess
