@@ -46,7 +46,7 @@ def bench(N: int, K: int, M: int, iters: int, warmup: int) -> dict:
                 continue
             for k, v in zip(KNOBS, knobs):
                 setattr(DISPATCH, k, v)
-            op = torch.ops.nf4lora.matmul_4bit_grad_input
+            op = torch.ops.nf4lora.matmul_4bit_t
 
             def fwd(i):
                 return nf4lora.matmul_4bit(xs[i], qs[i][0], qs[i][1])

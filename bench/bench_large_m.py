@@ -66,7 +66,7 @@ def crossover(Ms, iters, rounds) -> None:
         for M in Ms:
             x, gy = torch.randn(M, K, dtype=torch.bfloat16), torch.randn(M, N, dtype=torch.bfloat16)
             fwd = lambda: nf4lora.matmul_4bit(x, packed, state)
-            bwd = lambda: torch.ops.nf4lora.matmul_4bit_grad_input(gy, *args)
+            bwd = lambda: torch.ops.nf4lora.matmul_4bit_t(gy, *args)
             out = []
             for name, fn in (("fwd", fwd), ("bwd", bwd)):
                 t = {"fused": [], "scratch": []}

@@ -65,7 +65,7 @@ def main() -> None:
                        (lambda: bnb.matmul_4bit(x, pb.t(), quant_state=sb)) if bnb is not None else None)]
             if not args.forward_only:
                 gy = torch.randn(M, N, dtype=dtype)
-                passes.append(("bwd", lambda: torch.ops.nf4lora.matmul_4bit_grad_input(
+                passes.append(("bwd", lambda: torch.ops.nf4lora.matmul_4bit_t(
                     gy, packed.view(-1), state.absmax, 64, "nf4", [N, K], state.nested_absmax,
                     state.nested_code, state.offset, 256),
                     lambda: gy @ w_dense,

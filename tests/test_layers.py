@@ -19,14 +19,15 @@ ALLOWED = {
     "ops": {"version"},
     "files": set(),
     "version": set(),
+    "plan": set(),
     "quant": {"ops"},
     "optim": {"ops"},
     "lora": {"ops", "quant", "files"},
     "loading": {"ops", "quant", "lora"},
     "train": {"ops", "quant", "lora", "optim", "loading", "files"},
-    "cli": {"ops", "quant", "lora", "optim", "loading", "train", "files"},
+    "cli": {"ops", "quant", "lora", "optim", "loading", "train", "files", "plan"},
     "__main__": {"cli"},
-    "__init__": {"ops", "quant", "lora", "optim", "loading", "train", "files", "cli", "version"},
+    "__init__": {"ops", "quant", "lora", "optim", "loading", "train", "files", "cli", "version", "plan"},
 }
 
 

@@ -16,7 +16,7 @@ from .lora import (LoftQResult, LoraConfig, LoraLinear, ModulesToSave, Trainable
 from . import optim
 from .loading import load_model
 
-from .version import __version__
+from .version import __version__  # noqa: F401  (nf4lora.__version__)
 
 __all__ = [
     "BUILD_INFO",

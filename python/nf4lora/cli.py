@@ -1,7 +1,7 @@
 """The `nf4lora` command line (also `python -m nf4lora`): finetune (QLoRA, see train.py),
 generate (streaming chat/completion with base + adapter), merge (a bf16 transformers checkpoint, or
-a bitsandbytes-format 4-bit one), inspect (per-layer and total memory). Bad input ends with a
-one-line error and exit status 2. Tested by tests/test_cli.py (in-process main([...]) calls)."""
+a bitsandbytes-format 4-bit one), inspect (per-layer and total memory), plan (peak memory per
+device, nf4lora.plan). Bad input ends with a one-line error and exit status 2. Tested by tests/test_cli.py (in-process main([...]) calls)."""
 from __future__ import annotations
 
 import argparse
@@ -51,6 +51,8 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from a checkpoint folder (no value: the latest in --output-dir)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--fsdp", action="store_true", help="with torchrun: FSDP2, the 4-bit base, adapters and "
+                   "optimizer state sharded over the processes (default with several processes: DDP)")
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
@@ -273,6 +275,31 @@ def _run_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plan(sub: Any) -> None:
+    from .plan import OPTIMS, PRESETS
+    p = sub.add_parser("plan", help="expected peak memory per device of a QLoRA fine-tune (nf4lora.plan)")
+    p.add_argument("--model", required=True, help=f"a config.json, a transformers folder, or one of {', '.join(PRESETS)}")
+    p.add_argument("--devices", type=int, default=1)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=1, help="sequences per device per micro-batch")
+    p.add_argument("--fsdp", action="store_true", help="shard base, adapters and optimizer state over the devices")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--optim", choices=list(OPTIMS), default="paged_adamw_8bit")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--device-memory", default=None, help="e.g. 24GiB, 80GB: say whether the plan fits")
+    p.add_argument("--json", action="store_true")
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from .plan import format_plan, parse_size, plan, resolve_model
+    memory = None if args.device_memory is None else parse_size(args.device_memory)
+    p = plan(resolve_model(args.model), devices=args.devices, seq=args.seq, batch=args.batch, fsdp=args.fsdp,
+             gradient_checkpointing=args.gradient_checkpointing, optim=args.optim, lora_r=args.lora_r,
+             device_memory=memory)
+    print(json.dumps(p, indent=1) if args.json else format_plan(p))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="nf4lora", description="QLoRA fine-tuning with NF4 base weights")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -281,9 +308,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _add_merge(sub)
     _add_inspect(sub)
     _add_tune(sub)
+    _add_plan(sub)
     args = parser.parse_args(argv)
     run = {"finetune": _run_finetune, "generate": _run_generate, "merge": _run_merge, "inspect": _run_inspect,
-           "tune": _run_tune}
+           "tune": _run_tune, "plan": _run_plan}
     try:
         return run[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as exc:

@@ -144,7 +144,8 @@ class Linear4bit(nn.Module):
     # ---- device / dtype moves: codes and scales keep their dtypes --------------------------
 
     def _apply(self, fn, recurse=True):
-        kept = {name: getattr(self, name) for name in _STATE_BUFFERS}
+        # (nf4lora.fsdp may have made absmax a frozen parameter: then it moves as parameters do)
+        kept = {name: self._buffers[name] for name in _STATE_BUFFERS if name in self._buffers}
         for name in kept:
             self._buffers[name] = None
         try:

@@ -2,7 +2,8 @@
 with gradient accumulation, bf16 autocast, optional gradient checkpointing, a warmup + cosine /
 linear / constant schedule, paged AdamW, eval loss/perplexity before and after, atomic checkpoints
 (adapter + optimizer + scheduler + RNG + data position) with an exact --resume, Ctrl-C -> final
-checkpoint, DDP over torch.distributed (gloo on CPUs), metrics.json and a loss-curve PNG.
+checkpoint, DDP over torch.distributed (gloo on CPUs) or FSDP2 with --fsdp (nf4lora.train.fsdp: the 4-bit
+base, adapters and optimizer state sharded, DCP checkpoints), metrics.json and a loss-curve PNG.
 Tested by tests/test_finetune.py (save/reload logits, kill + resume == uninterrupted, 2-process DDP
 == 1 process)."""
 from __future__ import annotations
@@ -69,6 +70,7 @@ class TrainOptions:
     save_every: int = 0                    # checkpoint every N steps (0: only at the end / Ctrl-C)
     log_every: int = 1
     resume: Optional[str] = None           # a checkpoint folder, or "latest" in output_dir
+    fsdp: bool = False                     # FSDP2 over the processes torchrun started (nf4lora.train.fsdp)
     quiet: bool = False
 
     def check(self) -> None:
@@ -228,10 +230,19 @@ def write_checkpoint(out: Path, step: int, model: nn.Module, state: dict[str, An
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _remove_older(out, final)
+    return final
+
+
+def _remove_older(out: Path, final: Path) -> None:
     for old in out.glob(f"{_CKPT_PREFIX}*"):
         if old != final and old.name[len(_CKPT_PREFIX):].isdigit():
             shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def _write_state_files(tmp: Path, state: dict[str, Any], opts: TrainOptions) -> None:
+    torch.save(state, tmp / _STATE_FILE)
+    (tmp / _OPTIONS_FILE).write_text(json.dumps(dataclasses.asdict(opts), indent=1, sort_keys=True))
 
 
 def find_checkpoint(resume: str, output_dir: str) -> Path:
@@ -259,12 +270,15 @@ def _check_resume_options(path: Path, opts: TrainOptions) -> None:
 
 # ---- distributed ----------------------------------------------------------------------------
 
-def _dist() -> tuple[int, int]:
-    """(rank, world size); initializes the process group when torchrun started us."""
+def _dist(fsdp: bool = False) -> tuple[int, int]:
+    """(rank, world size); initializes the process group when torchrun started us (also for one
+    process with fsdp)."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if fsdp and "MASTER_ADDR" not in os.environ:
+        raise ValueError("fsdp: start the run with torchrun (e.g. torchrun --nproc_per_node 2 -m nf4lora finetune --fsdp)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or fsdp:
         # The trainer runs on the CPU (tensors never move to a GPU), so gloo even where CUDA is
         # present: NCCL would refuse CPU tensors (seen on the H200 machine by bench/gpu_check.sh).
         dist.init_process_group(backend="gloo")
@@ -353,7 +367,7 @@ def finetune(opts: TrainOptions, model: Optional[nn.Module] = None, tokenizer: A
     opts.model. on_step(step) runs after each optimizer step (a KeyboardInterrupt raised there
     acts like Ctrl-C). Exits early with a final checkpoint on KeyboardInterrupt, re-raising it."""
     opts.check()
-    rank, world = _dist()
+    rank, world = _dist(opts.fsdp)
     main = rank == 0
     say = log if main and not opts.quiet else (lambda *_: None)
     out = Path(opts.output_dir)
@@ -414,11 +428,19 @@ def _train(opts: TrainOptions, model: nn.Module, tokenizer: Any, on_step: Option
     if opts.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(params, opts)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(opts, total))
     loss_module = CausalLMLoss(model)
-    runner = _wrap_ddp(loss_module, world)
+    sharded = None
+    if opts.fsdp:
+        from . import fsdp as FS
+        FS.shard_model(model, root=loss_module)  # the loss module's forward gathers embeddings and head
+        params = [p for p in model.parameters() if p.requires_grad]
+        sharded = FS.ShardedOptimizer(params, lambda local: _optimizer(local, opts))
+        optimizer, runner = sharded.optimizer, loss_module
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = _optimizer(params, opts)
+        runner = _wrap_ddp(loss_module, world)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(opts, total))
     n_train = sum(p.numel() for p in params)
     say(f"LoRA r={opts.r}: {n_train:,} trainable parameters; {world} process(es); {total} steps of "
         f"{opts.batch_size} examples")
@@ -427,12 +449,15 @@ def _train(opts: TrainOptions, model: nn.Module, tokenizer: Any, on_step: Option
     if resume_path is not None:
         state = torch.load(resume_path / _STATE_FILE, weights_only=True)
         named = dict(model.named_parameters())
-        if set(state["trainable"]) != {n for n, p in named.items() if p.requires_grad}:
+        if sharded is not None:
+            FS.load_checkpoint(resume_path, model, sharded, state["param_groups"])
+        elif set(state["trainable"]) != {n for n, p in named.items() if p.requires_grad}:
             raise ValueError(f"resume: {resume_path} holds other trainable parameters than this model has")
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                named[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
+        else:
+            with torch.no_grad():
+                for name, value in state["trainable"].items():
+                    named[name].copy_(value)
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         order.load_state_dict(state["data"])
         step, history, eval_before = state["step"], state["history"], state["eval_before"]
@@ -455,6 +480,14 @@ def _train(opts: TrainOptions, model: nn.Module, tokenizer: Any, on_step: Option
                 "eval_before": eval_before, "rng": rngs}
 
     def checkpoint(state: dict[str, Any]) -> Optional[Path]:
+        if sharded is not None:  # collective: DCP shards, then rank 0's trainer state and the rename
+            extra = {k: v for k, v in state.items() if k not in ("trainable", "optimizer")}
+            extra["param_groups"] = FS.param_groups(sharded)
+            path = FS.save_checkpoint(out / f"{_CKPT_PREFIX}{state['step']}", model, sharded,
+                                      lambda tmp: _write_state_files(tmp, extra, opts))
+            if main:
+                _remove_older(out, path)
+            return path
         if not main:
             return None
         return write_checkpoint(out, state["step"], model, state, opts)
@@ -480,7 +513,10 @@ def _train(opts: TrainOptions, model: nn.Module, tokenizer: Any, on_step: Option
             for k, mb in enumerate(micro_batches):
                 batch = D.collate([train_items[j] for j in mb], pad_id)
                 sync = k == len(micro_batches) - 1
-                ctx = runner.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+                if sharded is not None:
+                    ctx = FS.no_sync(runner, enabled=not sync)
+                else:
+                    ctx = runner.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
                 with ctx:
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.bf16):
                         loss, _ = runner(**batch)
@@ -509,6 +545,10 @@ def _train(opts: TrainOptions, model: nn.Module, tokenizer: Any, on_step: Option
     finally:
         progress.close()
     train_time = time.perf_counter() - t_train
+    if interrupted and sharded is not None:
+        # Other ranks may be inside a collective: no checkpoint now; the last periodic one stays.
+        say("interrupted: continue from the last periodic checkpoint with --resume latest")
+        raise KeyboardInterrupt
     if interrupted:
         # The state as of the last completed step (a half-accumulated step is dropped).
         path = checkpoint(start_state)
@@ -526,8 +566,11 @@ def _train(opts: TrainOptions, model: nn.Module, tokenizer: Any, on_step: Option
         "wall_time_s": time.perf_counter() - t_start, "peak_rss_bytes": peak_rss_bytes(),
         "history": history,
     }
-    if main:
+    if sharded is not None:
+        FS.save_adapter(model, out / "adapter")  # gathered, written once by rank 0
+    elif main:
         save_adapter(model, out / "adapter")
+    if main:
         write_atomic(out / "metrics.json", json.dumps(metrics, indent=1).encode())
         note = write_loss_png(out / "loss.png", [h["loss"] for h in history])
         say(f"adapter (PEFT format): {out / 'adapter'}; metrics: {out / 'metrics.json'}; {note}")
