@@ -65,13 +65,12 @@ def _step(model, loss_module, optimizer, ids, torch):
 def child(cfg: dict) -> dict:
     import torch
     import nf4lora as nl
-    from nf4lora.attention import use_fp32_cpu_attention
+    from nf4lora.train.cpu_attention import use_fp32_cpu_attention
     from nf4lora.train import CausalLMLoss
     from transformers import AutoModelForCausalLM
     from tests.tiny_lm import tiny_config
     rank, world = 0, 1
-    import nf4lora.matmul
-    nf4lora.ops.DISPATCH.cpu_gemm_fp32 = False  # the bf16 route (GPUs, AMX CPUs) that nf4lora.plan models
+    nl.ops.DISPATCH.cpu_gemm_fp32 = False  # the bf16 route (GPUs, AMX CPUs) that nf4lora.plan models
     if cfg["fsdp"]:
         import torch.distributed as dist
         from nf4lora.train import fsdp

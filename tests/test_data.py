@@ -1,4 +1,4 @@
-"""nf4lora.data: JSONL/plain-text/pydoc reading (line-numbered errors, skip mode), the fixed
+"""nf4lora.train.data: JSONL/plain-text/pydoc reading (line-numbered errors, skip mode), the fixed
 held-out split, chat-template tokenization (loss on the response tokens only, checked against the
 template's own rendering) and the resumable batch order (resumed == uninterrupted)."""
 import json

@@ -160,7 +160,7 @@ def _cli_torchrun(args, script=None):
 
 def test_cli_fsdp_equals_one_process_and_resumes_after_a_rank_is_killed(tiny_run):
     from safetensors.torch import load_file
-    from nf4lora import train as T
+    from nf4lora.train import loop as T
     root, tiny = tiny_run
     done = _cli_torchrun(_finetune_args(root, tiny, root / "full"))
     assert done.returncode == 0, done.stderr[-4000:]
