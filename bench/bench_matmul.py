@@ -16,7 +16,7 @@ import json
 import torch
 
 import nf4lora
-from timing import median_ms  # bench/timing.py (this script's folder is on sys.path)
+from timing import machine_header, median_ms  # bench/timing.py (this script's folder is on sys.path)
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N = out_features, K = in_features)
 
@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--overhead", action="store_true",
                     help="only the fixed cost per call: a 64x64 weight at M = 1, microseconds")
     args = ap.parse_args()
+    print(machine_header())
     if args.overhead:
         overhead()
         return
@@ -103,26 +104,40 @@ def overhead(n: int = 64, calls: int = 2000, rounds: int = 5) -> None:
         with torch.no_grad():
             return lora(x)
 
+    layer = nf4lora.Linear4bit.from_linear(torch.nn.Linear(n, n, bias=False))
+
+    def layer_call():
+        with torch.no_grad():
+            return layer(x)
+
+    def layer_fwd_bwd():
+        layer(xg).sum().backward()
+
     calls_ = {
         "matmul_4bit": lambda: nf4lora.matmul_4bit(x, packed, state),
         "matmul_4bit, x.requires_grad": lambda: nf4lora.matmul_4bit(xg, packed, state),
         "torch.ops.nf4lora.matmul_4bit": lambda: torch.ops.nf4lora.matmul_4bit(
             x, packed.view(-1), state.absmax, 64, "nf4", [n, n], *nested, state.nested_blocksize, None),
+        "Linear4bit": layer_call,
+        "Linear4bit forward + backward": layer_fwd_bwd,
         "LoraLinear(Linear4bit), r 8": lora_call,
         "dense F.linear": lambda: torch.nn.functional.linear(x, w_dense),
     }
     best = {name: float("inf") for name in calls_}
+    best_cpu = dict(best)
     for _ in range(rounds):  # interleaved rounds, best of each
         for name, fn in calls_.items():
             for _ in range(50):
                 fn()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             for _ in range(calls):
                 fn()
             best[name] = min(best[name], (time.perf_counter() - t0) / calls * 1e6)
-    print(f"fixed cost per call, {n}x{n} bf16 weight, M = 1, best of {rounds} rounds of {calls} calls")
+            best_cpu[name] = min(best_cpu[name], (time.thread_time() - c0) / calls * 1e6)
+    print(f"fixed cost per call, {n}x{n} bf16 weight, M = 1, best of {rounds} rounds of {calls} calls "
+          "(wall time; this thread's CPU time, steadier on a shared machine)")
     for name, us in best.items():
-        print(f"  {name:32s} {us:7.1f} us")
+        print(f"  {name:32s} {us:7.1f} us  {best_cpu[name]:7.1f} us CPU")
 
 
 if __name__ == "__main__":
