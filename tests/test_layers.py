@@ -16,7 +16,7 @@ PACKAGE = Path(nf4lora.__file__).parent
 # What each unit may import from the package (besides itself). A unit is a subpackage or a
 # top-level module; "__init__" is the package's public face and may import everything.
 ALLOWED = {
-    "ops": {"version"},
+    "ops": {"version", "files"},
     "files": set(),
     "version": set(),
     "plan": set(),

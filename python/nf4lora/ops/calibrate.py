@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..files import write_atomic
 from .dispatch import DISPATCH, FUSED_KERNEL_MAX_ROWS
 from .native import BUILD_INFO
 
@@ -118,23 +118,12 @@ def _read(path: Path, key: dict) -> Optional[Calibration]:
 
 
 def _write(path: Path, cal: Calibration) -> None:
-    """Atomically (temp file, fsync, rename); a cache that cannot be written only costs a re-measure."""
+    """Atomically (files.write_atomic); a cache that cannot be written only costs a re-measure."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        blob = json.dumps({"version": VERSION, "key": cal.key, "choices": cal.choices,
-                           "measurements": cal.measurements, "seconds": round(cal.seconds, 3),
-                           "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1).encode()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, json.dumps({"version": VERSION, "key": cal.key, "choices": cal.choices,
+                                       "measurements": cal.measurements, "seconds": round(cal.seconds, 3),
+                                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1).encode())
     except OSError as exc:
         warnings.warn(f"nf4lora: could not write the calibration cache {path} ({exc})", RuntimeWarning)
 
