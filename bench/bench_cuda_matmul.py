@@ -1,9 +1,9 @@
 """GPU benchmark of matmul_4bit on LLaMA-7B layer shapes, forward (x W^T) and backward (g W), for
-each CUDA path — the fused GEMV (M <= 8), the tensor-core GEMM with on-the-fly dequantization,
-dequantize + cuBLAS — next to dense bf16 torch.nn.functional.linear on the dequantized weight,
-all in one process: GPU time from CUDA events (graph replays of back-to-back calls over rotating
-weights larger than L2), TFLOP/s, weight GB/s, and the ratio to dense. The fastest path per row
-tells nf4lora.ops.DISPATCH's cuda_gemv_max_rows, cuda_gemv_t_max_rows and cuda_tc_max_rows.
+each CUDA path — the fused GEMV (M <= 8), dequantize + cuBLAS — next to dense bf16
+torch.nn.functional.linear on the dequantized weight, all in one process: GPU time from CUDA
+events (graph replays of back-to-back calls over rotating weights larger than L2), TFLOP/s,
+weight GB/s, and the ratio to dense. The fastest path per row tells nf4lora.ops.DISPATCH's
+cuda_gemv_max_rows and cuda_gemv_t_max_rows.
 
     python bench/bench_cuda_matmul.py [--shapes 4096x4096 ...] [--ms 1 8 64 512] [--json out.json]
 """
@@ -23,8 +23,8 @@ from nf4lora.ops import DISPATCH
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cuda import ROTATE, gpu_ms  # noqa: E402  (same timing method as the dequant benchmark)
 
-PATHS = {"gemv": (8, 8, 0), "tensor cores": (0, 0, 1 << 30), "dequant+cuBLAS": (0, 0, 0)}
-KNOBS = ("cuda_gemv_max_rows", "cuda_gemv_t_max_rows", "cuda_tc_max_rows")
+PATHS = {"gemv": (8, 8), "dequant+cuBLAS": (0, 0)}
+KNOBS = ("cuda_gemv_max_rows", "cuda_gemv_t_max_rows")
 
 
 def bench(N: int, K: int, M: int, iters: int, warmup: int) -> dict:

@@ -206,17 +206,6 @@ PYBIND11_MODULE(_C, m) {
                                            nested_blocksize),
                              K, blocksize, quant_type(qt), ptr<float>(out), ptr<void>(stream));
         }, gil());
-  m.def("matmul_4bit_tc_cuda",
-        [](uintptr_t a, int a_dtype, int64_t M, int64_t R, uintptr_t packed, uintptr_t absmax,
-           uintptr_t qabsmax, uintptr_t nested_absmax, uintptr_t nested_code, uintptr_t offset,
-           int64_t nested_blocksize, int64_t P, int64_t blocksize, int qt, bool transposed,
-           uintptr_t bias, uintptr_t c, uintptr_t stream) {
-          matmul_4bit_tc_cuda(ptr<const void>(a), dtype(a_dtype), M, R, ptr<const uint8_t>(packed),
-                              absmax_source(absmax, qabsmax, nested_absmax, nested_code, offset,
-                                            nested_blocksize),
-                              P, blocksize, quant_type(qt), transposed, ptr<const void>(bias),
-                              ptr<void>(c), ptr<void>(stream));
-        }, gil());
 #endif
 
   // ---- optimizers (nf4lora/optim.h): fused AdamW steps; return the count of skipped blocks ----

@@ -42,11 +42,5 @@ void matmul_4bit_cuda(const void* x, DType dtype, int64_t M, int64_t K, const ui
 void matmul_4bit_t_cuda(const void* g, DType dtype, int64_t M, int64_t N, const uint8_t* packed,
                         const AbsmaxSource& absmax, int64_t K, int64_t blocksize, QuantType qt,
                         float* out, void* stream);
-// Tensor cores (fp16/bf16): C[M, P] = A[M, R] @ W^T (+ bias[P]) with W [P, R], or, transposed,
-// C[M, P] = A[M, R] @ W with W [R, P] (no bias). R % 32 == 0, A 16-byte aligned; transposed
-// needs P % 8 == 0.
-void matmul_4bit_tc_cuda(const void* A, DType dtype, int64_t M, int64_t R, const uint8_t* packed,
-                         const AbsmaxSource& absmax, int64_t P, int64_t blocksize, QuantType qt,
-                         bool transposed, const void* bias, void* C, void* stream);
 
 }  // namespace nf4lora

@@ -1,14 +1,15 @@
 """The CUDA implementations of the nf4lora:: ops (registered by ops/library.py's ``register``):
 arguments arrive checked; kernels of cuda/*.cu run on the caller's current stream.
 
-The 4-bit product picks, per call, the kernel of cuda/matmul.cu that fits (row limits from the
-dispatch policy, ops/dispatch.py), or dequantize-into-scratch + cuBLAS (always correct, any shape):
+The 4-bit product picks, per call, the fused GEMV kernel of cuda/matmul.cu where it fits (row
+limits from the dispatch policy, ops/dispatch.py), or dequantize-into-scratch + cuBLAS (always
+correct, any shape):
     forward  y = x W^T:  M <= DISPATCH.cuda_gemv_max_rows and K % 8 == 0     -> fused GEMV
-                         fp16/bf16, K % 32 == 0, M <= DISPATCH.cuda_tc_max_rows -> tensor cores
-                         otherwise                                              -> dequantize + F.linear
+                         otherwise                                           -> dequantize + F.linear
     backward g W:        M <= DISPATCH.cuda_gemv_t_max_rows and K % 8 == 0   -> transposed GEMV (fp32 atomics)
-                         fp16/bf16, N % 32 == 0, K % 8 == 0, M <= DISPATCH.cuda_tc_max_rows -> tensor cores
-                         otherwise                                              -> dequantize + matmul
+                         otherwise                                           -> dequantize + matmul
+There is no fused 4-bit GEMM for larger M: the one we had measured 7-10x slower than dequantize +
+cuBLAS and was removed (docs/decisions.md).
 Tested by tests/test_cuda.py and tests/test_cuda_matmul.py (each route forced, against a float64
 reference; skipped without a GPU); timed by bench/bench_cuda.py and bench/bench_cuda_matmul.py."""
 from __future__ import annotations
@@ -23,9 +24,6 @@ from .buffers import scratch
 from .dispatch import DISPATCH
 from .native import _C, absmax_pointers, dtype_code, ptr, quant_type_code
 from .weight import Weight4bit
-
-_HALF = (torch.float16, torch.bfloat16)
-
 
 def _require_cuda_build() -> None:
     if not _C.has_cuda():
@@ -100,25 +98,15 @@ def matmul(x: Tensor, w: Weight4bit, bias: Optional[Tensor]) -> Tensor:
     _require_cuda_build()
     N, K = w.shape
     M = x.numel() // K if K else 0
-    words_ok = _words_ok(w)
-    x2 = x.reshape(M, K).contiguous() if words_ok and M else x
-    use_gemv = 0 < M <= DISPATCH.cuda_gemv_max_rows and words_ok and _aligned(x2)
-    use_tc = (not use_gemv and 0 < M <= DISPATCH.cuda_tc_max_rows and x.dtype in _HALF
-              and K % 32 == 0 and words_ok and _aligned(x2))
-    if not (use_gemv or use_tc):
+    x2 = x.reshape(M, K).contiguous() if 0 < M <= DISPATCH.cuda_gemv_max_rows and _words_ok(w) else None
+    if x2 is None or not _aligned(x2):
         return F.linear(x, dequantized(w, x.dtype), bias)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     b = None if bias is None else bias.contiguous()
     with torch.cuda.device(x.device):
-        stream = _stream(x.device)
-        if use_gemv:
-            _C.matmul_4bit_cuda(x2.data_ptr(), dtype_code(x.dtype), M, K, w.packed.data_ptr(),
-                              *absmax_pointers(w), N, w.blocksize, quant_type_code(w.quant_type), ptr(b),
-                              y.data_ptr(), stream)
-        else:
-            _C.matmul_4bit_tc_cuda(x2.data_ptr(), dtype_code(x.dtype), M, K, w.packed.data_ptr(),
-                                 *absmax_pointers(w), N, w.blocksize, quant_type_code(w.quant_type), False,
-                                 ptr(b), y.data_ptr(), stream)
+        _C.matmul_4bit_cuda(x2.data_ptr(), dtype_code(x.dtype), M, K, w.packed.data_ptr(),
+                            *absmax_pointers(w), N, w.blocksize, quant_type_code(w.quant_type), ptr(b),
+                            y.data_ptr(), _stream(x.device))
     return y.reshape(*x.shape[:-1], N)
 
 
@@ -126,24 +114,12 @@ def matmul_t(grad_y: Tensor, w: Weight4bit) -> Tensor:
     _require_cuda_build()
     N, K = w.shape
     M = grad_y.numel() // N if N else 0
-    words_ok = _words_ok(w)
-    g2 = grad_y.reshape(M, N).contiguous() if words_ok and M else grad_y
-    use_gemv = 0 < M <= DISPATCH.cuda_gemv_t_max_rows and words_ok
-    use_tc = (not use_gemv and 0 < M <= DISPATCH.cuda_tc_max_rows and grad_y.dtype in _HALF
-              and N % 32 == 0 and words_ok and _aligned(g2))
-    if not (use_gemv or use_tc):
+    if not (0 < M <= DISPATCH.cuda_gemv_t_max_rows and _words_ok(w)):
         return grad_y @ dequantized(w, grad_y.dtype)
+    g2 = grad_y.reshape(M, N).contiguous()
+    acc = torch.zeros((M, K), dtype=torch.float32, device=grad_y.device)
     with torch.cuda.device(grad_y.device):
-        stream = _stream(grad_y.device)
-        if use_gemv:
-            acc = torch.zeros((M, K), dtype=torch.float32, device=grad_y.device)
-            _C.matmul_4bit_t_cuda(g2.data_ptr(), dtype_code(grad_y.dtype), M, N, w.packed.data_ptr(),
-                                *absmax_pointers(w), K, w.blocksize, quant_type_code(w.quant_type),
-                                acc.data_ptr(), stream)
-            out = acc.to(grad_y.dtype)
-        else:
-            out = torch.empty((M, K), dtype=grad_y.dtype, device=grad_y.device)
-            _C.matmul_4bit_tc_cuda(g2.data_ptr(), dtype_code(grad_y.dtype), M, N, w.packed.data_ptr(),
-                                 *absmax_pointers(w), K, w.blocksize, quant_type_code(w.quant_type), True, 0,
-                                 out.data_ptr(), stream)
-    return out.reshape(*grad_y.shape[:-1], K)
+        _C.matmul_4bit_t_cuda(g2.data_ptr(), dtype_code(grad_y.dtype), M, N, w.packed.data_ptr(),
+                              *absmax_pointers(w), K, w.blocksize, quant_type_code(w.quant_type),
+                              acc.data_ptr(), _stream(grad_y.device))
+    return acc.to(grad_y.dtype).reshape(*grad_y.shape[:-1], K)

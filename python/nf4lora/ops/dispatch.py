@@ -35,7 +35,6 @@ class DispatchPolicy:
     # CUDA: measured on an H200 (docs/decisions.md); not calibrated yet.
     cuda_gemv_max_rows: int = 3        # forward fused GEMV
     cuda_gemv_t_max_rows: int = 1      # transposed fused GEMV
-    cuda_tc_max_rows: int = 0          # tensor-core kernel: off (slower than dequantize + cuBLAS)
     calibration: Any = dataclasses.field(default=None, repr=False)  # ops.calibrate.Calibration
 
     def _choice(self, name: str):
@@ -84,7 +83,7 @@ class DispatchPolicy:
 
 
 _FORCEABLE = ("cpu_fused_max_rows", "cpu_fused_t_max_rows", "cpu_gemm_fp32", "cuda_gemv_max_rows",
-              "cuda_gemv_t_max_rows", "cuda_tc_max_rows")
+              "cuda_gemv_t_max_rows")
 
 
 def _check_names(choices) -> None:

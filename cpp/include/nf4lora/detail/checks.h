@@ -96,9 +96,9 @@ inline bool check_blockwise_8bit_args(const void* floats, const char* floats_nam
 }
 
 
-// matmul_4bit on the CPU and CUDA (matmul_4bit_t and _tc with their own sizes in the roles of
-// M, K, N): returns false when there is nothing to compute (M == 0 or N == 0; null pointers are
-// then allowed) and throws on anything invalid. With K == 0 the result is bias (or 0), so x and
+// matmul_4bit on the CPU and CUDA (matmul_4bit_t with its own sizes in the roles of M, K, N):
+// returns false when there is nothing to compute (M == 0 or N == 0; null pointers are then
+// allowed) and throws on anything invalid. With K == 0 the result is bias (or 0), so x and
 // packed may be null.
 inline bool check_matmul_4bit_args(const void* x, DType dtype, int64_t M, int64_t K,
                                    const void* packed, const AbsmaxSource& absmax, int64_t N,
