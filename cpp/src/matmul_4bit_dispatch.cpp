@@ -19,10 +19,11 @@ namespace {
 using namespace detail;
 
 // Rows of W are handed out in units of 8 (the SIMD kernels tile 4 rows), and a thread should
-// get at least 256 KiB of packed weight before another one is started: parallel_for starts a
-// std::thread per call (~10 us here), about the time the AVX-512 kernel takes for 100 KiB. At
-// 64 KiB, SmolLM2's 576x576 layer (162 KiB) took 30 us on 2 threads against 19 us on one
-// (`./build-dev/bench_matmul_4bit_small_m --threads 1|2 --shape 576 576`, M = 1).
+// get at least 256 KiB of packed weight before another one is started. Chosen when parallel_for
+// started a std::thread per call (~10 us here, about the time the AVX-512 kernel takes for
+// 100 KiB): at 64 KiB, SmolLM2's 576x576 layer (162 KiB) took 30 us on 2 threads against 19 us on
+// one (`./build-dev/bench_matmul_4bit_small_m --threads 1|2 --shape 576 576`, M = 1). Waking an
+// OpenMP worker costs less; the grain is kept until it is calibrated per machine.
 constexpr int64_t kRowUnit = 8;
 constexpr int64_t kGrainBytes = int64_t{1} << 18;
 
