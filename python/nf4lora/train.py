@@ -26,7 +26,7 @@ from torch import nn
 
 from . import data as D
 from .lora_io import _atomic_write
-from .plot import write_loss_png
+from .plot import describe_run, write_loss_png
 
 _CKPT_PREFIX = "checkpoint-"
 _STATE_FILE = "trainer_state.pt"
@@ -541,6 +541,6 @@ def _train(opts: TrainOptions, model: nn.Module, tokenizer: Any, on_step: Option
     if main:
         save_adapter(model, out / "adapter")
         os.replace(_atomic_write(out / "metrics.json", json.dumps(metrics, indent=1).encode()), out / "metrics.json")
-        note = write_loss_png(out / "loss.png", [h["loss"] for h in history])
+        note = write_loss_png(out / "loss.png", history, eval_before, eval_after, describe_run(opts))
         say(f"adapter (PEFT format): {out / 'adapter'}; metrics: {out / 'metrics.json'}; {note}")
     return metrics
