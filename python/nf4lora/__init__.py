@@ -18,6 +18,7 @@ from .lora_model import (TrainableParameters, active_adapter, adapter_config, ad
                          set_adapter, trainable_parameters, unmerge_adapter)
 from . import optim
 from .loading import load_model
+from .adapter_base import load_model_for_adapter
 
 __version__ = "0.1.0"
 
@@ -62,4 +63,5 @@ __all__ = [
     "unmerge_adapter",
     "optim",
     "load_model",
+    "load_model_for_adapter",
 ]

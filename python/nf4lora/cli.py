@@ -39,6 +39,11 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
     p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
     p.add_argument("--target-modules", default=d.target_modules, help="all-linear or comma-separated names")
+    p.add_argument("--init", choices=["kaiming", "gaussian", "loftq", "pissa"], default=d.init,
+                   help="adapter init; loftq / pissa start from the dense weights and change the base "
+                   "(generate / merge rebuild it from --model; the model must be dense, not a 4-bit checkpoint)")
+    p.add_argument("--loftq-iter", type=int, default=d.loftq_iter,
+                   help="LoftQ alternations of quantization and SVD (1 keeps the plain 4-bit base)")
     p.add_argument("--quantize", choices=["nf4", "fp4", "none"], default="nf4", help="none: bf16 base (plain LoRA)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="no bf16 autocast (fp32 compute)")
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -66,12 +71,11 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace, quantize: Optional[str] = "nf4"):
+    from .adapter_base import load_model_for_adapter
     from .loading import load_model
-    import nf4lora as nl
-    model, tok = load_model(args.model, quantize=quantize)
-    if getattr(args, "adapter", None):
-        model = nl.load_adapter(model, args.adapter)
-    return model, tok
+    if getattr(args, "adapter", None):  # a LoftQ / PiSSA adapter gets its own base rebuilt
+        return load_model_for_adapter(args.model, args.adapter, quantize=quantize)
+    return load_model(args.model, quantize=quantize)
 
 
 def _add_generate(sub: Any) -> None:

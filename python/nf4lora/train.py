@@ -57,6 +57,8 @@ class TrainOptions:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
     target_modules: str = "all-linear"     # or a comma-separated list of module names
+    init: str = "kaiming"                  # kaiming | gaussian | loftq | pissa (LoraConfig.init)
+    loftq_iter: int = 1                    # LoftQ's alternations (1: the plain 4-bit base, LoftQ adapters)
     quantize: Optional[str] = "nf4"        # nf4 | fp4 | None (bf16 base: plain LoRA)
     bf16: bool = True                      # bf16 autocast
     gradient_checkpointing: bool = False
@@ -83,20 +85,29 @@ class TrainOptions:
             raise ValueError(f"optim must be paged_adamw, paged_adamw_8bit or adamw, got {self.optim!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.init not in ("kaiming", "gaussian", "loftq", "pissa"):
+            raise ValueError(f"init must be kaiming, gaussian, loftq or pissa, got {self.init!r}")
         if self.warmup_steps < 0 or self.save_every < 0:
             raise ValueError("warmup_steps and save_every must be >= 0")
 
 
 # ---- the LoRA (issue 4) and optimizer (issue 5) interfaces: every call site is here -----------
 
-def _add_lora(model: nn.Module, opts: TrainOptions) -> nn.Module:
+def _lora_config(opts: TrainOptions) -> Any:
     import nf4lora as nl
     targets: Any = opts.target_modules
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
-    config = nl.LoraConfig(r=opts.r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
-                           target_modules=targets, task_type="CAUSAL_LM", base_model_name_or_path=opts.model)
-    return nl.get_lora_model(model, config)
+    return nl.LoraConfig(r=opts.r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
+                         target_modules=targets, task_type="CAUSAL_LM", base_model_name_or_path=opts.model,
+                         init=opts.init, loftq_iter=opts.loftq_iter)
+
+
+def _add_lora(model: nn.Module, opts: TrainOptions) -> nn.Module:
+    import nf4lora as nl
+    if nl.adapter_names(model):  # LoftQ / PiSSA: injected while loading (adapter_base.load_base_for_init)
+        return model
+    return nl.get_lora_model(model, _lora_config(opts))
 
 
 def _optimizer(params: list[nn.Parameter], opts: TrainOptions) -> torch.optim.Optimizer:
@@ -381,7 +392,11 @@ def finetune(opts: TrainOptions, model: Optional[nn.Module] = None, tokenizer: A
     if model is None:
         from .loading import load_model
         say(f"loading {opts.model or 'the default model (SmolLM2-135M-Instruct GGUF)'} ...")
-        model, tokenizer = load_model(opts.model, quantize=opts.quantize)
+        if opts.init in ("loftq", "pissa"):  # the adapters and the base come from the dense weights
+            from .adapter_base import load_base_for_init
+            model, tokenizer = load_base_for_init(opts.model, _lora_config(opts), opts.quantize)
+        else:
+            model, tokenizer = load_model(opts.model, quantize=opts.quantize)
     if tokenizer is None:
         raise ValueError("model: the source has no tokenizer (tokenizer.json / tokenizer_config.json)")
     max_pos = getattr(model.config, "max_position_embeddings", None)
