@@ -477,6 +477,23 @@ class PagedLion8bit(Lion):
         super().__init__(params, *args, optim_bits=optim_bits, paged=paged, **kwargs)
 
 
+def _parent_signature(cls: type) -> None:
+    """The variants above pass *args/**kwargs on to AdamW / Lion: their __init__ gets the parent's
+    real signature with the variant's own defaults (paged, optim_bits), so inspect.signature,
+    help() and editors show what they take (tests/test_signatures.py)."""
+    import inspect
+    own = {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
+           if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    sig = inspect.signature(cls.__mro__[1].__init__)
+    cls.__init__.__signature__ = sig.replace(parameters=[
+        p.replace(default=own.get(p.name, p.default)) for p in sig.parameters.values()])
+
+
+for _variant in (PagedAdamW, AdamW8bit, PagedAdamW8bit, PagedLion, Lion8bit, PagedLion8bit):
+    _parent_signature(_variant)
+del _variant
+
+
 def state_bytes_per_param(n: int, optim_bits: int, moments: int = 2) -> float:
     """Bytes of optimizer state per parameter for an n-element tensor (8-bit: codes + block
     absmax); ``moments`` = 2 for AdamW, 1 for Lion."""
