@@ -118,8 +118,12 @@ def _add_merge(sub: Any) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--adapter", required=True)
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--format", choices=["bf16", "nf4"], default="bf16",
-                   help="bf16: dense; nf4: 4-bit in bitsandbytes' format (transformers + bitsandbytes load it)")
+    p.add_argument("--format", choices=["bf16", "nf4", "gguf"], default="bf16",
+                   help="bf16: dense; nf4: 4-bit in bitsandbytes' format (transformers + bitsandbytes load it); "
+                   "gguf: one file for llama.cpp / Ollama (OUTPUT_DIR/model-<gguf-type>.gguf)")
+    p.add_argument("--gguf-type", choices=["f16", "bf16", "q8_0"], default="f16", help="tensor type of --format gguf")
+    p.add_argument("--gguf-metadata", default=None,
+                   help="GGUF whose metadata and tokenizer the export copies (default: --model when it is a GGUF)")
 
 
 def merge(model: nn.Module, tokenizer: Any, out: Path, fmt: str = "bf16") -> Path:
@@ -155,6 +159,17 @@ def merge(model: nn.Module, tokenizer: Any, out: Path, fmt: str = "bf16") -> Pat
 
 
 def _run_merge(args: argparse.Namespace) -> int:
+    if args.format == "gguf":
+        import nf4lora as nl
+        from .gguf_export import export_gguf, source_gguf
+        metadata = source_gguf(args.model, args.gguf_metadata)  # refuses a folder without one, before loading
+        model, _ = _load(args)
+        # folded in fp32 and rounded once, to the GGUF type (a bf16 merge first would cost f16 2 bits)
+        merged = nl.merge_and_unload(model, dtype=torch.float32)
+        path = export_gguf(merged, Path(args.output_dir) / f"model-{args.gguf_type}.gguf",
+                           metadata, args.gguf_type)
+        print(f"merged GGUF ({args.gguf_type}): {path}")
+        return 0
     model, tok = _load(args)
     out = merge(model, tok, Path(args.output_dir), args.format)
     print(f"merged checkpoint ({args.format}): {out}")
