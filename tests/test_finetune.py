@@ -3,6 +3,7 @@ the same logits; a run stopped by Ctrl-C or killed, then resumed, ends with the 
 adapter bit for bit; resuming with other options is refused with the differences; a failing
 checkpoint write leaves the previous one intact; 2 gloo processes (torchrun) give the 1-process
 adapter (the loss PNG: tests/test_plot.py)."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -149,3 +150,15 @@ def test_ddp_two_processes_match_one(tmp_path, tiny, jsonl):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+
+
+def test_resume_accepts_checkpoints_from_before_an_option_existed(tmp_path):
+    """A checkpoint written before `init` / `loftq_iter` existed resumes when they have their
+    defaults now, and is refused when they do not."""
+    opts = T.TrainOptions(output_dir=str(tmp_path))
+    saved = dataclasses.asdict(opts)
+    del saved["init"], saved["loftq_iter"]
+    (tmp_path / T._OPTIONS_FILE).write_text(json.dumps(saved))
+    T._check_resume_options(tmp_path, opts)
+    with pytest.raises(ValueError, match="init: checkpoint 'kaiming', now 'pissa'"):
+        T._check_resume_options(tmp_path, T.TrainOptions(output_dir=str(tmp_path), init="pissa"))

@@ -274,6 +274,9 @@ def find_checkpoint(resume: str, output_dir: str) -> Path:
 def _check_resume_options(path: Path, opts: TrainOptions) -> None:
     saved = json.loads((path / _OPTIONS_FILE).read_text())
     now = dataclasses.asdict(opts)
+    # options added after the checkpoint was written had their default then
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
+    saved = {**{k: defaults[k] for k in now if k not in saved and k in defaults}, **saved}
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
              if k not in _RESUME_FREE and saved.get(k) != now.get(k)]
     if diffs:
