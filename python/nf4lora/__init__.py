@@ -22,6 +22,15 @@ from .adapter_base import load_model_for_adapter
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # nf4lora.hf (the transformers quantizer) imports transformers: loaded on first use only
+    if name == "hf":
+        import importlib
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module 'nf4lora' has no attribute {name!r}")
+
+
 __all__ = [
     "BUILD_INFO",
     "Linear4bit",
