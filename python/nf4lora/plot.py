@@ -67,7 +67,8 @@ def loss_figure_png(history: Sequence[Union[float, Mapping[str, float]]],
                     label="held-out loss (before / after)" if name == "before" or not eval_before else None)
             ppl = f", ppl {ev['perplexity']:.1f}" if ev.get("perplexity") is not None else ""
             ax.annotate(f"held-out {name}: {v:.3f}{ppl}", (x, v), textcoords="offset points",
-                        xytext=(8 if ha == "left" else -8, 8), ha=ha, color=EVAL_COLOR, fontsize=9)
+                        xytext=(8 if ha == "left" else -8, 8), ha=ha, color=EVAL_COLOR, fontsize=9,
+                        bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85})
     ax.set_ylabel("loss (cross-entropy, nats/token)")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper right", fontsize=9)
