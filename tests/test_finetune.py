@@ -2,13 +2,12 @@
 the same logits; a run stopped by Ctrl-C or killed, then resumed, ends with the uninterrupted run's
 adapter bit for bit; resuming with other options is refused with the differences; a failing
 checkpoint write leaves the previous one intact; 2 gloo processes (torchrun) give the 1-process
-adapter; the loss PNG decodes to the drawn curve."""
+adapter (the loss PNG: tests/test_plot.py)."""
+import dataclasses
 import json
 import os
-import struct
 import subprocess
 import sys
-import zlib
 
 import pytest
 import torch
@@ -153,31 +152,13 @@ def test_ddp_two_processes_match_one(tmp_path, tiny, jsonl):
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
 
 
-def _decode_png(path):
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, idat, ihdr = 8, b"", None
-    while pos < len(data):
-        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        payload = data[pos + 8:pos + 8 + n]
-        assert struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(kind + payload)
-        if kind == b"IHDR":
-            ihdr = struct.unpack(">IIBBBBB", payload)
-        elif kind == b"IDAT":
-            idat += payload
-        pos += 12 + n
-    w, h = ihdr[:2]
-    raw = zlib.decompress(idat)
-    rows = [raw[r * (3 * w + 1) + 1:(r + 1) * (3 * w + 1)] for r in range(h)]
-    return w, h, rows
-
-
-def test_loss_png_draws_the_curve(tmp_path):
-    from nf4lora.train.plot import MARGIN, write_loss_png
-    write_loss_png(tmp_path / "l.png", [3.0, 2.0, 1.0])
-    w, h, rows = _decode_png(tmp_path / "l.png")
-    assert (w, h) == (640, 360)
-    px = lambda x, y: tuple(rows[y][3 * x:3 * x + 3])  # noqa: E731
-    assert px(MARGIN, MARGIN) != (255, 255, 255)            # first point: highest loss, top left
-    assert px(w - MARGIN, h - MARGIN) != (255, 255, 255)    # last point: lowest loss, bottom right
-    assert px(w - MARGIN - 1, MARGIN + 1) == (255, 255, 255)  # nothing drawn top right
+def test_resume_accepts_checkpoints_from_before_an_option_existed(tmp_path):
+    """A checkpoint written before `init` / `loftq_iter` existed resumes when they have their
+    defaults now, and is refused when they do not."""
+    opts = T.TrainOptions(output_dir=str(tmp_path))
+    saved = dataclasses.asdict(opts)
+    del saved["init"], saved["loftq_iter"]
+    (tmp_path / T._OPTIONS_FILE).write_text(json.dumps(saved))
+    T._check_resume_options(tmp_path, opts)
+    with pytest.raises(ValueError, match="init: checkpoint 'kaiming', now 'pissa'"):
+        T._check_resume_options(tmp_path, T.TrainOptions(output_dir=str(tmp_path), init="pissa"))

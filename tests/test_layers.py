@@ -20,6 +20,9 @@ ALLOWED = {
     "files": set(),
     "version": set(),
     "plan": set(),
+    # integrations with other libraries, on top of the public API (they may import nf4lora itself)
+    "hf": {"__init__", "ops", "quant", "lora", "loading"},
+    "peft_layers": {"__init__", "ops", "quant", "lora"},
     "quant": {"ops"},
     "optim": {"ops"},
     "lora": {"ops", "quant", "files"},
@@ -27,7 +30,7 @@ ALLOWED = {
     "train": {"ops", "quant", "lora", "optim", "loading", "files"},
     "cli": {"ops", "quant", "lora", "optim", "loading", "train", "files", "plan"},
     "__main__": {"cli"},
-    "__init__": {"ops", "quant", "lora", "optim", "loading", "train", "files", "cli", "version", "plan"},
+    "__init__": {"ops", "quant", "lora", "optim", "loading", "train", "files", "cli", "version", "plan", "hf"},
 }
 
 

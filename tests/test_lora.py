@@ -299,13 +299,30 @@ def test_merge_and_unload_gives_a_dense_model_with_the_same_outputs(quantize):
         nl.merge_and_unload(model)
 
 
-def test_merge_and_unload_casts_to_bf16():
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_merge_and_unload_keeps_the_dtype_unless_told(quantize):
+    """As PEFT's merge_and_unload: an fp32 model stays fp32 (its outputs to fp32 rounding);
+    dtype=torch.bfloat16 casts the whole model."""
+    model = Net()
+    nl.get_lora_model(model, LoraConfig(r=4, lora_alpha=8), quantize=quantize, compute_dtype=None)
+    randomize_adapters(model)
+    x = torch.randn(7, 64)
+    y = model(x)
+    nl.merge_and_unload(model)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    torch.testing.assert_close(model(x), y, rtol=1e-4, atol=1e-4 * y.abs().max().item())
+    peft = pytest.importorskip("peft", reason="the PEFT comparison needs peft")
+    ref = peft.get_peft_model(Net(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["up"]))
+    assert {p.dtype for p in ref.merge_and_unload().parameters()} == {torch.float32}
+
+
+def test_merge_and_unload_casts_when_given_a_dtype():
     model = Net()
     nl.get_lora_model(model, LoraConfig(r=4, lora_alpha=8), quantize="nf4")
     randomize_adapters(model)
     x = torch.randn(7, 64)
     y = model(x)
-    nl.merge_and_unload(model)
+    nl.merge_and_unload(model, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert (model(x.bfloat16()).float() - y).abs().max() < 0.05 * y.abs().max()
 

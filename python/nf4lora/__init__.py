@@ -14,12 +14,21 @@ from .lora import (LoftQResult, LoraConfig, LoraLinear, ModulesToSave, Trainable
                    merge_and_unload, pissa_init, read_adapter, save_adapter, set_adapter,
                    trainable_parameters, unmerge_adapter)
 from . import optim
-from .loading import load_model
-
+from .loading import load_model, load_model_for_adapter
 from .version import __version__  # noqa: F401  (nf4lora.__version__)
+
+
+def __getattr__(name: str):
+    # nf4lora.hf (the transformers quantizer) imports transformers: loaded on first use only
+    if name == "hf":
+        import importlib
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module 'nf4lora' has no attribute {name!r}")
+
 
 __all__ = [
     "BUILD_INFO",
+    "__version__",
     "Linear4bit",
     "QuantState",
     "active_cpu_variant",
@@ -59,5 +68,6 @@ __all__ = [
     "unmerge_adapter",
     "optim",
     "load_model",
+    "load_model_for_adapter",
     "ops",
 ]

@@ -39,6 +39,11 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
     p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
     p.add_argument("--target-modules", default=d.target_modules, help="all-linear or comma-separated names")
+    p.add_argument("--init", choices=["kaiming", "gaussian", "loftq", "pissa"], default=d.init,
+                   help="adapter init; loftq / pissa start from the dense weights and change the base "
+                   "(generate / merge rebuild it from --model; the model must be dense, not a 4-bit checkpoint)")
+    p.add_argument("--loftq-iter", type=int, default=d.loftq_iter,
+                   help="LoftQ alternations of quantization and SVD (1 keeps the plain 4-bit base)")
     p.add_argument("--quantize", choices=["nf4", "fp4", "none"], default="nf4", help="none: bf16 base (plain LoRA)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="no bf16 autocast (fp32 compute)")
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -68,12 +73,10 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace, quantize: Optional[str] = "nf4"):
-    from .loading import load_model
-    from .lora import load_adapter
-    model, tok = load_model(args.model, quantize=quantize)
-    if getattr(args, "adapter", None):
-        model = load_adapter(model, args.adapter)
-    return model, tok
+    from .loading import load_model, load_model_for_adapter
+    if getattr(args, "adapter", None):  # a LoftQ / PiSSA adapter gets its own base rebuilt
+        return load_model_for_adapter(args.model, args.adapter, quantize=quantize)
+    return load_model(args.model, quantize=quantize)
 
 
 def _add_generate(sub: Any) -> None:
@@ -116,8 +119,12 @@ def _add_merge(sub: Any) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--adapter", required=True)
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--format", choices=["bf16", "nf4"], default="bf16",
-                   help="bf16: dense; nf4: 4-bit in bitsandbytes' format (transformers + bitsandbytes load it)")
+    p.add_argument("--format", choices=["bf16", "nf4", "gguf"], default="bf16",
+                   help="bf16: dense; nf4: 4-bit in bitsandbytes' format (transformers + bitsandbytes load it); "
+                   "gguf: one file for llama.cpp / Ollama (OUTPUT_DIR/model-<gguf-type>.gguf)")
+    p.add_argument("--gguf-type", choices=["f16", "bf16", "q8_0"], default="f16", help="tensor type of --format gguf")
+    p.add_argument("--gguf-metadata", default=None,
+                   help="GGUF whose metadata and tokenizer the export copies (default: --model when it is a GGUF)")
 
 
 def merge(model: nn.Module, tokenizer: Any, out: Path, fmt: str = "bf16") -> Path:
@@ -154,6 +161,17 @@ def merge(model: nn.Module, tokenizer: Any, out: Path, fmt: str = "bf16") -> Pat
 
 
 def _run_merge(args: argparse.Namespace) -> int:
+    if args.format == "gguf":
+        from .loading.gguf_export import export_gguf, source_gguf
+        from .lora import merge_and_unload
+        metadata = source_gguf(args.model, args.gguf_metadata)  # refuses a folder without one, before loading
+        model, _ = _load(args)
+        # folded in fp32 and rounded once, to the GGUF type (a bf16 merge first would cost f16 2 bits)
+        merged = merge_and_unload(model, dtype=torch.float32)
+        path = export_gguf(merged, Path(args.output_dir) / f"model-{args.gguf_type}.gguf",
+                           metadata, args.gguf_type)
+        print(f"merged GGUF ({args.gguf_type}): {path}")
+        return 0
     model, tok = _load(args)
     out = merge(model, tok, Path(args.output_dir), args.format)
     print(f"merged checkpoint ({args.format}): {out}")

@@ -26,6 +26,9 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _CHECKSUM_KEY = "nf4lora_sha256"  # safetensors metadata; PEFT ignores it, we verify it when present
+# safetensors metadata of a LoftQ / PiSSA adapter: {"init", "loftq_iter"} of the base it was trained on
+# (adapter_config.json says init_lora_weights=true, so that PEFT does not redo the init on load)
+BASE_INIT_KEY = "nf4lora_base_init"
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -78,7 +81,10 @@ def save_adapter(model: nn.Module, save_directory: Union[str, os.PathLike],
     meta = dataclasses.replace(config, target_modules=targets, init="kaiming",
                                base_model_name_or_path=base_name).to_dict()
     from safetensors.torch import save as st_save
-    blob = st_save(tensors, metadata={"format": "pt", _CHECKSUM_KEY: _checksum(tensors)})
+    metadata = {"format": "pt", _CHECKSUM_KEY: _checksum(tensors)}
+    if config.init in ("loftq", "pissa"):  # the base it needs is rebuilt from this (adapter_base.py)
+        metadata[BASE_INIT_KEY] = json.dumps({"init": config.init, "loftq_iter": config.loftq_iter})
+    blob = st_save(tensors, metadata=metadata)
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp_weights = write_temp(directory / WEIGHTS_NAME, blob)

@@ -485,11 +485,12 @@ def unmerge_adapter(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = torch.bfloat16) -> nn.Module:
+def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Returns the model (changed in place) as plain nn.Linear layers: 4-bit bases dequantized
     (also those without an adapter), the active adapter folded in (in fp32, rounded once),
-    modules_to_save replaced by their trained copy, the LoRA bookkeeping removed. With `dtype`
-    the whole model is cast to it (so it runs as one dtype); dtype=None keeps each layer's."""
+    modules_to_save replaced by their trained copy, the LoRA bookkeeping removed. By default
+    each layer keeps its dtype (a 4-bit base its original one), as PEFT's merge_and_unload does;
+    with `dtype` the whole model is cast to it (so it runs as one dtype)."""
     if dtype is not None and not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
     _adapters(model)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 from ..ops import optim as native
-from .base import MIN_8BIT_SIZE, FusedOptimizer, check_types
+from .base import MIN_8BIT_SIZE, FusedOptimizer, check_types, with_parent_signature
 
 
 def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
@@ -45,6 +45,7 @@ class AdamW(FusedOptimizer):
                 float(group["weight_decay"]), int(state["step"]))
 
 
+@with_parent_signature
 class PagedAdamW(AdamW):
     """AdamW with paged state (``paged=True``); ``optim_bits=32`` or ``8``. Takes AdamW's arguments."""
 
@@ -52,6 +53,7 @@ class PagedAdamW(AdamW):
         super().__init__(params, *args, paged=paged, **kwargs)
 
 
+@with_parent_signature
 class AdamW8bit(AdamW):
     """AdamW with bitsandbytes-format 8-bit blockwise state (``optim_bits=8``). Takes AdamW's arguments."""
 
@@ -59,6 +61,7 @@ class AdamW8bit(AdamW):
         super().__init__(params, *args, optim_bits=optim_bits, **kwargs)
 
 
+@with_parent_signature
 class PagedAdamW8bit(AdamW):
     """AdamW with paged 8-bit blockwise state (``optim_bits=8, paged=True``). Takes AdamW's arguments."""
 

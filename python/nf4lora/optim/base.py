@@ -19,6 +19,7 @@ Tested by tests/test_optim.py and tests/test_optim_lion.py.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections import defaultdict
@@ -276,6 +277,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Bytes of optimizer state held now (all params)."""
         return sum(t.numel() * t.element_size() for s in self.state.values()
                    for t in s.values() if isinstance(t, Tensor))
+
+
+def with_parent_signature(cls: type) -> type:
+    """For a variant that passes *args/**kwargs on to AdamW / Lion (PagedAdamW, AdamW8bit, ...):
+    its __init__ gets the parent's real signature with the variant's own defaults (paged,
+    optim_bits), so inspect.signature, help() and editors show what it takes
+    (tests/test_signatures.py)."""
+    own = {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
+           if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    sig = inspect.signature(cls.__mro__[1].__init__)
+    cls.__init__.__signature__ = sig.replace(parameters=[
+        p.replace(default=own.get(p.name, p.default)) for p in sig.parameters.values()])
+    return cls
 
 
 def state_bytes_per_param(n: int, optim_bits: int, moments: int = 2) -> float:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 from ..ops import optim as native
-from .base import MIN_8BIT_SIZE, FusedOptimizer, check_types
+from .base import MIN_8BIT_SIZE, FusedOptimizer, check_types, with_parent_signature
 
 
 def _check_hyper(lr: Any, betas: Any, weight_decay: Any) -> None:
@@ -44,6 +44,7 @@ class Lion(FusedOptimizer):
         return float(group["lr"]), float(beta1), float(beta2), float(group["weight_decay"])
 
 
+@with_parent_signature
 class PagedLion(Lion):
     """Lion with paged state (``paged=True``); ``optim_bits=32`` or ``8``. Takes Lion's arguments."""
 
@@ -51,6 +52,7 @@ class PagedLion(Lion):
         super().__init__(params, *args, paged=paged, **kwargs)
 
 
+@with_parent_signature
 class Lion8bit(Lion):
     """Lion with bitsandbytes-format 8-bit blockwise momentum (``optim_bits=8``)."""
 
@@ -58,6 +60,7 @@ class Lion8bit(Lion):
         super().__init__(params, *args, optim_bits=optim_bits, **kwargs)
 
 
+@with_parent_signature
 class PagedLion8bit(Lion):
     """Lion with paged 8-bit blockwise momentum (``optim_bits=8, paged=True``)."""
 

@@ -28,8 +28,8 @@ from torch import nn
 from . import data as D
 from .. import lora
 from ..files import fsync_tree, write_atomic
-from ..lora import LoraConfig, get_lora_model
-from .plot import write_loss_png
+from ..lora import LoraConfig, adapter_names, get_lora_model
+from .plot import describe_run, write_loss_png
 
 _CKPT_PREFIX = "checkpoint-"
 _STATE_FILE = "trainer_state.pt"
@@ -60,6 +60,8 @@ class TrainOptions:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
     target_modules: str = "all-linear"     # or a comma-separated list of module names
+    init: str = "kaiming"                  # kaiming | gaussian | loftq | pissa (LoraConfig.init)
+    loftq_iter: int = 1                    # LoftQ's alternations (1: the plain 4-bit base, LoftQ adapters)
     quantize: Optional[str] = "nf4"        # nf4 | fp4 | None (bf16 base: plain LoRA)
     bf16: bool = True                      # bf16 autocast
     gradient_checkpointing: bool = False
@@ -87,19 +89,27 @@ class TrainOptions:
             raise ValueError(f"optim must be paged_adamw, paged_adamw_8bit or adamw, got {self.optim!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.init not in ("kaiming", "gaussian", "loftq", "pissa"):
+            raise ValueError(f"init must be kaiming, gaussian, loftq or pissa, got {self.init!r}")
         if self.warmup_steps < 0 or self.save_every < 0:
             raise ValueError("warmup_steps and save_every must be >= 0")
 
 
 # ---- the LoRA and optimizer interfaces: every call site is here ------------------------------
 
-def _add_lora(model: nn.Module, opts: TrainOptions) -> nn.Module:
+def _lora_config(opts: TrainOptions) -> Any:
     targets: Any = opts.target_modules
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
-    config = LoraConfig(r=opts.r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
-                        target_modules=targets, task_type="CAUSAL_LM", base_model_name_or_path=opts.model)
-    return get_lora_model(model, config)
+    return LoraConfig(r=opts.r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM", base_model_name_or_path=opts.model,
+                      init=opts.init, loftq_iter=opts.loftq_iter)
+
+
+def _add_lora(model: nn.Module, opts: TrainOptions) -> nn.Module:
+    if adapter_names(model):  # LoftQ / PiSSA: injected while loading (loading/adapter_base.py)
+        return model
+    return get_lora_model(model, _lora_config(opts))
 
 
 def _optimizer(params: list[nn.Parameter], opts: TrainOptions) -> torch.optim.Optimizer:
@@ -262,6 +272,9 @@ def find_checkpoint(resume: str, output_dir: str) -> Path:
 def _check_resume_options(path: Path, opts: TrainOptions) -> None:
     saved = json.loads((path / _OPTIONS_FILE).read_text())
     now = dataclasses.asdict(opts)
+    # options added after the checkpoint was written had their default then
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
+    saved = {**{k: defaults[k] for k in now if k not in saved and k in defaults}, **saved}
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
              if k not in _RESUME_FREE and saved.get(k) != now.get(k)]
     if diffs:
@@ -383,7 +396,11 @@ def finetune(opts: TrainOptions, model: Optional[nn.Module] = None, tokenizer: A
     if model is None:
         from ..loading import load_model
         say(f"loading {opts.model or 'the default model (SmolLM2-135M-Instruct GGUF)'} ...")
-        model, tokenizer = load_model(opts.model, quantize=opts.quantize)
+        if opts.init in ("loftq", "pissa"):  # the adapters and the base come from the dense weights
+            from ..loading.adapter_base import load_base_for_init
+            model, tokenizer = load_base_for_init(opts.model, _lora_config(opts), opts.quantize)
+        else:
+            model, tokenizer = load_model(opts.model, quantize=opts.quantize)
     if tokenizer is None:
         raise ValueError("model: the source has no tokenizer (tokenizer.json / tokenizer_config.json)")
     max_pos = getattr(model.config, "max_position_embeddings", None)
@@ -572,6 +589,6 @@ def _train(opts: TrainOptions, model: nn.Module, tokenizer: Any, on_step: Option
         save_adapter(model, out / "adapter")
     if main:
         write_atomic(out / "metrics.json", json.dumps(metrics, indent=1).encode())
-        note = write_loss_png(out / "loss.png", [h["loss"] for h in history])
+        note = write_loss_png(out / "loss.png", history, eval_before, eval_after, describe_run(opts))
         say(f"adapter (PEFT format): {out / 'adapter'}; metrics: {out / 'metrics.json'}; {note}")
     return metrics

@@ -1,70 +1,102 @@
-"""write_loss_png: the training-loss curve as a PNG, drawn and encoded here (zlib + struct, the
-PNG spec's IHDR/IDAT/IEND chunks), so the runtime needs no matplotlib. A plain chart: axes, a
-light grid at 4 divisions, the raw loss in grey and a moving average in blue; the numbers are in
-metrics.json. Tested by tests/test_finetune.py (decodes the file and checks the curve's pixels)."""
+"""write_loss_png: the fine-tune's loss curve as a PNG drawn by matplotlib (an optional dependency:
+the `demo` and `test` extras). Top panel: train loss per optimizer step and the held-out loss before
+(step 0) and after (last step), each marked and labelled with its value; bottom panel: the learning
+rate. Without matplotlib nothing is drawn and the note says how to get the plot; the numbers are in
+metrics.json either way. Tested by tests/test_plot.py (size, not blank, the curve's colour present)."""
 from __future__ import annotations
 
-import struct
-import zlib
+import io
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from ..files import write_atomic
 
-WIDTH, HEIGHT, MARGIN = 640, 360, 30
+WIDTH, HEIGHT, DPI = 960, 600, 100          # pixels of the written PNG
+TRAIN_COLOR, EVAL_COLOR, LR_COLOR = "#1f5ac8", "#d62728", "#2ca02c"
+NO_MATPLOTLIB = ("loss curve not drawn: matplotlib is not installed "
+                 "(pip install matplotlib, or pip install 'nf4lora[demo]'); the numbers are in metrics.json")
 
 
-def _chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+def describe_run(opts: Any) -> str:
+    """The plot title for a TrainOptions: model, data, run folder and the main hyperparameters."""
+    model = Path(opts.model).name if opts.model else "SmolLM2-135M-Instruct (GGUF)"
+    data = Path(opts.data).name if opts.data else "pydoc topics"
+    base = opts.quantize.upper() if opts.quantize else "bf16"
+    return (f"{model} on {data}: run {opts.output_dir}\n"
+            f"{base} base, LoRA r={opts.r}, batch {opts.batch_size}, peak lr {opts.lr:g}, {opts.schedule}")
 
 
-def encode_png(pixels: list[bytearray], width: int, height: int) -> bytes:
-    """8-bit RGB rows (each width*3 bytes) -> PNG bytes (filter 0 on every row)."""
-    raw = b"".join(b"\x00" + bytes(row) for row in pixels)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b""))
+def _points(history: Sequence[Union[float, Mapping[str, float]]]) -> tuple[list[int], list[float], list[float]]:
+    steps, losses, lrs = [], [], []
+    for i, h in enumerate(history):
+        if isinstance(h, Mapping):
+            steps.append(int(h.get("step", i + 1)))
+            losses.append(float(h["loss"]))
+            if "lr" in h:
+                lrs.append(float(h["lr"]))
+        else:
+            steps.append(i + 1)
+            losses.append(float(h))
+    return steps, losses, lrs if len(lrs) == len(steps) else []
 
 
-def _line(img: list[bytearray], x0: int, y0: int, x1: int, y1: int, rgb: tuple[int, int, int]) -> None:
-    n = max(abs(x1 - x0), abs(y1 - y0), 1)
-    for i in range(n + 1):
-        x = round(x0 + (x1 - x0) * i / n)
-        y = round(y0 + (y1 - y0) * i / n)
-        if 0 <= x < WIDTH and 0 <= y < HEIGHT:
-            img[y][3 * x:3 * x + 3] = bytes(rgb)
+def loss_figure_png(history: Sequence[Union[float, Mapping[str, float]]],
+                    eval_before: Optional[Mapping[str, float]] = None,
+                    eval_after: Optional[Mapping[str, float]] = None, title: str = "") -> bytes:
+    """The PNG bytes (WIDTH x HEIGHT). history: per-step dicts {"step", "loss", "lr"} (as in
+    metrics.json) or plain losses. Raises ImportError without matplotlib."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    steps, losses, lrs = _points(history)
+    fig = Figure(figsize=(WIDTH / DPI, HEIGHT / DPI), dpi=DPI)
+    FigureCanvasAgg(fig)
+    if lrs:
+        ax, ax_lr = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    else:
+        ax, ax_lr = fig.subplots(1, 1), None
+    ax.plot(steps, losses, color=TRAIN_COLOR, marker="o" if len(steps) <= 60 else None, markersize=3,
+            linewidth=1.5, label="train loss (per step)")
+    last = steps[-1] if steps else 1
+    for ev, x, name, ha in ((eval_before, 0, "before", "left"), (eval_after, last, "after", "right")):
+        if ev and ev.get("loss") is not None:
+            v = float(ev["loss"])
+            ax.plot([x], [v], linestyle="none", marker="D", markersize=8, color=EVAL_COLOR,
+                    label="held-out loss (before / after)" if name == "before" or not eval_before else None)
+            ppl = f", ppl {ev['perplexity']:.1f}" if ev.get("perplexity") is not None else ""
+            ax.annotate(f"held-out {name}: {v:.3f}{ppl}", (x, v), textcoords="offset points",
+                        xytext=(8 if ha == "left" else -8, 8), ha=ha, color=EVAL_COLOR, fontsize=9,
+                        bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85})
+    ax.set_ylabel("loss (cross-entropy, nats/token)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper right", fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if ax_lr is not None:
+        ax_lr.plot(steps, lrs, color=LR_COLOR, linewidth=1.5)
+        ax_lr.set_ylabel("learning rate")
+        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        ax_lr.grid(True, alpha=0.3)
+        ax_lr.set_xlabel("optimizer step")
+    else:
+        ax.set_xlabel("optimizer step")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    return buf.getvalue()
 
 
-def loss_image(losses: Sequence[float]) -> list[bytearray]:
-    img = [bytearray(b"\xff" * (WIDTH * 3)) for _ in range(HEIGHT)]
-    left, right, top, bottom = MARGIN, WIDTH - MARGIN, MARGIN, HEIGHT - MARGIN
-    for k in range(1, 4):
-        y = top + (bottom - top) * k // 4
-        x = left + (right - left) * k // 4
-        _line(img, left, y, right, y, (225, 225, 225))
-        _line(img, x, top, x, bottom, (225, 225, 225))
-    _line(img, left, bottom, right, bottom, (0, 0, 0))
-    _line(img, left, top, left, bottom, (0, 0, 0))
-    finite = [v for v in losses if v == v and abs(v) != float("inf")]
-    if not finite:
-        return img
-    lo, hi = min(finite), max(finite)
-    hi = hi if hi > lo else lo + 1.0
-
-    def xy(i: int, v: float) -> tuple[int, int]:
-        x = left + (right - left) * i // max(1, len(losses) - 1)
-        return x, round(bottom - (bottom - top) * (v - lo) / (hi - lo))
-
-    window = max(1, len(losses) // 20)
-    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
-              for i in range(len(losses))]
-    for series, rgb in ((losses, (170, 170, 170)), (smooth, (31, 90, 200))):
-        points = [xy(i, v) for i, v in enumerate(series)]
-        for (x0, y0), (x1, y1) in zip(points, points[1:] or points):
-            _line(img, x0, y0, x1, y1, rgb)
-    return img
-
-
-def write_loss_png(path: Path, losses: Sequence[float]) -> str:
-    """Writes the curve atomically; returns a one-line note for the log."""
-    write_atomic(path, encode_png(loss_image(losses), WIDTH, HEIGHT))
+def write_loss_png(path: Path, history: Sequence[Union[float, Mapping[str, float]]],
+                   eval_before: Optional[Mapping[str, float]] = None,
+                   eval_after: Optional[Mapping[str, float]] = None, title: str = "") -> str:
+    """Draws the curve and writes it atomically; returns a one-line note for the log (without
+    matplotlib: writes nothing and says how to get the plot)."""
+    try:
+        png = loss_figure_png(history, eval_before, eval_after, title)
+    except ImportError:
+        return NO_MATPLOTLIB
+    path = Path(path)
+    write_atomic(path, png)
     return f"loss curve: {path}"

@@ -1,0 +1,83 @@
+"""nf4lora.hf: from_pretrained(..., quantization_config=NF4Config()) through transformers' quantizer
+registry gives nf4lora Linear4bit layers with the codes and logits of nl.load_model; save_pretrained
+writes a checkpoint that transformers + bitsandbytes loads (bitsandbytes Linear4bit, the same
+dequantized weights, logits to 1e-4 in fp32) and nl.load_model reads back bit for bit; `import
+nf4lora` does not import transformers."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import nf4lora as nl
+
+from .tiny_lm import save_tiny_model
+
+transformers = pytest.importorskip("transformers", reason="the integration is for transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).logits.float()
+
+
+def test_import_nf4lora_does_not_import_transformers():
+    code = "import sys, nf4lora; assert 'transformers' not in sys.modules; nf4lora.hf.NF4Config; " \
+           "assert 'transformers' in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_from_pretrained_gives_load_models_codes_and_logits(tiny):
+    from nf4lora.hf import NF4Config
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.bfloat16,
+                                                             quantization_config=NF4Config())
+    ref, _ = nl.load_model(tiny)
+    layers = {n: m for n, m in ours.named_modules() if isinstance(m, nl.Linear4bit)}
+    assert len(layers) == 14 and not isinstance(ours.lm_head, nl.Linear4bit)
+    sd, ref_sd = ours.state_dict(), ref.state_dict()
+    assert sd.keys() == ref_sd.keys()
+    for k in sd:
+        assert torch.equal(sd[k], ref_sd[k]), k
+    x = torch.randint(0, 259, (2, 10))
+    assert torch.equal(_logits(ours, x), _logits(ref, x))
+
+
+def test_save_pretrained_loads_in_bitsandbytes_and_nf4lora(tiny, tmp_path):
+    from nf4lora.hf import NF4Config
+    bnb = pytest.importorskip("bitsandbytes", reason="the saved checkpoint is checked in transformers + bitsandbytes")
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32,
+                                                             quantization_config=NF4Config(compute_dtype=None))
+    ours.save_pretrained(tmp_path / "q")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu", dtype=torch.float32)
+    mods = dict(theirs.named_modules())
+    import bitsandbytes.functional as F
+    for name, m in ours.named_modules():
+        if isinstance(m, nl.Linear4bit):
+            t = mods[name]
+            assert isinstance(t, bnb.nn.Linear4bit), name
+            assert torch.equal(m.dequantize(), F.dequantize_4bit(t.weight.data, t.weight.quant_state)), name
+    x = torch.randint(0, 259, (2, 10))
+    a = _logits(ours, x)
+    # bitsandbytes 0.50's CPU inference path (eval mode) is off by ~2e-3 from its own dequantized
+    # weight; its train-mode path (dequantize + matmul, as tests/test_bnb_checkpoint.py uses) is exact
+    theirs.train()
+    assert torch.allclose(a, _logits(theirs, x), rtol=1e-4, atol=1e-4)
+    back, _ = nl.load_model(tmp_path / "q", compute_dtype=torch.float32)
+    sd = back.state_dict()
+    for k, v in ours.state_dict().items():
+        assert torch.equal(sd[k], v), k
+
+
+def test_bad_config():
+    from nf4lora.hf import NF4Config
+    with pytest.raises(ValueError, match="quant_type"):
+        NF4Config(quant_type="int4")
+    with pytest.raises(ValueError, match="blocksize"):
+        NF4Config(blocksize=128)
+    with pytest.raises(TypeError, match="compute_dtype"):
+        NF4Config(compute_dtype=torch.int8)
