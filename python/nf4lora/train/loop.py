@@ -2,8 +2,9 @@
 with gradient accumulation, bf16 autocast, optional gradient checkpointing, a warmup + cosine /
 linear / constant schedule, paged AdamW, eval loss/perplexity before and after, atomic checkpoints
 (adapter + optimizer + scheduler + RNG + data position) with an exact --resume, Ctrl-C -> final
-checkpoint, DDP over torch.distributed (gloo on CPUs) or FSDP2 with --fsdp (nf4lora.train.fsdp: the 4-bit
-base, adapters and optimizer state sharded, DCP checkpoints), metrics.json and a loss-curve PNG.
+checkpoint, DDP over torch.distributed (gloo on CPUs, NCCL on CUDA; --device, train/device.py)
+or FSDP2 with --fsdp (nf4lora.train.fsdp: the 4-bit base, adapters and optimizer state sharded,
+DCP checkpoints), metrics.json and a loss-curve PNG.
 Tested by tests/test_finetune.py (save/reload logits, kill + resume == uninterrupted, 2-process DDP
 == 1 process)."""
 from __future__ import annotations
@@ -35,7 +36,8 @@ from .plot import write_loss_png
 _CKPT_PREFIX = "checkpoint-"
 _STATE_FILE = "trainer_state.pt"
 _OPTIONS_FILE = "options.json"
-# Options that do not change what a run computes: a resume may differ in these.
+# Options that do not change what a run computes: a resume may differ in these (device: only in
+# rounding; resuming a checkpoint on another device is what its device-independent form is for).
 _RESUME_FREE = ("output_dir", "resume", "save_every", "log_every", "quiet", "device")
 
 
