@@ -103,3 +103,14 @@ def test_move_model_keeps_the_4bit_weight():
         for k, v in tensors().items():
             v.copy_(saved[k])
         assert torch.equal(m(x), before)
+
+
+def test_finetune_refuses_one_gpu_for_several_processes(tmp_path, monkeypatch, fake_gpus):
+    """Under torchrun every process would take the same cuda:N (NCCL fails on that much later): the
+    trainer says so before it starts a process group or loads anything."""
+    from nf4lora.train import loop as T
+    fake_gpus(2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="device cuda:1: with several processes use --device cuda or auto"):
+        T.finetune(T.TrainOptions(output_dir=str(tmp_path / "o"), device="cuda:1", quiet=True))
+    assert not (tmp_path / "o").exists()
