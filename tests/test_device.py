@@ -114,3 +114,33 @@ def test_finetune_refuses_one_gpu_for_several_processes(tmp_path, monkeypatch, f
     with pytest.raises(ValueError, match="device cuda:1: with several processes use --device cuda or auto"):
         T.finetune(T.TrainOptions(output_dir=str(tmp_path / "o"), device="cuda:1", quiet=True))
     assert not (tmp_path / "o").exists()
+
+
+def test_load_model_builds_on_the_device(tmp_path, monkeypatch):
+    """load_model(device=...) moves each tensor there as it is read and casts or quantizes it there:
+    on the meta device every parameter and buffer ends on meta with the CPU load's dtype and shape
+    (the 4-bit codes and 8-bit scales come out of quantize_4bit on meta), so nothing of the model
+    was kept on the CPU; device="cpu" is the default load, bit for bit."""
+    import nf4lora as nl
+    from .tiny_lm import save_tiny_model
+    path = save_tiny_model(tmp_path)
+
+    def tensors(model):
+        return dict(list(model.named_parameters()) + list(model.named_buffers()))
+
+    ref = tensors(nl.load_model(path)[0])
+    from nf4lora.loading import models as M
+    seen = []
+
+    def spy(t, *a, **kw):  # each weight reaches the quantizer already on the device, one at a time
+        seen.append(t.device.type)
+        return nl.quantize_4bit(t, *a, **kw)
+
+    monkeypatch.setattr(M, "quantize_4bit", spy)
+    meta = tensors(nl.load_model(path, device="meta")[0])
+    assert seen and set(seen) == {"meta"}
+    assert meta.keys() == ref.keys() and any(isinstance(m, nl.Linear4bit) for m in nl.load_model(path)[0].modules())
+    for k, v in meta.items():
+        assert v.device.type == "meta" and v.dtype == ref[k].dtype and v.shape == ref[k].shape, k
+    cpu = tensors(nl.load_model(path, device="cpu")[0])
+    assert all(torch.equal(cpu[k], ref[k]) for k in ref)

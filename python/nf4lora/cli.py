@@ -79,15 +79,15 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace, quantize: Optional[str] = "nf4"):
-    """(model, tokenizer) from --model and --adapter, on --device (loaded on the CPU, then moved)."""
+    """(model, tokenizer) from --model and --adapter, built on --device tensor by tensor."""
     from .loading import load_model
     from .lora import load_adapter
     from .train.device import move_model
     device = _device(args)  # a device that is not there fails before the load
-    model, tok = load_model(args.model, quantize=quantize)
+    model, tok = load_model(args.model, quantize=quantize, device=device)
     if getattr(args, "adapter", None):
         model = load_adapter(model, args.adapter)
-    return move_model(model, device), tok
+    return move_model(model, device), tok  # the adapter, wherever load_adapter made it
 
 
 def _add_generate(sub: Any) -> None:

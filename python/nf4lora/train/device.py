@@ -68,8 +68,9 @@ def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[s
 
 
 def move_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """The loaded model moved to `device` (4-bit layers keep their codes and scales bit for bit);
-    nothing moves when it is there already."""
+    """A model built elsewhere (a caller's, or adapters load_adapter made on the CPU) moved to `device`
+    (4-bit layers keep their codes and scales bit for bit); nothing moves when all of it is there.
+    load_model(device=...) builds on the device directly."""
     if any(t.device != device for t in _tensors(model)):
         model.to(device)
     return model

@@ -401,10 +401,10 @@ def finetune(opts: TrainOptions, model: Optional[nn.Module] = None, tokenizer: A
     if model is None:
         from ..loading import load_model
         say(f"loading {opts.model or 'the default model (SmolLM2-135M-Instruct GGUF)'} ...")
-        model, tokenizer = load_model(opts.model, quantize=opts.quantize)
+        model, tokenizer = load_model(opts.model, quantize=opts.quantize, device=device)
     if tokenizer is None:
         raise ValueError("model: the source has no tokenizer (tokenizer.json / tokenizer_config.json)")
-    model = DV.move_model(model, device)  # loaded on the CPU tensor by tensor, then moved whole
+    model = DV.move_model(model, device)  # a model given by the caller; load_model built it there
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and opts.seq_len > max_pos:
         raise ValueError(f"seq_len {opts.seq_len} is larger than the model's {max_pos} positions")
