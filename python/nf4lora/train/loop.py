@@ -93,8 +93,7 @@ class TrainOptions:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.warmup_steps < 0 or self.save_every < 0:
             raise ValueError("warmup_steps and save_every must be >= 0")
-        from .device import check_spec
-        check_spec(self.device)
+        DV.check_spec(self.device)
 
 
 # ---- the LoRA and optimizer interfaces: every call site is here ------------------------------
