@@ -116,3 +116,56 @@ def test_inspect_totals(tiny, capsys):
     assert main(["inspect", "--model", str(tiny)]) == 0
     text = capsys.readouterr().out
     assert "q_proj" in text and "bf16 would need" in text
+
+
+def test_device_flag_on_the_cpu(tmp_path, trained, capsys):
+    """--device cpu is what the default does on this machine; a malformed device and a GPU that is
+    not there end with exit status 2 and say why, before anything is loaded."""
+    tiny, out = trained
+    gen = ["generate", "say 3", "--model", str(tiny), "--adapter", str(out / "adapter"), "--max-new-tokens", "8"]
+    assert main(gen) == 0
+    default = capsys.readouterr().out
+    assert main(gen + ["--device", "cpu"]) == 0
+    assert capsys.readouterr().out == default
+    assert main(["inspect", "--model", str(tiny), "--json", "--device", "cpu"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["device"] == "cpu" and "device_allocated_bytes" not in rep
+    assert main(["finetune", "--model", str(tiny), "--output-dir", str(tmp_path / "o"), "--device", "gpu",
+                 "--quiet"]) == 2
+    assert "device must be auto, cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        for cmd in (["finetune", "--output-dir", str(tmp_path / "o"), "--quiet"], ["merge", "--adapter",
+                    str(out / "adapter"), "--output-dir", str(tmp_path / "m")], ["inspect"], gen[:2]):
+            assert main(cmd + ["--model", str(tiny), "--device", "cuda:0"]) == 2, cmd
+            assert "device cuda:0: torch sees no CUDA GPU" in capsys.readouterr().err, cmd
+        assert not (tmp_path / "m").exists() and not (tmp_path / "o").exists()
+
+
+HAS_GPU = torch.cuda.is_available() and nl.has_cuda()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and an nf4lora build with CUDA kernels "
+                    f"(torch.cuda.is_available()={torch.cuda.is_available()}, nf4lora.has_cuda()={nl.has_cuda()})")
+def test_generate_merge_inspect_on_cuda(tmp_path, trained, capsys):
+    """generate runs on the GPU; inspect reports the GPU's bytes (at least the 4-bit base); merge
+    computes there and writes CPU tensors whose model gives the CPU merge's logits (to bf16 rounding)."""
+    tiny, out = trained
+    assert main(["generate", "say 3", "--model", str(tiny), "--adapter", str(out / "adapter"),
+                 "--max-new-tokens", "8", "--device", "cuda"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["inspect", "--model", str(tiny), "--json", "--device", "cuda"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["device"].startswith("cuda") and rep["device_allocated_bytes"] >= rep["base_bytes"]
+    x = torch.randint(0, 259, (2, 10))
+    logits = {}
+    for dev in ("cpu", "cuda"):
+        for fmt in ("bf16", "nf4"):
+            d = tmp_path / f"{dev}-{fmt}"
+            assert main(["merge", "--model", str(tiny), "--adapter", str(out / "adapter"), "--output-dir", str(d),
+                         "--format", fmt, "--device", dev]) == 0
+            with torch.no_grad():
+                logits[dev, fmt] = load_model(d, quantize="nf4" if fmt == "nf4" else None)[0].eval()(x).logits.float()
+    for fmt in ("bf16", "nf4"):
+        ref = logits["cpu", fmt]
+        assert (logits["cuda", fmt] - ref).abs().max() <= 2e-2 * ref.abs().max(), fmt

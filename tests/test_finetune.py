@@ -162,3 +162,82 @@ def test_resume_accepts_checkpoints_from_before_an_option_existed(tmp_path):
     T._check_resume_options(tmp_path, opts)
     with pytest.raises(ValueError, match="init: checkpoint 'kaiming', now 'pissa'"):
         T._check_resume_options(tmp_path, T.TrainOptions(output_dir=str(tmp_path), init="pissa"))
+
+
+HAS_GPU = torch.cuda.is_available() and nl.has_cuda()
+needs_gpu = pytest.mark.skipif(
+    not HAS_GPU, reason="needs a CUDA GPU and an nf4lora build with CUDA kernels "
+    f"(torch.cuda.is_available()={torch.cuda.is_available()}, nf4lora.has_cuda()={nl.has_cuda()})")
+
+
+def _metrics(m):
+    return m["history"], m["eval_before"], m["eval_after"]
+
+
+@pytest.mark.skipif(HAS_GPU, reason="auto means CUDA on this machine (compared with the CPU in test_cuda_*)")
+def test_device_auto_is_the_cpu_path_here(tmp_path, tiny, jsonl):
+    """Without a usable GPU, --device auto is --device cpu: the same losses and adapter, bit for bit."""
+    a = T.finetune(_opts(tiny, jsonl, tmp_path / "auto", steps=3, device="auto"))
+    c = T.finetune(_opts(tiny, jsonl, tmp_path / "cpu", steps=3, device="cpu"))
+    assert _metrics(a) == _metrics(c)
+    _same(_adapter(tmp_path / "auto"), _adapter(tmp_path / "cpu"))
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+        T.finetune(_opts(tiny, jsonl, tmp_path / "bad", device="gpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device cuda: torch sees no CUDA GPU"):
+            T.finetune(_opts(tiny, jsonl, tmp_path / "bad", device="cuda"))
+
+
+def _as_if_saved_on(path, location, cuda_rng):
+    """Rewrites a trainer_state.pt as a run on `location` (e.g. cuda:0) would have written it: every
+    tensor's storage tagged with that device (torch.save's location tags), and a CUDA RNG state."""
+    state = torch.load(path, weights_only=True)
+    for r in state["rng"]:
+        r["cuda"] = cuda_rng
+    real = torch.serialization.location_tag
+    try:
+        torch.serialization.location_tag = lambda storage: location
+        torch.save(state, path)
+    finally:
+        torch.serialization.location_tag = real
+
+
+def test_resume_across_a_simulated_device_change(tmp_path, tiny, jsonl):
+    """A checkpoint whose tensors were saved on cuda:0 (simulated: the file's location tags say so,
+    and it holds a CUDA RNG state) resumes here on the CPU, with another --device than it was made
+    with, to the uninterrupted run's adapter bit for bit: nothing assumes the saving device."""
+    T.finetune(_opts(tiny, jsonl, tmp_path / "full", steps=4))
+    with pytest.raises(KeyboardInterrupt):
+        T.finetune(_opts(tiny, jsonl, tmp_path / "cut", steps=4),
+                   on_step=lambda s: (_ for _ in ()).throw(KeyboardInterrupt) if s == 2 else None)
+    state_file = tmp_path / "cut" / "checkpoint-2" / "trainer_state.pt"
+    _as_if_saved_on(state_file, "cuda:0", torch.zeros(16, dtype=torch.uint8))
+    if not torch.cuda.is_available():  # the simulation is real: a plain load wants the GPU
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(state_file, weights_only=True)
+    T.finetune(_opts(tiny, jsonl, tmp_path / "cut", steps=4, device="cpu", resume="latest"))
+    _same(_adapter(tmp_path / "cut"), _adapter(tmp_path / "full"))
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_cuda_run_matches_the_cpu_and_resumes_across_devices(tmp_path, tiny, jsonl):
+    """On a GPU: the run trains to the CPU run's held-out loss (within 1%: bf16 rounding differs);
+    a CUDA run stopped and resumed on CUDA ends with the uninterrupted CUDA adapter bit for bit; a
+    CPU checkpoint resumed on CUDA and a CUDA checkpoint resumed on the CPU reach the same loss."""
+    kw = dict(steps=4, lora_dropout=0.0)  # dropout masks come from each device's own generator
+    stop = lambda s: (_ for _ in ()).throw(KeyboardInterrupt) if s == 2 else None  # noqa: E731
+    cpu = T.finetune(_opts(tiny, jsonl, tmp_path / "cpu", device="cpu", **kw))
+    gpu = T.finetune(_opts(tiny, jsonl, tmp_path / "gpu", device="cuda", **kw))
+    assert abs(gpu["eval_after"]["loss"] - cpu["eval_after"]["loss"]) <= 0.01 * cpu["eval_after"]["loss"]
+    before = cpu["eval_before"]["loss"]
+    assert abs(gpu["eval_before"]["loss"] - before) <= 0.01 * before
+    with pytest.raises(KeyboardInterrupt):
+        T.finetune(_opts(tiny, jsonl, tmp_path / "g2g", device="cuda", **kw), on_step=stop)
+    T.finetune(_opts(tiny, jsonl, tmp_path / "g2g", device="cuda", resume="latest", **kw))
+    _same(_adapter(tmp_path / "g2g"), _adapter(tmp_path / "gpu"))
+    for name, first, then in (("c2g", "cpu", "cuda"), ("g2c", "cuda", "cpu")):
+        with pytest.raises(KeyboardInterrupt):
+            T.finetune(_opts(tiny, jsonl, tmp_path / name, device=first, **kw), on_step=stop)
+        m = T.finetune(_opts(tiny, jsonl, tmp_path / name, device=then, resume="latest", **kw))
+        assert abs(m["eval_after"]["loss"] - cpu["eval_after"]["loss"]) <= 0.01 * cpu["eval_after"]["loss"], name

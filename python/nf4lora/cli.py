@@ -58,6 +58,17 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--fsdp", action="store_true", help="with torchrun: FSDP2, the 4-bit base, adapters and "
                    "optimizer state sharded over the processes (default with several processes: DDP)")
+    _add_device(p, "train on")
+
+
+def _add_device(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--device", default="auto", help=f"where to {what}: auto (CUDA when torch sees a GPU and "
+                   "nf4lora has its CUDA kernels, else cpu), cpu, cuda or cuda:N")
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    from .train.device import resolve
+    return resolve(args.device)
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
@@ -73,10 +84,16 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace, quantize: Optional[str] = "nf4"):
+    """(model, tokenizer) from --model and --adapter, built on --device tensor by tensor; a LoftQ /
+    PiSSA adapter gets its own base rebuilt."""
     from .loading import load_model, load_model_for_adapter
-    if getattr(args, "adapter", None):  # a LoftQ / PiSSA adapter gets its own base rebuilt
-        return load_model_for_adapter(args.model, args.adapter, quantize=quantize)
-    return load_model(args.model, quantize=quantize)
+    from .train.device import move_model
+    device = _device(args)  # a device that is not there fails before the load
+    if getattr(args, "adapter", None):
+        model, tok = load_model_for_adapter(args.model, args.adapter, quantize=quantize, device=device)
+    else:
+        model, tok = load_model(args.model, quantize=quantize, device=device)
+    return move_model(model, device), tok  # the adapter, wherever load_adapter made it
 
 
 def _add_generate(sub: Any) -> None:
@@ -88,6 +105,7 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--no-chat", dest="chat", action="store_false", help="plain completion, no chat template")
     p.add_argument("--seed", type=int, default=0)
+    _add_device(p, "generate on")
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -106,8 +124,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     ids = format_prompt(tok, prompt) if args.chat else tok(prompt)["input_ids"]
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     sample = args.temperature > 0
+    device = next(model.parameters()).device
     with torch.no_grad():
-        model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        model.generate(torch.tensor([ids], device=device),
+                       attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
                        max_new_tokens=args.max_new_tokens, do_sample=sample, streamer=streamer,
                        temperature=args.temperature if sample else None, top_p=None, top_k=None,
                        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
@@ -125,12 +145,14 @@ def _add_merge(sub: Any) -> None:
     p.add_argument("--gguf-type", choices=["f16", "bf16", "q8_0"], default="f16", help="tensor type of --format gguf")
     p.add_argument("--gguf-metadata", default=None,
                    help="GGUF whose metadata and tokenizer the export copies (default: --model when it is a GGUF)")
+    _add_device(p, "merge (and requantize) on; the files hold CPU tensors either way")
 
 
 def merge(model: nn.Module, tokenizer: Any, out: Path, fmt: str = "bf16") -> Path:
     """Folds the active adapter into the weights and writes `out` as a transformers checkpoint:
     dense bf16, or fmt="nf4": the merged linears requantized to NF4 + double quantization with a
-    bitsandbytes quantization_config, which transformers + bitsandbytes and load_model read."""
+    bitsandbytes quantization_config, which transformers + bitsandbytes and load_model read. The
+    merge and the requantization run where the model is; what is written is on the CPU."""
     from safetensors.torch import save_file
     from .lora import merge_and_unload
     from .quant import quantize_model
@@ -138,10 +160,10 @@ def merge(model: nn.Module, tokenizer: Any, out: Path, fmt: str = "bf16") -> Pat
     merged = merged.to(torch.bfloat16)
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "bf16":
-        merged.save_pretrained(str(out))
+        merged.to("cpu").save_pretrained(str(out))
     else:
         quantize_model(merged, skip_modules=("lm_head",))
-        state = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
+        state = {k: v.detach().to("cpu").contiguous() for k, v in merged.state_dict().items()}
         if getattr(merged.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # tied: saved once, as transformers does
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -186,6 +208,7 @@ def _add_inspect(sub: Any) -> None:
     p.add_argument("--optim-bits", type=int, choices=[8, 32], default=32)
     p.add_argument("--layers", action="store_true", help="print every layer (default: totals by kind)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_device(p, "load the model (the report then gives that device's allocated bytes)")
 
 
 def memory_report(model: nn.Module, r: Optional[int] = 16, optim_bits: int = 32) -> dict[str, Any]:
@@ -235,6 +258,10 @@ def _fmt(n: float) -> str:
 def _run_inspect(args: argparse.Namespace) -> int:
     model, _ = _load(args)
     rep = memory_report(model, None if args.adapter else args.r, args.optim_bits)
+    device = next(model.parameters()).device
+    rep["device"] = str(device)
+    if device.type == "cuda":  # what the model really holds there (the caching allocator's view)
+        rep["device_allocated_bytes"] = torch.cuda.memory_allocated(device)
     if args.json:
         print(json.dumps(rep, indent=1))
         return 0
@@ -261,6 +288,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
           f"(+ {_fmt(rep['gradient_bytes'])} gradients)")
     print(f"optimizer state:  {_fmt(rep['optimizer_bytes'])} (AdamW, {args.optim_bits}-bit)")
     print(f"training total:   {_fmt(rep['total_training_bytes'])} before activations")
+    if "device_allocated_bytes" in rep:
+        print(f"on {rep['device']}:        {_fmt(rep['device_allocated_bytes'])} allocated by the loaded model")
     return 0
 
 

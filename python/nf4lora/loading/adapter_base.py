@@ -55,13 +55,14 @@ def load_base_for_init(source: Union[str, os.PathLike, None], config: Any, quant
 def load_model_for_adapter(source: Union[str, os.PathLike, None], adapter_dir: Union[str, os.PathLike],
                            quantize: Optional[str] = "nf4", double_quant: bool = True,
                            compute_dtype: torch.dtype = torch.bfloat16, *, blocksize: int = 64,
-                           skip_modules: tuple[str, ...] = ("lm_head",)) -> tuple[nn.Module, Any]:
+                           skip_modules: tuple[str, ...] = ("lm_head",),
+                           device: Union[str, torch.device, None] = None) -> tuple[nn.Module, Any]:
     """(model with the adapter of `adapter_dir` loaded and active, tokenizer). A LoftQ / PiSSA
     adapter (saved by nf4lora: see adapter_base_init) gets the base rebuilt from the dense `source`
     as its fine-tune made it; any other adapter goes on load_model(source). The other arguments
     are load_model's."""
     load_kw = dict(double_quant=double_quant, compute_dtype=compute_dtype, blocksize=blocksize,
-                   skip_modules=skip_modules)
+                   skip_modules=skip_modules, device=device)
     config, _ = read_adapter(adapter_dir)  # checks the files; its init is "kaiming" as saved
     base_init = adapter_base_init(adapter_dir)
     if base_init is not None:

@@ -195,18 +195,23 @@ def _linear_names(model: nn.Module, skip_modules: tuple[str, ...]) -> set[str]:
 
 def _fill(model: nn.Module, tensors: Iterator[tuple[str, Tensor]], quantize: Optional[str],
           double_quant: bool, blocksize: int, compute_dtype: torch.dtype, skip_modules: tuple[str, ...],
-          reader: Optional[SafetensorsFolder] = None, layerwise: Any = None) -> None:
+          reader: Optional[SafetensorsFolder] = None, layerwise: Any = None,
+          device: Optional[torch.device] = None) -> None:
     """Puts each (key, tensor) into the meta model; the weight of a quantized linear is quantized
     at once and its module swapped for a Linear4bit. A weight that comes with bitsandbytes'
     quant-state keys (looked up in `reader`) is taken as is, without requantization. With
     `layerwise` (a lora_model.LayerwiseInjection), a LoRA target's dense weight goes to its
-    wrap() instead, which returns the LoRA layer (LoftQ / PiSSA start from the dense weight)."""
+    wrap() instead, which returns the LoRA layer (LoftQ / PiSSA start from the dense weight).
+    device: each tensor is moved there as it is read, before it is cast or quantized."""
     targets = layerwise.targets if layerwise is not None else set()
     linears = (_linear_names(model, skip_modules) if quantize else set()) | targets
     if quantize and not linears:
         raise ValueError("source: the model has no nn.Linear to quantize (unsupported architecture?)")
     biases: dict[str, Tensor] = {}
+    read = reader.get if device is None else (lambda k: reader.get(k).to(device))
     for key, t in tensors:
+        if device is not None:
+            t = t.to(device)
         module_name, _, leaf = key.rpartition(".")
         if module_name in linears and leaf == "bias":
             module = model.get_submodule(module_name)
@@ -219,7 +224,7 @@ def _fill(model: nn.Module, tensors: Iterator[tuple[str, Tensor]], quantize: Opt
         if module_name in linears and leaf == "weight":
             bias = biases.pop(module_name, None)
             if bias is None and reader is not None and module_name + ".bias" in reader:
-                bias = reader.get(module_name + ".bias").to(compute_dtype)
+                bias = read(module_name + ".bias").to(compute_dtype)
             parent_name, _, child = module_name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             if module_name in targets:  # the LoRA layer, made from the dense weight (layerwise.wrap)
@@ -235,7 +240,7 @@ def _fill(model: nn.Module, tensors: Iterator[tuple[str, Tensor]], quantize: Opt
                 del t
                 setattr(parent, child, layerwise.wrap(module_name, dense))
                 continue
-            state_dict = ({k: reader.get(k) for k in reader.keys() if k.startswith(key + ".")}
+            state_dict = ({k: read(k) for k in reader.keys() if k.startswith(key + ".")}
                           if reader is not None else {})
             if state_dict:  # a bitsandbytes 4-bit checkpoint: the codes and scales as saved
                 state_dict[key] = t
@@ -261,7 +266,7 @@ def _fill(model: nn.Module, tensors: Iterator[tuple[str, Tensor]], quantize: Opt
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
-    if missing:
+    if missing and not (device is not None and device.type == "meta"):  # a meta load: nothing to tell by
         raise ValueError(f"source: the checkpoint lacks {len(missing)} tensors of the model, e.g. {missing[:5]}")
 
 
@@ -314,7 +319,7 @@ def _tokenizer(path: Path, **kwargs: Any) -> Any:
 def load_model(source: Union[str, os.PathLike, None] = None, quantize: Optional[str] = "nf4",
                double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16, *,
                blocksize: int = 64, skip_modules: tuple[str, ...] = ("lm_head",), lora: Any = None,
-               ) -> tuple[nn.Module, Any]:
+               device: Union[str, torch.device, None] = None) -> tuple[nn.Module, Any]:
     """Loads a causal LM and returns (model, tokenizer or None if the source has none).
 
     source: a transformers folder (safetensors; a bitsandbytes 4-bit one is loaded without
@@ -324,11 +329,14 @@ def load_model(source: Union[str, os.PathLike, None] = None, quantize: Optional[
     all other tensors. lora: an nf4lora LoraConfig to inject while loading (see get_lora_model);
     with init="loftq" or "pissa" each target's adapters are made from its dense weight as it is
     read, so no more than one dense layer is alive at a time (the source must be a dense
-    checkpoint or GGUF, not a 4-bit one)."""
+    checkpoint or GGUF, not a 4-bit one). device: where the model is built (default the CPU); each
+    tensor is read on the CPU, moved there and cast or quantized there, so that device's peak is the
+    4-bit model plus one dense tensor."""
     if quantize not in ("nf4", "fp4", None):
         raise ValueError(f"quantize must be 'nf4', 'fp4' or None, got {quantize!r}")
     if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
         raise TypeError(f"compute_dtype must be a float torch.dtype, got {compute_dtype!r}")
+    device = None if device is None else torch.device(device)
     transformers = _hf()
     kind, path = _resolve(source)
     skip = tuple(skip_modules)
@@ -355,7 +363,7 @@ def load_model(source: Union[str, os.PathLike, None] = None, quantize: Optional[
         model = _empty_model(config, compute_dtype)
         plan_lora(model)
         _fill(model, _gguf_tensors(path, parsed, model), quantize, double_quant, blocksize, compute_dtype, skip,
-              layerwise=layerwise)
+              layerwise=layerwise, device=device)
         tokenizer = _tokenizer(path.parent, gguf_file=path.name)
     else:
         config = transformers.AutoConfig.from_pretrained(str(path))
@@ -377,8 +385,10 @@ def load_model(source: Union[str, os.PathLike, None] = None, quantize: Optional[
         plan_lora(model)
         reader = SafetensorsFolder(path)
         _fill(model, ((k, reader.get(k)) for k in reader.keys()), quantize, double_quant, blocksize,
-              compute_dtype, skip, reader=reader, layerwise=layerwise)
+              compute_dtype, skip, reader=reader, layerwise=layerwise, device=device)
         tokenizer = _tokenizer(path)
+    if device is not None:
+        model.to(device)  # the buffers made with the empty model (rotary tables); the rest is there
     model.eval()
     if layerwise is not None:
         model = layerwise.finish(model)

@@ -2,8 +2,9 @@
 with gradient accumulation, bf16 autocast, optional gradient checkpointing, a warmup + cosine /
 linear / constant schedule, paged AdamW, eval loss/perplexity before and after, atomic checkpoints
 (adapter + optimizer + scheduler + RNG + data position) with an exact --resume, Ctrl-C -> final
-checkpoint, DDP over torch.distributed (gloo on CPUs) or FSDP2 with --fsdp (nf4lora.train.fsdp: the 4-bit
-base, adapters and optimizer state sharded, DCP checkpoints), metrics.json and a loss-curve PNG.
+checkpoint, DDP over torch.distributed (gloo on CPUs, NCCL on CUDA; --device, train/device.py)
+or FSDP2 with --fsdp (nf4lora.train.fsdp: the 4-bit base, adapters and optimizer state sharded,
+DCP checkpoints), metrics.json and a loss-curve PNG.
 Tested by tests/test_finetune.py (save/reload logits, kill + resume == uninterrupted, 2-process DDP
 == 1 process)."""
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as D
+from . import device as DV
 from .. import lora
 from ..files import fsync_tree, write_atomic
 from ..lora import LoraConfig, adapter_names, get_lora_model
@@ -34,8 +36,9 @@ from .plot import describe_run, write_loss_png
 _CKPT_PREFIX = "checkpoint-"
 _STATE_FILE = "trainer_state.pt"
 _OPTIONS_FILE = "options.json"
-# Options that do not change what a run computes: a resume may differ in these.
-_RESUME_FREE = ("output_dir", "resume", "save_every", "log_every", "quiet")
+# Options that do not change what a run computes: a resume may differ in these (device: only in
+# rounding; resuming a checkpoint on another device is what its device-independent form is for).
+_RESUME_FREE = ("output_dir", "resume", "save_every", "log_every", "quiet", "device")
 
 
 @dataclasses.dataclass
@@ -73,6 +76,7 @@ class TrainOptions:
     log_every: int = 1
     resume: Optional[str] = None           # a checkpoint folder, or "latest" in output_dir
     fsdp: bool = False                     # FSDP2 over the processes torchrun started (nf4lora.train.fsdp)
+    device: str = "auto"                   # auto | cpu | cuda | cuda:N (train/device.py)
     quiet: bool = False
 
     def check(self) -> None:
@@ -93,6 +97,7 @@ class TrainOptions:
             raise ValueError(f"init must be kaiming, gaussian, loftq or pissa, got {self.init!r}")
         if self.warmup_steps < 0 or self.save_every < 0:
             raise ValueError("warmup_steps and save_every must be >= 0")
+        DV.check_spec(self.device)
 
 
 # ---- the LoRA and optimizer interfaces: every call site is here ------------------------------
@@ -197,15 +202,20 @@ class CausalLMLoss(nn.Module):
         return loss, keep.sum()
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     # Only tensors and plain values, so the checkpoint loads with torch.load(weights_only=True).
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+    cuda = DV.rng_state(device)
+    if cuda is not None:
+        state["cuda"] = cuda
+    return state
 
 
-def _set_rng_state(s: dict[str, Any]) -> None:
+def _set_rng_state(s: dict[str, Any], device: torch.device = torch.device("cpu")) -> None:
     torch.set_rng_state(s["torch"])
+    DV.set_rng_state(s.get("cuda"), device)
     version, internal, gauss = s["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = s["numpy"]
@@ -283,18 +293,20 @@ def _check_resume_options(path: Path, opts: TrainOptions) -> None:
 
 # ---- distributed ----------------------------------------------------------------------------
 
-def _dist(fsdp: bool = False) -> tuple[int, int]:
+def _dist(fsdp: bool = False, device: torch.device = torch.device("cpu")) -> tuple[int, int]:
     """(rank, world size); initializes the process group when torchrun started us (also for one
-    process with fsdp)."""
+    process with fsdp): NCCL when the run is on CUDA, gloo on the CPU (DV.backend)."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if fsdp and "MASTER_ADDR" not in os.environ:
         raise ValueError("fsdp: start the run with torchrun (e.g. torchrun --nproc_per_node 2 -m nf4lora finetune --fsdp)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or fsdp:
-        # The trainer runs on the CPU (tensors never move to a GPU), so gloo even where CUDA is
-        # present: NCCL would refuse CPU tensors (seen on the H200 machine by bench/gpu_check.sh).
-        dist.init_process_group(backend="gloo")
+        # The backend follows the run's device, not the machine: NCCL refuses CPU tensors (seen on
+        # the H200 machine by bench/gpu_check.sh), so a --device cpu run uses gloo where CUDA is present.
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=DV.backend(device))
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
@@ -326,13 +338,14 @@ def evaluate(loss_module: nn.Module, items: list[tuple[list[int], list[int]]], p
     """Token-weighted mean loss and perplexity over `items` (in eval mode, no dropout)."""
     if not items:
         return {"loss": float("nan"), "perplexity": float("nan"), "tokens": 0}
+    device = DV.model_device(loss_module)
     was = loss_module.training
     loss_module.eval()
     total, count = 0.0, 0
     try:
         for i in range(0, len(items), batch_size):
-            batch = D.collate(items[i:i + batch_size], pad_id)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            batch = DV.to_device(D.collate(items[i:i + batch_size], pad_id), device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss, n = loss_module(**batch)
             total += float(loss)
             count += int(n)
@@ -380,7 +393,11 @@ def finetune(opts: TrainOptions, model: Optional[nn.Module] = None, tokenizer: A
     opts.model. on_step(step) runs after each optimizer step (a KeyboardInterrupt raised there
     acts like Ctrl-C). Exits early with a final checkpoint on KeyboardInterrupt, re-raising it."""
     opts.check()
-    rank, world = _dist(opts.fsdp)
+    if opts.device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"device {opts.device}: with several processes use --device cuda or auto "
+                         "(each process takes cuda:LOCAL_RANK)")
+    device = DV.resolve(opts.device)
+    rank, world = _dist(opts.fsdp, device)
     main = rank == 0
     say = log if main and not opts.quiet else (lambda *_: None)
     out = Path(opts.output_dir)
@@ -398,11 +415,12 @@ def finetune(opts: TrainOptions, model: Optional[nn.Module] = None, tokenizer: A
         say(f"loading {opts.model or 'the default model (SmolLM2-135M-Instruct GGUF)'} ...")
         if opts.init in ("loftq", "pissa"):  # the adapters and the base come from the dense weights
             from ..loading.adapter_base import load_base_for_init
-            model, tokenizer = load_base_for_init(opts.model, _lora_config(opts), opts.quantize)
+            model, tokenizer = load_base_for_init(opts.model, _lora_config(opts), opts.quantize, device=device)
         else:
-            model, tokenizer = load_model(opts.model, quantize=opts.quantize)
+            model, tokenizer = load_model(opts.model, quantize=opts.quantize, device=device)
     if tokenizer is None:
         raise ValueError("model: the source has no tokenizer (tokenizer.json / tokenizer_config.json)")
+    model = DV.move_model(model, device)  # a model given by the caller; load_model built it there
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and opts.seq_len > max_pos:
         raise ValueError(f"seq_len {opts.seq_len} is larger than the model's {max_pos} positions")
@@ -425,10 +443,10 @@ def finetune(opts: TrainOptions, model: Optional[nn.Module] = None, tokenizer: A
     # for this run only: the model goes back to its own attention afterwards
     from .cpu_attention import use_fp32_cpu_attention
     attn_before = getattr(model.config, "_attn_implementation", None)
-    switched = use_fp32_cpu_attention(model)
+    switched = device.type == "cpu" and use_fp32_cpu_attention(model)
     try:
         return _train(opts, model, tokenizer, on_step, say, rank, world, main, out, t_start, t_loaded,
-                      resume_path, train_items, eval_items, pad_id, order, total)
+                      resume_path, train_items, eval_items, pad_id, order, total, device)
     finally:
         if switched:
             model.set_attn_implementation(attn_before)
@@ -437,7 +455,7 @@ def finetune(opts: TrainOptions, model: Optional[nn.Module] = None, tokenizer: A
 def _train(opts: TrainOptions, model: nn.Module, tokenizer: Any, on_step: Optional[Callable[[int], None]],
            say: Callable[..., None], rank: int, world: int, main: bool, out: Path, t_start: float,
            t_loaded: float, resume_path: Optional[Path], train_items: list, eval_items: list,
-           pad_id: int, order: D.BatchOrder, total: int) -> dict[str, Any]:
+           pad_id: int, order: D.BatchOrder, total: int, device: torch.device) -> dict[str, Any]:
     """The rest of finetune (see there): adapters, optimizer, the loop, evaluation, outputs."""
     # -- adapters, optimizer, schedule (seeded identically on every rank: same adapter init)
     _seed_all(opts.seed)
@@ -459,12 +477,14 @@ def _train(opts: TrainOptions, model: nn.Module, tokenizer: Any, on_step: Option
         runner = _wrap_ddp(loss_module, world)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(opts, total))
     n_train = sum(p.numel() for p in params)
-    say(f"LoRA r={opts.r}: {n_train:,} trainable parameters; {world} process(es); {total} steps of "
+    say(f"LoRA r={opts.r}: {n_train:,} trainable parameters; {world} process(es) on {device}; {total} steps of "
         f"{opts.batch_size} examples")
 
     step, history, eval_before = 0, [], None
     if resume_path is not None:
-        state = torch.load(resume_path / _STATE_FILE, weights_only=True)
+        # On the CPU first, whatever device wrote it; copy_ and the optimizers' load_state_dict put
+        # each value on its parameter's device.
+        state = torch.load(resume_path / _STATE_FILE, map_location="cpu", weights_only=True)
         named = dict(model.named_parameters())
         if sharded is not None:
             FS.load_checkpoint(resume_path, model, sharded, state["param_groups"])
@@ -478,14 +498,14 @@ def _train(opts: TrainOptions, model: nn.Module, tokenizer: Any, on_step: Option
         scheduler.load_state_dict(state["scheduler"])
         order.load_state_dict(state["data"])
         step, history, eval_before = state["step"], state["history"], state["eval_before"]
-        _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0], device)
         say(f"resumed from {resume_path} at step {step}")
     if eval_before is None:
         eval_before = evaluate(loss_module, eval_items, pad_id, max(1, opts.batch_size // opts.grad_accum), opts.bf16)
         say(f"held-out before: loss {eval_before['loss']:.4f}, perplexity {eval_before['perplexity']:.2f}")
 
     def snapshot() -> dict[str, Any]:
-        rngs = [_rng_state()]
+        rngs = [_rng_state(device)]
         if world > 1:
             import torch.distributed as dist
             gathered: list[Any] = [None] * world
@@ -526,16 +546,16 @@ def _train(opts: TrainOptions, model: nn.Module, tokenizer: Any, on_step: Option
             counts = torch.tensor([sum(sum(1 for t in train_items[j][1][1:] if t != D.IGNORE_INDEX)
                                        for j in indices)], dtype=torch.float64)
             n_tokens = float(counts)
-            loss_sum = torch.zeros((), dtype=torch.float64)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for k, mb in enumerate(micro_batches):
-                batch = D.collate([train_items[j] for j in mb], pad_id)
+                batch = DV.to_device(D.collate([train_items[j] for j in mb], pad_id), device)
                 sync = k == len(micro_batches) - 1
                 if sharded is not None:
                     ctx = FS.no_sync(runner, enabled=not sync)
                 else:
                     ctx = runner.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
                 with ctx:
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.bf16):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.bf16):
                         loss, _ = runner(**batch)
                     (loss * (world / n_tokens)).backward()
                 loss_sum += loss.detach().double()
