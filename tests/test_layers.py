@@ -23,9 +23,10 @@ ALLOWED = {
     "lora": {"ops", "quant", "files"},
     "loading": {"ops", "quant", "lora"},
     "train": {"ops", "quant", "lora", "optim", "loading", "files"},
-    "cli": {"ops", "quant", "lora", "optim", "loading", "train", "files"},
+    "generate": set(),
+    "cli": {"ops", "quant", "lora", "optim", "loading", "train", "files", "generate"},
     "__main__": {"cli"},
-    "__init__": {"ops", "quant", "lora", "optim", "loading", "train", "files", "cli"},
+    "__init__": {"ops", "quant", "lora", "optim", "loading", "train", "files", "cli", "generate"},
 }
 
 
