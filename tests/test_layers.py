@@ -28,9 +28,11 @@ ALLOWED = {
     "lora": {"ops", "quant", "files"},
     "loading": {"ops", "quant", "lora"},
     "train": {"ops", "quant", "lora", "optim", "loading", "files"},
-    "cli": {"ops", "quant", "lora", "optim", "loading", "train", "files", "plan"},
+    "generate": set(),
+    "cli": {"ops", "quant", "lora", "optim", "loading", "train", "files", "plan", "generate"},
     "__main__": {"cli"},
-    "__init__": {"ops", "quant", "lora", "optim", "loading", "train", "files", "cli", "version", "plan", "hf"},
+    "__init__": {"ops", "quant", "lora", "optim", "loading", "train", "files", "cli", "version", "plan", "hf",
+                 "generate"},
 }
 
 

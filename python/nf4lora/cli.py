@@ -125,6 +125,13 @@ def _run_generate(args: argparse.Namespace) -> int:
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     sample = args.temperature > 0
     device = next(model.parameters()).device
+    if not sample:  # greedy: the same tokens as model.generate, without its per-step machinery
+        from .generate import generate_tokens
+        streamer.put(torch.tensor([ids]))  # the prompt, which skip_prompt drops
+        generate_tokens(model, ids, args.max_new_tokens, eos_token_id=model.generation_config.eos_token_id,
+                        on_token=lambda t: streamer.put(torch.tensor([t])))
+        streamer.end()
+        return 0
     with torch.no_grad():
         model.generate(torch.tensor([ids], device=device),
                        attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),

@@ -7,6 +7,7 @@ and bitsandbytes, peak-memory bound)."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from ..lora import LoraLinear
 from ..quant import Linear4bit, QuantState, quantize_4bit
+from .gguf import GgufFile
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
@@ -123,26 +125,41 @@ def _safetensors_header(path: Path) -> Iterator[tuple[str, dict[str, Any], int]]
         yield key, info, 8 + n
 
 
-def _gguf_tensors(path: Path, parsed: dict[str, Any], model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+def _gguf_tensors(gguf: GgufFile, parsed: dict[str, Any], model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """(transformers name, fp32 tensor) for each tensor of a GGUF file, dequantized one at a
     time by the gguf package and renamed/permuted by transformers' own GGUF tensor processors
-    (`parsed`: transformers' load_gguf_checkpoint(path, return_tensors=False))."""
-    from gguf import GGUFReader, dequantize
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
-    reader = GGUFReader(str(path))
-    arch = str(reader.fields["general.architecture"].contents())
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
-    names = get_gguf_hf_weights_map(model, processor)
-    for tensor in reader.tensors:
-        try:
-            weights = dequantize(tensor.data, tensor.tensor_type)
-        except NotImplementedError as exc:
-            raise ValueError(f"source: GGUF tensor {tensor.name} has type {tensor.tensor_type.name}, which the "
-                             f"installed gguf package cannot dequantize ({exc})") from exc
-        result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=names,
-                                   parsed_parameters=parsed)
+    (`parsed`: at least {"config": transformers' config dict for the file})."""
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+    processor = TENSOR_PROCESSORS.get(gguf.architecture, TensorProcessor)(config=parsed["config"])
+    names = _gguf_names(model, processor, [t.name for t in gguf.tensors])
+    for name, weights in gguf.dequantized():
+        result = processor.process(weights=weights, name=name, tensor_key_mapping=names, parsed_parameters=parsed)
         if result.name in names:
-            yield names[result.name], torch.from_numpy(result.weights.copy())
+            yield names[result.name], torch.from_numpy(result.weights)
+
+
+class _TopLevelOnly:
+    """The model as get_gguf_hf_weights_map sees it, without its children: that function maps the
+    whole state dict at the top and then again for every submodule (hundreds of gguf name tables)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.config, self._model = model.config, model
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._model.state_dict()
+
+    def named_children(self) -> list:
+        return []
+
+
+def _gguf_names(model: nn.Module, processor: Any, gguf_names: list[str]) -> dict[str, str]:
+    """{GGUF tensor name: transformers name}: transformers' own map, made from the top-level state
+    dict; the full recursive map (slow) only when that leaves a tensor of the file unnamed."""
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+    names = get_gguf_hf_weights_map(_TopLevelOnly(model), processor)
+    if all(n in names for n in gguf_names):
+        return names
+    return get_gguf_hf_weights_map(model, processor)
 
 
 # ---- building the model ----------------------------------------------------------------------
@@ -316,6 +333,22 @@ def _tokenizer(path: Path, **kwargs: Any) -> Any:
         return None  # a weights-only folder: callers that need a tokenizer say so
 
 
+def _gguf_tokenizer(gguf: GgufFile) -> Any:
+    """The GGUF's tokenizer as AutoTokenizer.from_pretrained(folder, gguf_file=name) makes it. For
+    an architecture GgufFile maps itself, on a transformers that builds GGUF tokenizers with its
+    fast reader (TokenizersBackend, 5.x), that class is asked directly: AutoTokenizer would first
+    parse the whole file again with the slow parser only to learn the model type."""
+    transformers = _hf()
+    backend = getattr(transformers, "TokenizersBackend", None)
+    fast_reader = importlib.util.find_spec("transformers.integrations.gguf") is not None
+    if backend is None or not fast_reader or not gguf.has_fast_config():
+        return _tokenizer(gguf.path.parent, gguf_file=gguf.path.name)
+    try:
+        return backend.from_pretrained(str(gguf.path.parent), gguf_file=gguf.path.name)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def load_model(source: Union[str, os.PathLike, None] = None, quantize: Optional[str] = "nf4",
                double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16, *,
                blocksize: int = 64, skip_modules: tuple[str, ...] = ("lm_head",), lora: Any = None,
@@ -356,15 +389,20 @@ def load_model(source: Union[str, os.PathLike, None] = None, quantize: Optional[
         skip = skip + tuple(layerwise.keep_dense)
 
     if kind == "gguf":
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-        # Parsing a GGUF's metadata takes seconds (49k-token vocabularies in pure Python): once.
-        parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+        # The file is parsed once, by GgufFile (transformers' and gguf's parsers take seconds each on
+        # a 49k-token vocabulary); transformers' own parser only for architectures it special-cases.
+        gguf = GgufFile(path)
+        if gguf.has_fast_config():
+            parsed = {"config": gguf.transformers_config()}
+        else:
+            from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+            parsed = load_gguf_checkpoint(str(path), return_tensors=False)
         config = transformers.AutoConfig.for_model(**parsed["config"])
         model = _empty_model(config, compute_dtype)
         plan_lora(model)
-        _fill(model, _gguf_tensors(path, parsed, model), quantize, double_quant, blocksize, compute_dtype, skip,
+        _fill(model, _gguf_tensors(gguf, parsed, model), quantize, double_quant, blocksize, compute_dtype, skip,
               layerwise=layerwise, device=device)
-        tokenizer = _tokenizer(path.parent, gguf_file=path.name)
+        tokenizer = _gguf_tokenizer(gguf)
     else:
         config = transformers.AutoConfig.from_pretrained(str(path))
         qconfig = getattr(config, "quantization_config", None)
