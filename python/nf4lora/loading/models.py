@@ -225,7 +225,9 @@ def _fill(model: nn.Module, tensors: Iterator[tuple[str, Tensor]], quantize: Opt
     if quantize and not linears:
         raise ValueError("source: the model has no nn.Linear to quantize (unsupported architecture?)")
     biases: dict[str, Tensor] = {}
-    read = reader.get if device is None else (lambda k: reader.get(k).to(device))
+    def read(k: str) -> Tensor:  # a bitsandbytes quant-state tensor, on the device
+        t = reader.get(k)
+        return t if device is None else t.to(device)
     for key, t in tensors:
         if device is not None:
             t = t.to(device)
