@@ -125,6 +125,22 @@ def _safetensors_header(path: Path) -> Iterator[tuple[str, dict[str, Any], int]]
         yield key, info, 8 + n
 
 
+@contextlib.contextmanager
+def _gguf_errors(path: Path, what: str) -> Iterator[None]:
+    """A structurally sound GGUF (gguf_check) can still hold values of the wrong kind (a string
+    where transformers wants a count, a tensor of the wrong size): whatever the gguf package or
+    transformers raise for them becomes a ValueError naming the file."""
+    try:
+        yield
+    except ValueError as exc:
+        if str(exc).startswith("source:"):
+            raise
+        raise ValueError(f"source: {path}: unusable GGUF {what}: {exc}") from exc
+    except (KeyError, IndexError, TypeError, AttributeError, RuntimeError, OverflowError,
+            UnicodeDecodeError, AssertionError) as exc:
+        raise ValueError(f"source: {path}: unusable GGUF {what}: {type(exc).__name__}: {exc}") from exc
+
+
 def _gguf_tensors(path: Path, parsed: dict[str, Any], model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """(transformers name, fp32 tensor) for each tensor of a GGUF file, dequantized one at a
     time by the gguf package and renamed/permuted by transformers' own GGUF tensor processors
@@ -363,14 +379,22 @@ def load_model(source: Union[str, os.PathLike, None] = None, quantize: Optional[
 
     if kind == "gguf":
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-        # Parsing a GGUF's metadata takes seconds (49k-token vocabularies in pure Python): once.
-        parsed = load_gguf_checkpoint(str(path), return_tensors=False)
-        config = transformers.AutoConfig.for_model(**parsed["config"])
+        from .gguf_check import block_count, check_gguf
+        names = check_gguf(path)  # the gguf package trusts lengths and offsets: damage becomes a ValueError here
+        with _gguf_errors(path, "metadata"):
+            # Parsing a GGUF's metadata takes seconds (49k-token vocabularies in pure Python): once.
+            parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+            config = transformers.AutoConfig.for_model(**parsed["config"])
+        layers, blocks = getattr(config, "num_hidden_layers", None), block_count(names)
+        if layers != blocks:  # before a model of a damaged layer count (2**40 layers) is built
+            raise ValueError(f"source: {path}: the metadata says {layers} layers, the file holds tensors of {blocks}")
         model = _empty_model(config, compute_dtype)
         plan_lora(model)
-        _fill(model, _gguf_tensors(path, parsed, model), quantize, double_quant, blocksize, compute_dtype, skip,
-              layerwise=layerwise)
-        tokenizer = _tokenizer(path.parent, gguf_file=path.name)
+        with _gguf_errors(path, "tensors"):
+            _fill(model, _gguf_tensors(path, parsed, model), quantize, double_quant, blocksize, compute_dtype, skip,
+                  layerwise=layerwise)
+        with _gguf_errors(path, "tokenizer"):
+            tokenizer = _tokenizer(path.parent, gguf_file=path.name)
     else:
         config = transformers.AutoConfig.from_pretrained(str(path))
         qconfig = getattr(config, "quantization_config", None)
