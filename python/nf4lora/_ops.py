@@ -2,7 +2,7 @@
 (meta) implementation for torch.compile/export, and CPU and CUDA kernels that hand raw
 pointers to ``nf4lora._C``. Every argument check happens here, once, with messages that name
 the argument and show shapes; the native layer re-checks sizes only as a last line of defence.
-Tested by tests/test_ops.py (torch.library.opcheck) and the quantize tests."""
+Tested by tests/test_quantize.py and tests/test_matmul.py (torch.library.opcheck, torch.compile)."""
 from __future__ import annotations
 
 import math
