@@ -350,23 +350,23 @@ def tiny_gguf(tmp_path_factory):
 
 
 @settings(FUZZ, max_examples=max(10, EXAMPLES // 2))
-@given(data=st.data())
-def test_load_model_from_damaged_gguf(tiny_gguf, tmp_path_factory, data):
+@given(how=st.sampled_from(["truncate", "flip_header", "word_header", "flip_data"]), where=st.integers(0, 2**31),
+       bit=st.integers(0, 7), word=st.integers(0, 2**64 - 1))
+def test_load_model_from_damaged_gguf(tiny_gguf, tmp_path_factory, how, where, bit, word):
     """Our loader (nf4lora.gguf_check, then the gguf package and transformers under a ValueError
-    wrapper) must turn every damage into a ValueError, or load a model that runs."""
+    wrapper) must turn every damage into a ValueError, or load a model that runs. (Every example
+    draws the same four values, whatever the damage: interactive draws of a varying count made
+    hypothesis report its generation as flaky past ~500 examples.)"""
     blob, data_start = bytearray(tiny_gguf[0]), tiny_gguf[1]
-    how = data.draw(st.sampled_from(["truncate", "flip_header", "word_header", "flip_data"]))
     if how == "truncate":
-        del blob[data.draw(st.integers(0, len(blob) - 1)):]
+        del blob[where % len(blob):]
     elif how == "flip_header":
-        i = data.draw(st.integers(0, data_start - 1))
-        blob[i] ^= 1 << data.draw(st.integers(0, 7))
+        blob[where % data_start] ^= 1 << bit
     elif how == "word_header":  # a count, length, type or offset replaced by an arbitrary 64-bit word
-        i = data.draw(st.integers(0, data_start - 8))
-        blob[i:i + 8] = data.draw(st.integers(0, 2**64 - 1)).to_bytes(8, "little")
+        i = where % (data_start - 7)
+        blob[i:i + 8] = word.to_bytes(8, "little")
     else:
-        i = data.draw(st.integers(data_start, len(blob) - 1))
-        blob[i] ^= 1 << data.draw(st.integers(0, 7))
+        blob[data_start + where % (len(blob) - data_start)] ^= 1 << bit
     path = tmp_path_factory.mktemp("damaged_gguf") / "model.gguf"
     path.write_bytes(bytes(blob))
     try:
