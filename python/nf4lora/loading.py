@@ -213,6 +213,11 @@ def _linear4bit(packed: Tensor, state: QuantState, has_bias: bool, bias: Optiona
 def _set_tensor(model: nn.Module, key: str, value: Tensor) -> None:
     module_name, _, name = key.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
+    if name in module._parameters or name in module._buffers:
+        old = module._parameters[name] if name in module._parameters else module._buffers[name]
+        if old is not None and tuple(old.shape) != tuple(value.shape):  # else the forward fails later
+            raise ValueError(f"source: {key} has shape {list(value.shape)}, the model's config makes it "
+                             f"{list(old.shape)}")
     if name in module._parameters:
         module._parameters[name] = nn.Parameter(value, requires_grad=False)
     elif name in module._buffers:
@@ -245,6 +250,9 @@ def _fill(model: nn.Module, tensors: Iterator[tuple[str, Tensor]], quantize: Opt
             module = model.get_submodule(module_name)
             if isinstance(module, (Linear4bit, LoraLinear)):  # its weight came first
                 base = module.base_layer if isinstance(module, LoraLinear) else module
+                if list(t.shape) != [base.out_features]:
+                    raise ValueError(f"source: {key} has shape {list(t.shape)}, the model's config makes it "
+                                     f"{[base.out_features]}")
                 base.bias = nn.Parameter(t.to(compute_dtype), requires_grad=False)
             else:
                 biases[module_name] = t.to(compute_dtype)
@@ -255,10 +263,17 @@ def _fill(model: nn.Module, tensors: Iterator[tuple[str, Tensor]], quantize: Opt
                 bias = reader.get(module_name + ".bias").to(compute_dtype)
             parent_name, _, child = module_name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
+            linear = getattr(parent, child)
+            want = [linear.out_features, linear.in_features]
+            if bias is not None and list(bias.shape) != want[:1]:
+                raise ValueError(f"source: {module_name}.bias has shape {list(bias.shape)}, the model's config "
+                                 f"makes it {want[:1]}")
             if module_name in targets:  # the LoRA layer, made from the dense weight (layerwise.wrap)
                 if not t.is_floating_point():  # load_model refuses 4-bit checkpoints first; other odd files
                     raise ValueError(f"source: {key} is already quantized; LoRA init={layerwise.init!r} "
                                      "needs the dense weight (load a bf16/fp32 checkpoint)")
+                if list(t.shape) != want:
+                    raise ValueError(f"source: {key} has shape {list(t.shape)}, the model's config makes it {want}")
                 old = getattr(parent, child)
                 # Cast first, as the plain path does before quantizing (the same codes).
                 dense = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
@@ -273,8 +288,12 @@ def _fill(model: nn.Module, tensors: Iterator[tuple[str, Tensor]], quantize: Opt
             if state_dict:  # a bitsandbytes 4-bit checkpoint: the codes and scales as saved
                 state_dict[key] = t
                 state = QuantState.from_dict(state_dict, key + ".")
+                if list(state.shape) != want:
+                    raise ValueError(f"source: {key} has shape {list(state.shape)}, the model's config makes it {want}")
                 packed = _packed_bytes(t.contiguous(), state)
             else:
+                if list(t.shape) != want:
+                    raise ValueError(f"source: {key} has shape {list(t.shape)}, the model's config makes it {want}")
                 if not t.is_floating_point():
                     raise ValueError(f"source: {key} is {t.dtype}, not a float weight")
                 # Cast first, as transformers + bitsandbytes do: the same codes as theirs.
