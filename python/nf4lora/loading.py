@@ -128,16 +128,16 @@ def _safetensors_header(path: Path) -> Iterator[tuple[str, dict[str, Any], int]]
 @contextlib.contextmanager
 def _gguf_errors(path: Path, what: str) -> Iterator[None]:
     """A structurally sound GGUF (gguf_check) can still hold values of the wrong kind (a string
-    where transformers wants a count, a tensor of the wrong size): whatever the gguf package or
-    transformers raise for them becomes a ValueError naming the file."""
+    where transformers wants a count, a tensor of the wrong size, a merge naming a token that the
+    vocabulary lacks): whatever the gguf package, transformers or tokenizers raise for them (the
+    last raises a bare Exception) becomes a ValueError naming the file."""
     try:
         yield
     except ValueError as exc:
         if str(exc).startswith("source:"):
             raise
         raise ValueError(f"source: {path}: unusable GGUF {what}: {exc}") from exc
-    except (KeyError, IndexError, TypeError, AttributeError, RuntimeError, OverflowError,
-            UnicodeDecodeError, AssertionError) as exc:
+    except Exception as exc:  # noqa: BLE001 -- e.g. the tokenizers library raises a bare Exception
         raise ValueError(f"source: {path}: unusable GGUF {what}: {type(exc).__name__}: {exc}") from exc
 
 
