@@ -18,7 +18,7 @@ import nf4lora
 from nf4lora import outdir
 from nf4lora.cli import main, merge
 
-from .tiny_lm import make_tokenizer, tiny_config
+from .tiny_lm import tiny_config
 
 KILLS = 50
 
@@ -56,7 +56,7 @@ def _merger(model, tok, target, ready_fd):
 def _merge_number(target):
     from safetensors.torch import load_file
     names = sorted(p.name for p in target.iterdir())
-    assert outdir.MARKER in names and "tokenizer.json" in names, names
+    assert outdir.MARKER in names and "config.json" in names, names
     k = json.loads((target / "config.json").read_text())["nf4lora_test_save"]
     tensors = load_file(str(target / "model.safetensors"))
     for name in ("lm_head.weight", "model.embed_tokens.weight"):
@@ -65,7 +65,9 @@ def _merge_number(target):
 
 
 def test_merge_survives_sigkill_at_random_points(tmp_path):
-    model, tok = _lora_model(), make_tokenizer()
+    # No tokenizer in the forked merger: the tokenizers library's thread pool, once used by the
+    # parent (earlier tests), deadlocks a forked child (the full suite hung here with one).
+    model, tok = _lora_model(), None
     rng = random.Random(4321)
     target = tmp_path / "merged"
     last = 0
