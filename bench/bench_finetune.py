@@ -112,7 +112,11 @@ def main() -> None:
                     help="the PEFT ways use nf4lora's fused head and fp32-on-CPU attention too")
     ap.add_argument("--no-eval", dest="eval", action="store_false", help="tokens/s and RSS only")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="smoke run (CI): each way 1 step of 1 example of "
+                    "up to 64 tokens, r 4, no evaluation")
     a = ap.parse_args()
+    if a.quick:
+        a.steps, a.batch, a.seq_len, a.r, a.eval = 1, 1, 64, 4, False
     if a.child:
         print(json.dumps(run_one(a.only, a.steps, a.batch, a.seq_len, a.lr, a.r, a.eval, a.baseline_fused_head)))
         return
@@ -121,6 +125,7 @@ def main() -> None:
         if way not in WAYS:
             ap.error(f"--only: unknown way {way!r}; ways: {', '.join(WAYS)}")
     runs: dict[str, list[dict]] = {w: [] for w in ways}
+    failed = []
     for k in range(a.rounds):
         for way in (ways if k % 2 == 0 else ways[::-1]):
             cmd = [sys.executable, __file__, "--child", "--only", way, "--steps", str(a.steps), "--batch", str(a.batch),
@@ -129,6 +134,7 @@ def main() -> None:
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 print(f"{way}: failed\n{out.stderr[-2000:]}")
+                failed.append(way)
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
             runs[way].append(r)
@@ -150,6 +156,8 @@ def main() -> None:
               f"({n['steady_tokens_per_s'] / b['steady_tokens_per_s']:.2f}x steady), "
               f"{b['cpu_s_per_step'] / n['cpu_s_per_step']:.2f}x by CPU time; peak RSS ratio "
               f"{n['peak_rss_gib'] / b['peak_rss_gib']:.2f}")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

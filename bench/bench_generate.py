@@ -76,7 +76,7 @@ def _llama_child(n: int, ids: list[int], threads: int) -> tuple[float, list[int]
     some llama-cpp-python wheels, is reported instead of ending the benchmark); its time, measured
     in the child, without the process start and the model load."""
     import json
-    from nf4lora.loading import default_model_path
+
     res = subprocess.run([sys.executable, "-c", _LLAMA_CHILD, str(n), str(threads), str(default_model_path()),
                           json.dumps(ids)], capture_output=True, text=True)
     if res.returncode != 0:
@@ -99,7 +99,6 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     import nf4lora as nl
     from nf4lora.generate import generate_tokens
-    from nf4lora.loading import default_model_path
     from nf4lora.train.data import format_prompt
     print(cpu_header(args.threads))
 

@@ -3,13 +3,16 @@ process (interleaved, median of --iters, several rounds): "scratch" = dequantize
 reused buffer + one dense GEMM (what matmul_4bit does above DISPATCH.cpu_fused_max_rows), "panels" = dequantize
 row panels of W (about --panel-kib each, so they stay in L2) and feed each to the dense GEMM
 (oneDNN's AMX/AVX-512 micro-kernels) as it is produced, y[:, panel] = x W[panel]^T (panels are
-dequantized on one thread: two std::threads per panel next to oneDNN's OpenMP team were slower). Checks that
-both agree with dense F.linear on the dequantized weight first; prints the ratio panels/scratch.
+dequantized on one thread: two std::threads per panel next to oneDNN's OpenMP team were slower). Checks
+both first under the 2x error rule (error against a float64 product of the same x and dequantized W
+at most twice that of dense bf16 F.linear; bf16 products may run as fp32 GEMMs, see
+nf4lora.matmul, so bit equality with F.linear does not hold); prints the ratio panels/scratch.
 With --crossover, instead: the fused kernels against the scratch path, forward and backward, for
 small M, which is how DISPATCH.cpu_fused_max_rows and cpu_fused_t_max_rows (nf4lora/ops/dispatch.py) were chosen.
 
     python bench/bench_large_m.py [--m 16 64 512] [--iters 5] [--rounds 3] [--panel-kib 1024]
     python bench/bench_large_m.py --crossover [--m 1 4 8 16 32]
+    python bench/bench_large_m.py --quick [--crossover]     # smoke run (CI): one small shape, 1 iteration
 """
 from __future__ import annotations
 
@@ -53,6 +56,15 @@ def forward_panels(x2, packed, state, panel_bytes, threads=1):
     return y
 
 
+def check_2x(name: str, got, x, w32) -> None:
+    """The 2x error rule: |got - ref| <= 2 |F.linear in x's dtype - ref| (max over elements), ref in float64."""
+    ref = x.double() @ w32.double().T
+    dense = torch.nn.functional.linear(x, w32.to(x.dtype)).double()
+    err, err_dense = (got.double() - ref).abs().max().item(), (dense - ref).abs().max().item()
+    if not err <= 2 * err_dense + 1e-6 * ref.abs().max().item():
+        raise AssertionError(f"{name}: max error {err:.3g} > 2x dense {x.dtype} F.linear's {err_dense:.3g}")
+
+
 def crossover(Ms, iters, rounds) -> None:
     """Fused native kernel / scratch path time ratios (median over interleaved rounds)."""
     from nf4lora.ops import DISPATCH
@@ -61,12 +73,17 @@ def crossover(Ms, iters, rounds) -> None:
     for N, K in SHAPES:
         w = torch.randn(N, K) * 0.02
         packed, state = nf4lora.quantize_4bit(w, 64, "nf4", double_quant=True)
+        w32 = nf4lora.dequantize_4bit(packed, state, dtype=torch.float32)
         args = (packed.view(-1), state.absmax, 64, "nf4", [N, K], state.nested_absmax, state.nested_code,
                 state.offset, state.nested_blocksize)
         for M in Ms:
             x, gy = torch.randn(M, K, dtype=torch.bfloat16), torch.randn(M, N, dtype=torch.bfloat16)
             fwd = lambda: nf4lora.matmul_4bit(x, packed, state)
             bwd = lambda: torch.ops.nf4lora.matmul_4bit_t(gy, *args)
+            for path, limit in (("fused", 1 << 30), ("scratch", 0)):
+                DISPATCH.cpu_fused_max_rows = DISPATCH.cpu_fused_t_max_rows = limit
+                check_2x(f"{path} forward {N}x{K} M={M}", fwd(), x, w32)
+                check_2x(f"{path} backward {N}x{K} M={M}", bwd(), gy, w32.T)
             out = []
             for name, fn in (("fwd", fwd), ("bwd", bwd)):
                 t = {"fused": [], "scratch": []}
@@ -87,7 +104,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--panel-kib", type=int, default=1024)
     ap.add_argument("--crossover", action="store_true", help="fused kernels vs scratch path for small M")
+    ap.add_argument("--quick", action="store_true", help="smoke run (CI): one 512x1024 shape, 1 iteration, 1 round")
     args = ap.parse_args()
+    if args.quick:
+        SHAPES[:] = [(512, 1024)]
+        args.iters, args.rounds = 1, 1
+        args.m = [1, 16] if args.crossover else [16, 64]
     if args.crossover:
         crossover(args.m if args.m != [16, 64, 512] else [1, 4, 8, 16, 32], args.iters, args.rounds)
         return
@@ -98,13 +120,12 @@ def main() -> None:
     for N, K in SHAPES:
         w = torch.randn(N, K) * 0.02
         packed, state = nf4lora.quantize_4bit(w, 64, "nf4", double_quant=True)
-        w_dense = nf4lora.dequantize_4bit(packed, state, dtype=dtype)
+        w32 = nf4lora.dequantize_4bit(packed, state, dtype=torch.float32)
+        w_dense = w32.to(dtype)
         for M in args.m:
             x = torch.randn(M, K, dtype=dtype)
-            want = torch.nn.functional.linear(x, w_dense)
-            got = forward_panels(x, packed, state, args.panel_kib << 10)
-            assert torch.equal(got, want) or (got - want).abs().max() <= 2e-2 * want.abs().max(), "panels wrong"
-            assert torch.equal(nf4lora.matmul_4bit(x, packed, state), want), "scratch path differs from dense"
+            check_2x(f"panels {N}x{K} M={M}", forward_panels(x, packed, state, args.panel_kib << 10), x, w32)
+            check_2x(f"scratch {N}x{K} M={M}", nf4lora.matmul_4bit(x, packed, state), x, w32)
             ts, tp, td = [], [], []
             for _ in range(args.rounds):
                 ts.append(median_ms(lambda: nf4lora.matmul_4bit(x, packed, state), args.iters))

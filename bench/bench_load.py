@@ -129,7 +129,11 @@ def main() -> None:
     ap.add_argument("--keep", help="write (or reuse) the checkpoint here and keep it")
     ap.add_argument("--limit-gb", type=float, default=1.6)
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="smoke run (CI): a 2-layer Llama of hidden 256 "
+                    "(~1M params, 1 MB shards); the 1.6 GB bound means nothing at that size")
     a = ap.parse_args()
+    if a.quick:
+        a.hidden, a.layers, a.inter, a.vocab, a.heads, a.kv_heads, a.shard_mb = 256, 2, 512, 1000, 4, 2, 1
     if a.child:
         child(a.child)
         return

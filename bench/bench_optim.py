@@ -104,8 +104,18 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--no-bnb", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--quick", action="store_true", help="smoke run (CI): 0.2M params (paged: above the "
+                    "paging threshold), 1 round")
     args = ap.parse_args()
+    if args.quick:
+        args.sizes, args.rounds = [0.2], 1
     dev = args.device
+    if dev == "cuda" and not (torch.cuda.is_available() and nf4lora.has_cuda()):
+        why = "--device cuda needs a CUDA GPU and nf4lora built with CUDA"
+        if args.quick:
+            print(f"bench_optim.py --quick: skipped: {why}")
+            return
+        raise SystemExit(why)
     try:
         import bitsandbytes  # noqa: F401
         with_bnb = not args.no_bnb

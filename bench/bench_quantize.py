@@ -3,7 +3,7 @@ nf4lora against the memory-copy limit (the same output bytes copied between two
 preallocated tensors with torch's copy_, same threads) and against bitsandbytes' CPU path
 when it is installed. Default: a 4096x4096 bf16 weight, NF4, block 64, double quantization.
 
-    python bench/bench_quantize.py [--shape 4096 4096] [--iters 20] [--json out.json]
+    python bench/bench_quantize.py [--shape 4096 4096] [--iters 20] [--json out.json] [--quick]
 """
 from __future__ import annotations
 
@@ -22,7 +22,10 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--quick", action="store_true", help="smoke run (CI): 512x512, 3 iterations")
     args = ap.parse_args()
+    if args.quick:
+        args.shape, args.iters = [512, 512], 3
 
     torch.manual_seed(0)
     w = torch.randn(*args.shape, dtype=torch.bfloat16) * 0.02

@@ -26,7 +26,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--millions", type=float, default=50)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--quick", action="store_true", help="smoke run (CI): 0.2M params, 1 round")
     args = ap.parse_args()
+    if args.quick:
+        args.millions, args.rounds = 0.2, 1
     n = int(args.millions * 1e6)
     p = torch.randn(n).requires_grad_()
     p.grad = torch.randn(n) * 1e-3

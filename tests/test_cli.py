@@ -113,6 +113,27 @@ def test_inspect_totals(tiny, capsys):
     assert rep["adapter_params"] == sum(8 * (m.in_features + m.out_features) for m in four)
     dense_params = sum(p.numel() for p in model.parameters() if p.dtype != torch.uint8)
     assert rep["bf16_base_bytes"] == 2 * (dense_params + sum(m.in_features * m.out_features for m in four))
+    # Independent totals: from the dense model's own tensors and the format's definition (NF4
+    # block 64: N*K/2 code bytes; double quant: one uint8 absmax per block, one fp32 nested absmax
+    # per 256 blocks, an fp32 offset, the 16- and 256-entry fp32 code tables), not from QuantState.
+    dense, _ = load_model(tiny, quantize=None)
+    linears = {n: m for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    assert len(linears) == len(four) == 14  # 2 layers x 7 projections
+    blocks = {n: -(-m.weight.numel() // 64) for n, m in linears.items()}
+    four_bytes = sum(-(-m.weight.numel() // 2) + blocks[n] + 4 * -(-blocks[n] // 256) + 4 + 4 * 16 + 4 * 256
+                     for n, m in linears.items())
+    linear_weights = {id(m.weight) for m in linears.values()}
+    others = [p for p in dense.parameters() if id(p) not in linear_weights]
+    buffers = sum(b.numel() * b.element_size() for b in dense.buffers())
+    dense_bytes = sum(2 * p.numel() for p in others)  # bf16 (compute dtype)
+    adapters = sum(8 * (m.in_features + m.out_features) for m in linears.values())
+    weights = sum(p.numel() for p in dense.parameters())
+    assert sum(x["bytes"] for x in rep["layers"] if x["kind"] == "4-bit") == four_bytes
+    assert rep["base_bytes"] == four_bytes + dense_bytes + buffers
+    assert rep["bf16_base_bytes"] == 2 * weights
+    assert rep["adapter_params"] == adapters and rep["adapter_bytes"] == 4 * adapters
+    assert rep["optimizer_bytes"] == 8 * adapters
+    assert rep["total_training_bytes"] == four_bytes + dense_bytes + buffers + 16 * adapters
     assert main(["inspect", "--model", str(tiny)]) == 0
     text = capsys.readouterr().out
     assert "q_proj" in text and "bf16 would need" in text

@@ -18,6 +18,7 @@ PACKAGE = Path(nf4lora.__file__).parent
 ALLOWED = {
     "ops": {"version", "files"},
     "files": set(),
+    "outdir": {"files"},
     "version": set(),
     "plan": set(),
     # integrations with other libraries, on top of the public API (they may import nf4lora itself)
@@ -29,7 +30,7 @@ ALLOWED = {
     "loading": {"ops", "quant", "lora"},
     "train": {"ops", "quant", "lora", "optim", "loading", "files"},
     "generate": set(),
-    "cli": {"ops", "quant", "lora", "optim", "loading", "train", "files", "plan", "generate"},
+    "cli": {"ops", "quant", "lora", "optim", "loading", "train", "files", "plan", "generate", "outdir"},
     "__main__": {"cli"},
     "__init__": {"ops", "quant", "lora", "optim", "loading", "train", "files", "cli", "version", "plan", "hf",
                  "generate"},

@@ -129,6 +129,36 @@ def test_dropout_mask_reaches_the_lora_branch_only():
     assert torch.allclose(layer(x), composition(layer, x, torch.float32), atol=1e-4)
 
 
+@pytest.mark.parametrize("fp32_gemm", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dropout_path_in_half_precision_within_twice_the_unfused_error(dtype, fp32_gemm, monkeypatch):
+    """The dropout path in bf16/fp16 (the fused kernels' rows and GEMM rows): the same mask as
+    F.dropout on the same seed, forward and every gradient within 2x the error of the unfused
+    composition in the same dtype, both against float64 on the same dropped input."""
+    monkeypatch.setattr(nl.ops.DISPATCH, "cpu_gemm_fp32", fp32_gemm)
+    layer = lora_layer_4bit(33, 128, dtype=dtype, dropout=0.5)
+    layer.train()
+    g = torch.Generator().manual_seed(3)
+    for M in (3, 40):
+        x = torch.randn(M, 128, generator=g).to(dtype)
+        gy = torch.randn(M, 33, generator=g)
+
+        def dropped(t):
+            torch.manual_seed(7)
+            return F.dropout(t, 0.5, training=True)
+
+        def fused(t):
+            torch.manual_seed(7)
+            return layer(t)
+
+        ref = grads_of(lambda t: composition(layer, t, torch.float64, x_d=dropped(t)), layer, x, gy)
+        same = grads_of(lambda t: composition(layer, t, dtype, x_d=dropped(t)), layer, x, gy)
+        got = grads_of(fused, layer, x, gy)
+        for what, r, s_, o in zip(["y", "dx", "dA", "dB", "dbias"], ref, same, got):
+            err, same_err = (o - r).abs().max().item(), (s_ - r).abs().max().item()
+            assert err <= 2 * same_err + 1e-6 * r.abs().max().item(), (M, what, err, same_err)
+
+
 def test_leading_dims_autocast_and_what_backward_keeps():
     layer = lora_layer_4bit(40, 64, dtype=None)
     x = torch.randn(2, 3, 64, requires_grad=True)

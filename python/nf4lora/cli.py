@@ -5,8 +5,10 @@ device, nf4lora.plan). Bad input ends with a one-line error and exit status 2. T
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -76,8 +78,12 @@ def _run_finetune(args: argparse.Namespace) -> int:
     fields = {f.name for f in dataclasses.fields(TrainOptions)}
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["quantize"] = None if args.quantize == "none" else args.quantize
+    from .outdir import output_lock
+    # One run per output folder (rank 0 holds the lock under torchrun; the other ranks write nothing).
+    lock = output_lock(args.output_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
     try:
-        finetune(TrainOptions(**values))
+        with lock:
+            finetune(TrainOptions(**values))
     except KeyboardInterrupt:
         return 130
     return 0
@@ -159,13 +165,21 @@ def merge(model: nn.Module, tokenizer: Any, out: Path, fmt: str = "bf16") -> Pat
     """Folds the active adapter into the weights and writes `out` as a transformers checkpoint:
     dense bf16, or fmt="nf4": the merged linears requantized to NF4 + double quantization with a
     bitsandbytes quantization_config, which transformers + bitsandbytes and load_model read. The
-    merge and the requantization run where the model is; what is written is on the CPU."""
-    from safetensors.torch import save_file
+    merge and the requantization run where the model is; what is written is on the CPU. The
+    folder is written whole (outdir.atomic_output_dir: temp folder, fsync, rename): a failure or a
+    kill leaves the previous `out`; an existing `out` must be empty or an earlier nf4lora output."""
     from .lora import merge_and_unload
-    from .quant import quantize_model
     merged = merge_and_unload(model, dtype=torch.bfloat16)
     merged = merged.to(torch.bfloat16)
-    out.mkdir(parents=True, exist_ok=True)
+    from .outdir import atomic_output_dir
+    with atomic_output_dir(out) as tmp:  # a temp folder beside `out`, fsynced, then renamed over it
+        _write_merged(merged, tokenizer, tmp, fmt)
+    return out
+
+
+def _write_merged(merged: nn.Module, tokenizer: Any, out: Path, fmt: str) -> None:
+    from safetensors.torch import save_file
+    from .quant import quantize_model
     if fmt == "bf16":
         merged.to("cpu").save_pretrained(str(out))
     else:
@@ -186,23 +200,24 @@ def merge(model: nn.Module, tokenizer: Any, out: Path, fmt: str = "bf16") -> Pat
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
-    return out
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    if args.format == "gguf":
-        from .loading.gguf_export import export_gguf, source_gguf
-        from .lora import merge_and_unload
-        metadata = source_gguf(args.model, args.gguf_metadata)  # refuses a folder without one, before loading
-        model, _ = _load(args)
-        # folded in fp32 and rounded once, to the GGUF type (a bf16 merge first would cost f16 2 bits)
-        merged = merge_and_unload(model, dtype=torch.float32)
-        path = export_gguf(merged, Path(args.output_dir) / f"model-{args.gguf_type}.gguf",
-                           metadata, args.gguf_type)
-        print(f"merged GGUF ({args.gguf_type}): {path}")
-        return 0
-    model, tok = _load(args)
-    out = merge(model, tok, Path(args.output_dir), args.format)
+    from .outdir import output_lock
+    with output_lock(args.output_dir):  # a second run on the same folder is refused, naming this PID
+        if args.format == "gguf":
+            from .loading.gguf_export import export_gguf, source_gguf
+            from .lora import merge_and_unload
+            metadata = source_gguf(args.model, args.gguf_metadata)  # refuses a folder without one, before loading
+            model, _ = _load(args)
+            # folded in fp32 and rounded once, to the GGUF type (a bf16 merge first would cost f16 2 bits)
+            merged = merge_and_unload(model, dtype=torch.float32)
+            path = export_gguf(merged, Path(args.output_dir) / f"model-{args.gguf_type}.gguf",
+                               metadata, args.gguf_type)
+            print(f"merged GGUF ({args.gguf_type}): {path}")
+            return 0
+        model, tok = _load(args)
+        out = merge(model, tok, Path(args.output_dir), args.format)
     print(f"merged checkpoint ({args.format}): {out}")
     return 0
 

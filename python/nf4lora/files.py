@@ -30,11 +30,13 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def fsync_tree(path: Path) -> None:
-    """fsyncs every file under `path` and the folder itself (before renaming the folder)."""
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+    """fsyncs every file and folder under `path`, then `path` itself (before renaming the folder)."""
+    for p in sorted(path.rglob("*"), reverse=True):  # files, then their folders
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

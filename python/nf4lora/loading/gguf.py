@@ -219,3 +219,8 @@ def _decode_q8_0(data: np.ndarray) -> np.ndarray:
 
 
 _DECODERS = {"Q4_0": _decode_q4_0, "Q4_1": _decode_q4_1, "Q8_0": _decode_q8_0}
+
+
+def block_count(tensor_names) -> int:
+    """The number of transformer blocks the tensors belong to (distinct N in blk.N.*)."""
+    return len({n.split(".")[1] for n in tensor_names if n.startswith("blk.") and n.count(".") >= 2})

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..lora import LoraLinear
 from ..quant import Linear4bit, QuantState, quantize_4bit
-from .gguf import GgufFile
+from .gguf import GgufFile, block_count
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
@@ -125,6 +125,23 @@ def _safetensors_header(path: Path) -> Iterator[tuple[str, dict[str, Any], int]]
         yield key, info, 8 + n
 
 
+@contextlib.contextmanager
+def _gguf_errors(path: Path, what: str) -> Iterator[None]:
+    """A structurally sound GGUF (GgufFile checks sizes and offsets) can still hold values of the
+    wrong kind (a string where transformers wants a count, a tensor of the wrong size, a merge
+    naming a token that the vocabulary lacks): whatever the gguf package, transformers or
+    tokenizers raise for them (the last raises a bare Exception) becomes a ValueError naming the
+    file."""
+    try:
+        yield
+    except ValueError as exc:
+        if str(exc).startswith("source:"):
+            raise
+        raise ValueError(f"source: {path}: unusable GGUF {what}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 -- e.g. the tokenizers library raises a bare Exception
+        raise ValueError(f"source: {path}: unusable GGUF {what}: {type(exc).__name__}: {exc}") from exc
+
+
 def _gguf_tensors(gguf: GgufFile, parsed: dict[str, Any], model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """(transformers name, fp32 tensor) for each tensor of a GGUF file, dequantized one at a
     time by the gguf package and renamed/permuted by transformers' own GGUF tensor processors
@@ -197,6 +214,11 @@ def _empty_model(config: Any, dtype: torch.dtype) -> nn.Module:
 def _set_tensor(model: nn.Module, key: str, value: Tensor) -> None:
     module_name, _, name = key.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
+    if name in module._parameters or name in module._buffers:
+        old = module._parameters[name] if name in module._parameters else module._buffers[name]
+        if old is not None and tuple(old.shape) != tuple(value.shape):  # else the forward fails later
+            raise ValueError(f"source: {key} has shape {list(value.shape)}, the model's config makes it "
+                             f"{list(old.shape)}")
     if name in module._parameters:
         module._parameters[name] = nn.Parameter(value, requires_grad=False)
     elif name in module._buffers:
@@ -236,6 +258,9 @@ def _fill(model: nn.Module, tensors: Iterator[tuple[str, Tensor]], quantize: Opt
             module = model.get_submodule(module_name)
             if isinstance(module, (Linear4bit, LoraLinear)):  # its weight came first
                 base = module.base_layer if isinstance(module, LoraLinear) else module
+                if list(t.shape) != [base.out_features]:
+                    raise ValueError(f"source: {key} has shape {list(t.shape)}, the model's config makes it "
+                                     f"{[base.out_features]}")
                 base.bias = nn.Parameter(t.to(compute_dtype), requires_grad=False)
             else:
                 biases[module_name] = t.to(compute_dtype)
@@ -246,10 +271,17 @@ def _fill(model: nn.Module, tensors: Iterator[tuple[str, Tensor]], quantize: Opt
                 bias = read(module_name + ".bias").to(compute_dtype)
             parent_name, _, child = module_name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
+            linear = getattr(parent, child)
+            want = [linear.out_features, linear.in_features]
+            if bias is not None and list(bias.shape) != want[:1]:
+                raise ValueError(f"source: {module_name}.bias has shape {list(bias.shape)}, the model's config "
+                                 f"makes it {want[:1]}")
             if module_name in targets:  # the LoRA layer, made from the dense weight (layerwise.wrap)
                 if not t.is_floating_point():  # load_model refuses 4-bit checkpoints first; other odd files
                     raise ValueError(f"source: {key} is already quantized; LoRA init={layerwise.init!r} "
                                      "needs the dense weight (load a bf16/fp32 checkpoint)")
+                if list(t.shape) != want:
+                    raise ValueError(f"source: {key} has shape {list(t.shape)}, the model's config makes it {want}")
                 old = getattr(parent, child)
                 # Cast first, as the plain path does before quantizing (the same codes).
                 dense = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
@@ -264,8 +296,12 @@ def _fill(model: nn.Module, tensors: Iterator[tuple[str, Tensor]], quantize: Opt
             if state_dict:  # a bitsandbytes 4-bit checkpoint: the codes and scales as saved
                 state_dict[key] = t
                 state = QuantState.from_dict(state_dict, key + ".")
+                if list(state.shape) != want:
+                    raise ValueError(f"source: {key} has shape {list(state.shape)}, the model's config makes it {want}")
                 packed = t.contiguous()
             else:
+                if list(t.shape) != want:
+                    raise ValueError(f"source: {key} has shape {list(t.shape)}, the model's config makes it {want}")
                 if not t.is_floating_point():
                     raise ValueError(f"source: {key} is {t.dtype}, not a float weight")
                 # Cast first, as transformers + bitsandbytes do: the same codes as theirs.
@@ -392,19 +428,26 @@ def load_model(source: Union[str, os.PathLike, None] = None, quantize: Optional[
 
     if kind == "gguf":
         # The file is parsed once, by GgufFile (transformers' and gguf's parsers take seconds each on
-        # a 49k-token vocabulary); transformers' own parser only for architectures it special-cases.
+        # a 49k-token vocabulary), which checks every size and offset against the file; transformers'
+        # own parser only for architectures it special-cases.
         gguf = GgufFile(path)
-        if gguf.has_fast_config():
-            parsed = {"config": gguf.transformers_config()}
-        else:
-            from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-            parsed = load_gguf_checkpoint(str(path), return_tensors=False)
-        config = transformers.AutoConfig.for_model(**parsed["config"])
+        with _gguf_errors(path, "metadata"):
+            if gguf.has_fast_config():
+                parsed = {"config": gguf.transformers_config()}
+            else:
+                from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+                parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+            config = transformers.AutoConfig.for_model(**parsed["config"])
+        layers, blocks = getattr(config, "num_hidden_layers", None), block_count(t.name for t in gguf.tensors)
+        if layers != blocks:  # before a model of a damaged layer count (2**40 layers) is built
+            raise ValueError(f"source: {path}: the metadata says {layers} layers, the file holds tensors of {blocks}")
         model = _empty_model(config, compute_dtype)
         plan_lora(model)
-        _fill(model, _gguf_tensors(gguf, parsed, model), quantize, double_quant, blocksize, compute_dtype, skip,
-              layerwise=layerwise, device=device)
-        tokenizer = _gguf_tokenizer(gguf)
+        with _gguf_errors(path, "tensors"):
+            _fill(model, _gguf_tensors(gguf, parsed, model), quantize, double_quant, blocksize, compute_dtype, skip,
+                  layerwise=layerwise, device=device)
+        with _gguf_errors(path, "tokenizer"):
+            tokenizer = _gguf_tokenizer(gguf)
     else:
         config = transformers.AutoConfig.from_pretrained(str(path))
         qconfig = getattr(config, "quantization_config", None)

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
+from ..files import fsync_tree
 from ..lora import save_adapter as _save_adapter_files
 from ..quant import Linear4bit
 
@@ -292,7 +293,7 @@ def save_checkpoint(final: Path, model: nn.Module, optimizer: ShardedOptimizer,
     if rank == 0:
         try:
             write_extra(tmp)
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -347,14 +348,3 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: ShardedOptimizer,
     optimizer._clear()
 
 
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    for d in [path, *sorted(q for q in path.rglob("*") if q.is_dir())]:
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
