@@ -76,6 +76,7 @@ def _llama_child(n: int, ids: list[int], threads: int) -> tuple[float, list[int]
     some llama-cpp-python wheels, is reported instead of ending the benchmark); its time, measured
     in the child, without the process start and the model load."""
     import json
+    from nf4lora.loading import default_model_path
 
     res = subprocess.run([sys.executable, "-c", _LLAMA_CHILD, str(n), str(threads), str(default_model_path()),
                           json.dumps(ids)], capture_output=True, text=True)
