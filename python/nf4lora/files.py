@@ -5,6 +5,7 @@ Tested by tests/test_crash_safety.py (SIGKILLed writers) and tests/test_finetune
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -42,3 +43,17 @@ def fsync_tree(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def publish_folder(tmp: Path, final: Path) -> None:
+    """Makes the filled temp folder `tmp` the folder `final`: fsyncs it, replaces `final` (a
+    checkpoint of the same step from an earlier run) and renames. On any failure `tmp` is removed
+    and the error propagates; `final`'s siblings (earlier checkpoints) are untouched."""
+    try:
+        fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -22,7 +22,6 @@ Tested by tests/test_fsdp.py (2 gloo processes against one process)."""
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -30,7 +29,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from ..files import fsync_tree
+from ..files import publish_folder
 from ..lora import save_adapter as _save_adapter_files
 from ..quant import Linear4bit
 
@@ -293,13 +292,10 @@ def save_checkpoint(final: Path, model: nn.Module, optimizer: ShardedOptimizer,
     if rank == 0:
         try:
             write_extra(tmp)
-            fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        publish_folder(tmp, final)
     dist.barrier()
     return final
 

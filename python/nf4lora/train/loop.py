@@ -29,7 +29,7 @@ from torch import nn
 from . import data as D
 from . import device as DV
 from .. import lora
-from ..files import fsync_tree, write_atomic
+from ..files import publish_folder, write_atomic
 from ..lora import LoraConfig, adapter_names, get_lora_model
 from .plot import describe_run, write_loss_png
 
@@ -243,13 +243,10 @@ def write_checkpoint(out: Path, step: int, model: nn.Module, state: dict[str, An
         save_adapter(model, tmp / "adapter")
         torch.save(state, tmp / _STATE_FILE)
         (tmp / _OPTIONS_FILE).write_text(json.dumps(dataclasses.asdict(opts), indent=1, sort_keys=True))
-        fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    publish_folder(tmp, final)
     _remove_older(out, final)
     return final
 
