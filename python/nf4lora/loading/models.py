@@ -430,7 +430,10 @@ def load_model(source: Union[str, os.PathLike, None] = None, quantize: Optional[
         # The file is parsed once, by GgufFile (transformers' and gguf's parsers take seconds each on
         # a 49k-token vocabulary), which checks every size and offset against the file; transformers'
         # own parser only for architectures it special-cases.
-        gguf = GgufFile(path)
+        try:
+            gguf = GgufFile(path)
+        except ValueError as exc:  # GgufFile names the file; the loader's errors name the argument too
+            raise ValueError(f"source: {exc}") from None
         with _gguf_errors(path, "metadata"):
             if gguf.has_fast_config():
                 parsed = {"config": gguf.transformers_config()}
