@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT))
 
 
 def _env(threads: int) -> dict:
-    return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT / "python"))
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # tests.tiny_lm
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=path)
 
 
 def _small_model(folder: Path) -> Path:

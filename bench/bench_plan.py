@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT))
 
 # SmolLM2-135M's layer shapes with fewer layers (a whole model per configuration in a few seconds)
@@ -133,7 +132,8 @@ def predict(cfg: dict, devices: int) -> dict:
 
 
 def measure(cfg: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "python"))
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # tests.tiny_lm
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
         if cfg["fsdp"]:
