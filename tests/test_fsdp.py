@@ -20,11 +20,18 @@ import nf4lora as nl
 from . import fsdp_worker as W
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pythonpath() -> str:
+    """The children import the nf4lora this process imported (installed, or a checkout with its
+    built extension) and the repository root (tests.tiny_lm)."""
+    here = str(Path(nl.__file__).resolve().parents[1])
+    return os.pathsep.join(filter(None, [here, str(ROOT), os.environ.get("PYTHONPATH")]))
 HAS_GPU = torch.cuda.is_available() and nl.has_cuda()
 
 
 def _torchrun(out: Path, nproc: int, *extra: str) -> list[dict]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT / "python"), str(ROOT)]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=_pythonpath())
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                            str(nproc), str(ROOT / "tests" / "fsdp_worker.py"), str(out), *extra],
                           env=env, capture_output=True, text=True, timeout=300)
@@ -152,7 +159,7 @@ def _finetune_args(root, tiny, out, *extra):
 
 
 def _cli_torchrun(args, script=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "python"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=_pythonpath())
     target = [str(script)] if script else ["-m", "nf4lora"]
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            *target, *args], env=env, capture_output=True, text=True, timeout=300)
@@ -187,7 +194,7 @@ def test_cli_fsdp_equals_one_process_and_resumes_after_a_rank_is_killed(tiny_run
     assert got.keys() == full.keys() and all(torch.equal(got[k], full[k]) for k in full)
 
     # another world size cannot resume a sharded checkpoint: a clear error, exit status 2
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "python"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=_pythonpath())
     one = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                           "-m", "nf4lora", *_finetune_args(root, tiny, root / "kill", "--resume")],
                          env=env, capture_output=True, text=True, timeout=300)

@@ -7,7 +7,9 @@ import copy
 import json
 import os
 import random
+import select
 import signal
+import subprocess
 import sys
 import time
 
@@ -65,8 +67,16 @@ def _merge_number(target):
 
 
 def test_merge_survives_sigkill_at_random_points(tmp_path):
-    # No tokenizer in the forked merger: the tokenizers library's thread pool, once used by the
-    # parent (earlier tests), deadlocks a forked child (the full suite hung here with one).
+    if os.environ.get("NF4LORA_FRESH_PROCESS") != "1":
+        # Forked children inherit the locks and thread pools that earlier tests of this process set
+        # up (the tokenizers library's, a multiprocessing lock: the full suite hung here twice, in
+        # the child), so the forking runs in a fresh interpreter: this test again, alone.
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", f"{__file__}::test_merge_survives_sigkill_at_random_points",
+             "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "fresh")],
+            env={**os.environ, "NF4LORA_FRESH_PROCESS": "1"}, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
+        return
     model, tok = _lora_model(), None
     rng = random.Random(4321)
     target = tmp_path / "merged"
@@ -78,6 +88,10 @@ def test_merge_survives_sigkill_at_random_points(tmp_path):
             os.close(read_fd)
             _merger(model, tok, target, write_fd)
         os.close(write_fd)
+        if not select.select([read_fd], [], [], 300)[0]:  # a hung child fails the test, not the suite
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"kill {kill}: the merger made no first merge in 300 s (hung?)")
         assert os.read(read_fd, 1) == b"1", "the merger died before its first merge"
         os.close(read_fd)
         time.sleep(rng.uniform(0.0, 0.15))
