@@ -11,6 +11,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -36,9 +37,25 @@ def _lora_model():
                                   quantize="nf4")
 
 
+def _private_tqdm_lock() -> None:
+    """tqdm guards its bars with a multiprocessing lock that forked children share: a child
+    SIGKILLed while holding it (transformers' save_pretrained draws bars) would leave it held for
+    every later child and the parent. Each child takes a lock of its own."""
+    try:
+        from tqdm import std
+    except ImportError:
+        return
+    lock, classes = threading.RLock(), [std.tqdm]
+    while classes:
+        cls = classes.pop()
+        cls._lock = lock
+        classes.extend(cls.__subclasses__())
+
+
 def _merger(model, tok, target, ready_fd):
     """Child: merge forever into target, the k-th merge marked k everywhere."""
     try:
+        _private_tqdm_lock()
         torch.set_num_threads(1)
         k = 0
         while True:
