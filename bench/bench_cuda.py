@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 
 import nf4lora
+from timing import gpu_available  # bench/timing.py (this script's folder is on sys.path)
 
 ROTATE = 4       # buffer sets cycled through, so that a working set never stays in L2
 PER_GRAPH = 20   # calls captured per CUDA graph
@@ -147,13 +148,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = ap.parse_args(argv)
     if args.quick:
         args.shapes, args.iters, args.warmup = ["1024x1024"], 3, 1
-    if not torch.cuda.is_available() or not nf4lora.has_cuda():
-        why = (f"needs a CUDA GPU and nf4lora built with CUDA (torch.cuda.is_available()="
-               f"{torch.cuda.is_available()}, nf4lora.has_cuda()={nf4lora.has_cuda()})")
-        if args.quick:  # CI's smoke run on machines without a GPU
-            print(f"{__file__.rsplit('/', 1)[-1]} --quick: skipped: {why}")
-            return
-        raise SystemExit(why)
+    if not gpu_available(__file__, args.quick):
+        return
 
     props = torch.cuda.get_device_properties(0)
     F = bnb_functional()

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 import nf4lora
+from timing import gpu_available  # bench/timing.py (this script's folder is on sys.path)
 from nf4lora.ops import DISPATCH
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -90,13 +91,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = ap.parse_args(argv)
     if args.quick:
         args.shapes, args.ms, args.iters, args.warmup = ["1024x1024"], [1, 64], 3, 1
-    if not torch.cuda.is_available() or not nf4lora.has_cuda():
-        why = (f"needs a CUDA GPU and nf4lora built with CUDA (torch.cuda.is_available()="
-               f"{torch.cuda.is_available()}, nf4lora.has_cuda()={nf4lora.has_cuda()})")
-        if args.quick:  # CI's smoke run on machines without a GPU
-            print(f"{__file__.rsplit('/', 1)[-1]} --quick: skipped: {why}")
-            return
-        raise SystemExit(why)
+    if not gpu_available(__file__, args.quick):
+        return
     props = torch.cuda.get_device_properties(0)
     print(f"nf4lora {nf4lora.__version__}; torch {torch.__version__}; {props.name}; NF4 block 64 + "
           "double quant, bf16 activations; 'x dense' = dense time / path time (>1: faster than dense)")

@@ -37,3 +37,18 @@ def machine_header() -> str:
     return (f"# CPU: {model} [{' '.join(have)}]; {torch.get_num_threads()} thread(s); load average {load:.1f}\n"
             f"# torch {torch.__version__}; nf4lora {nf4lora.__version__}: {nf4lora.BUILD_INFO}\n"
             f"# dispatch: {choices}; CPU variant {nf4lora.active_cpu_variant()}")
+
+
+def gpu_available(script: str, quick: bool) -> bool:
+    """True when a CUDA GPU and a CUDA build of nf4lora are there. Otherwise a --quick run (CI's
+    smoke run on machines without a GPU) prints why and returns False; a full run exits with it."""
+    import torch
+    import nf4lora
+    if torch.cuda.is_available() and nf4lora.has_cuda():
+        return True
+    why = (f"needs a CUDA GPU and nf4lora built with CUDA (torch.cuda.is_available()="
+           f"{torch.cuda.is_available()}, nf4lora.has_cuda()={nf4lora.has_cuda()})")
+    if not quick:
+        raise SystemExit(why)
+    print(f"{script.rsplit('/', 1)[-1]} --quick: skipped: {why}")
+    return False
