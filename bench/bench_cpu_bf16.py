@@ -15,6 +15,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from timing import machine_header  # bench/timing.py (this script's folder is on sys.path)
 
 
 def timed(fn, iters: int) -> tuple[float, float]:
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="smoke run (CI): small shapes, 2 iterations, 1 round")
     args = ap.parse_args()
+    print(machine_header())
     if args.quick:
         args.gemm, args.attention, args.iters, args.rounds = [64, 64, 128], [1, 2, 1, 16, 16], 2, 1
     torch.set_num_threads(args.threads)

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 
 import nf4lora
-from timing import gpu_available  # bench/timing.py (this script's folder is on sys.path)
+from timing import gpu_available, machine_header  # bench/timing.py (this script's folder is on sys.path)
 
 ROTATE = 4       # buffer sets cycled through, so that a working set never stays in L2
 PER_GRAPH = 20   # calls captured per CUDA graph
@@ -146,6 +146,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run (CI): one 1024x1024 shape, 3 iterations; "
                     "without a GPU it prints why and exits 0")
     args = ap.parse_args(argv)
+    print(machine_header())
     if args.quick:
         args.shapes, args.iters, args.warmup = ["1024x1024"], 3, 1
     if not gpu_available(__file__, args.quick):

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 import nf4lora
-from timing import gpu_available  # bench/timing.py (this script's folder is on sys.path)
+from timing import gpu_available, machine_header  # bench/timing.py (this script's folder is on sys.path)
 from nf4lora.ops import DISPATCH
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -89,6 +89,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run (CI): one 1024x1024 shape, M 1 and 64, "
                     "3 iterations; without a GPU it prints why and exits 0")
     args = ap.parse_args(argv)
+    print(machine_header())
     if args.quick:
         args.shapes, args.ms, args.iters, args.warmup = ["1024x1024"], [1, 64], 3, 1
     if not gpu_available(__file__, args.quick):

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from timing import machine_header  # bench/timing.py (this script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -100,6 +101,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--adapters-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    print(machine_header())
     if args.adapters_child:
         adapters_child(args.adapters_child[0], int(args.adapters_child[1]), args.adapters_child[2])
         return 0

@@ -23,7 +23,7 @@ import torch
 
 import nf4lora
 from nf4lora.ops.native import _C, dtype_code, quant_type_code
-from timing import median_ms  # bench/timing.py
+from timing import machine_header, median_ms  # bench/timing.py
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 
@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--crossover", action="store_true", help="fused kernels vs scratch path for small M")
     ap.add_argument("--quick", action="store_true", help="smoke run (CI): one 512x1024 shape, 1 iteration, 1 round")
     args = ap.parse_args()
+    print(machine_header())
     if args.quick:
         SHAPES[:] = [(512, 1024)]
         args.iters, args.rounds = 1, 1

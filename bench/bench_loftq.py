@@ -15,6 +15,7 @@ import time
 import torch
 
 import nf4lora as nl
+from timing import machine_header  # bench/timing.py (this script's folder is on sys.path)
 
 LAYERS = ["blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight", "blk.0.attn_output.weight",
           "blk.0.ffn_gate.weight", "blk.0.ffn_down.weight", "blk.15.attn_k.weight", "blk.15.ffn_up.weight"]
@@ -27,6 +28,7 @@ def main() -> None:
     ap.add_argument("--layers", nargs="+", default=LAYERS)
     ap.add_argument("--quick", action="store_true", help="smoke run (CI): blk.0.attn_k.weight, 1 iteration")
     args = ap.parse_args()
+    print(machine_header())
     if args.quick:
         args.layers, args.iters = ["blk.0.attn_k.weight"], [1]
     import gguf

@@ -26,6 +26,7 @@ import torch
 import nf4lora
 from nf4lora import optim
 from nf4lora.ops.native import _C
+from timing import machine_header  # bench/timing.py (this script's folder is on sys.path)
 
 # Bytes a step moves per fp32 parameter (reads + writes of param, grad and state).
 BYTES_32 = 4 + 4 + 4 + 8 + 8   # param r/w, grad r, m and v r/w = 28
@@ -107,6 +108,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run (CI): 0.2M params (paged: above the "
                     "paging threshold), 1 round")
     args = ap.parse_args()
+    print(machine_header())
     if args.quick:
         args.sizes, args.rounds = [0.2], 1
     dev = args.device

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from timing import machine_header  # bench/timing.py (this script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -157,6 +158,7 @@ def main() -> int:
             Path(args.child[1]).write_text(json.dumps(res))
         return 0
     worst = 0.0
+    print(machine_header())
     print(f"{'config':62} {'measured':>10} {'planned':>10} {'ratio':>6}")
     for cfg in (QUICK if args.quick else CONFIGS):
         res = measure(cfg)

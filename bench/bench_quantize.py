@@ -13,7 +13,7 @@ import json
 import torch
 
 import nf4lora
-from timing import median_ms  # bench/timing.py (this script's folder is on sys.path)
+from timing import machine_header, median_ms  # bench/timing.py (this script's folder is on sys.path)
 
 
 def main() -> None:
@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--quick", action="store_true", help="smoke run (CI): 512x512, 3 iterations")
     args = ap.parse_args()
+    print(machine_header())
     if args.quick:
         args.shape, args.iters = [512, 512], 3
 

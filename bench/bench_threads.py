@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -27,10 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import nf4lora
-
-FLAGS_OF_INTEREST = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
-                     "avx512_vbmi", "gfni", "avx512_fp16", "amx_bf16", "amx_tile")
-
+from timing import machine_header  # bench/timing.py (this script's folder is on sys.path)
 
 def lscpu() -> dict[str, str]:
     try:
@@ -50,17 +46,12 @@ def llc_bytes(info: dict[str, str]) -> int:
 
 
 def header(info: dict[str, str], args, copies: int, dense_copies: int, copy_mib: float) -> str:
-    flags = set(info.get("Flags", "").split())
-    have = [f for f in FLAGS_OF_INTEREST if f in flags] or ["(lscpu gave no flags)"]
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
+    """timing.machine_header() (CPU, flags, threads, load, builds, dispatch choices) and this run's setup."""
     return "\n".join([
-        f"CPU: {info.get('Model name', platform.processor() or '?')}; {os.cpu_count()} logical CPUs; "
-        f"L3 {info.get('L3 cache', '?')}; flags: {' '.join(have)}",
-        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1/5/15 min) on {os.cpu_count()} CPUs",
-        f"torch {torch.__version__}, {torch.__config__.parallel_info().splitlines()[-1].strip()}; "
-        f"nf4lora {nf4lora.__version__} from {os.path.dirname(nf4lora.__file__)}",
-        f"nf4lora build: {nf4lora.BUILD_INFO}; CPU variant {nf4lora.active_cpu_variant()}",
-        f"weight {args.n}x{args.k} bf16 -> NF4 block 64 + double quant, {copies} copies of "
+        machine_header(),
+        f"# L3 {info.get('L3 cache', '?')}; {os.cpu_count()} logical CPUs; "
+        f"torch {torch.__config__.parallel_info().splitlines()[-1].strip()}",
+        f"# weight {args.n}x{args.k} bf16 -> NF4 block 64 + double quant, {copies} copies of "
         f"{copy_mib:.1f} MiB (dense: {dense_copies} copies of {args.n * args.k * 2 / 2**20:.0f} MiB), "
         f"x: 1x{args.k} bf16; {args.rounds} rounds x {args.calls} calls per thread count",
     ])

@@ -14,6 +14,7 @@ import time
 import torch
 
 from nf4lora import optim
+from timing import machine_header  # bench/timing.py (this script's folder is on sys.path)
 
 
 def placed_zeros(numel: int, offset_bytes: int) -> torch.Tensor:
@@ -28,6 +29,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="smoke run (CI): 0.2M params, 1 round")
     args = ap.parse_args()
+    print(machine_header())
     if args.quick:
         args.millions, args.rounds = 0.2, 1
     n = int(args.millions * 1e6)

@@ -23,6 +23,7 @@ import time
 from typing import Optional
 
 import torch
+from timing import machine_header  # bench/timing.py (this script's folder is on sys.path)
 
 
 def rss_mib() -> float:
@@ -54,6 +55,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run (CI): 30 steps, warm-up 10, a sample every 5, "
                     "10%% RSS growth allowed (a short run has not settled)")
     args = ap.parse_args(argv)
+    print(machine_header())
     if args.quick:
         args.steps, args.warmup, args.every, args.max_growth = 30, 10, 5, 0.10
 

@@ -25,15 +25,16 @@ def machine_header() -> str:
     import torch
     import nf4lora
     from nf4lora.ops import DISPATCH
-    from nf4lora.ops.calibrate import _cpu_model_and_flags
-    model, flags = _cpu_model_and_flags()
+    from nf4lora.ops.calibrate import cpu_model_and_flags
+    model, flags = cpu_model_and_flags()
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512vbmi", "gfni", "amx_tile", "amx_bf16",
               "asimd", "sve")
     have = [f for f in wanted if f in flags.split()]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    variant, grain = DISPATCH.cpu_matmul_choices()
     choices = (f"fused rows {DISPATCH.cpu_rows()}/{DISPATCH.cpu_t_rows()}, bf16 GEMM as "
-               f"{'fp32' if DISPATCH.cpu_gemm_in_fp32(torch.bfloat16) else 'bf16'} "
-               f"({DISPATCH.calibration.source if DISPATCH.calibration else 'forced'})")
+               f"{'fp32' if DISPATCH.cpu_gemm_in_fp32(torch.bfloat16) else 'bf16'}, product variant {variant}, "
+               f"grain {grain} KiB ({DISPATCH.calibration.source if DISPATCH.calibration else 'forced'})")
     return (f"# CPU: {model} [{' '.join(have)}]; {torch.get_num_threads()} thread(s); load average {load:.1f}\n"
             f"# torch {torch.__version__}; nf4lora {nf4lora.__version__}: {nf4lora.BUILD_INFO}\n"
             f"# dispatch: {choices}; CPU variant {nf4lora.active_cpu_variant()}")

@@ -1,6 +1,6 @@
 // bindings.cpp — the one pybind11 module, nf4lora._C: a thin layer over the torch-free core.
 // Tensors cross as raw addresses (int) plus sizes and dtype codes; shape/dtype/device checks
-// happen once in python/nf4lora/_ops.py. C++ std::invalid_argument arrives as ValueError.
+// happen once in python/nf4lora/ops/ (native.py, checks.py). C++ std::invalid_argument arrives as ValueError.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -87,11 +87,21 @@ PYBIND11_MODULE(_C, m) {
     }
     return out;
   }, "[(name, compiled, supported)] for every CPU kernel variant");
+  m.def("best_cpu_variant", [] { return std::string(cpu_variant_name(best_cpu_variant())); });
   m.def("active_cpu_variant", [] { return std::string(cpu_variant_name(active_cpu_variant())); });
   m.def("force_cpu_variant", [](py::object name) {
     if (name.is_none()) reset_cpu_variant();
     else force_cpu_variant(variant_from_name(name.cast<std::string>()));
   }, py::arg("name"), "Force a CPU variant by name for later calls; None restores automatic choice");
+  m.def("set_matmul_cpu_variant", [](py::object name) {
+    if (name.is_none()) reset_matmul_cpu_variant();
+    else set_matmul_cpu_variant(variant_from_name(name.cast<std::string>()));
+  }, py::arg("name"), "The CPU products' variant when none is forced; None restores the default");
+  m.def("active_matmul_cpu_variant", [] {
+    return std::string(cpu_variant_name(active_matmul_cpu_variant()));
+  });
+  m.def("set_matmul_grain_bytes", &set_matmul_grain_bytes, py::arg("bytes"));
+  m.def("matmul_grain_bytes", &matmul_grain_bytes);
   m.def("advise_huge_pages", [](uintptr_t address, int64_t nbytes) {
     return advise_huge_pages(ptr<void>(address), nbytes);
   }, "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior of a fresh host buffer");

@@ -45,6 +45,18 @@ def test_a_real_measurement_is_valid_cached_and_reused(cache, monkeypatch):
                 break
             expected = m
         assert cal.choices[field] == expected
+    variants = cal.measurements.get("variant_M1_2048x2048_fwd_plus_t_ms")
+    if variants:  # more than one SIMD variant here: the default unless another is 5% faster
+        fastest = min(variants, key=variants.get)
+        default = calibrate.DEFAULTS["cpu_matmul_variant"]
+        assert cal.choices["cpu_matmul_variant"] == (fastest if variants[fastest] < 0.95 * variants[default] else default)
+    grains = cal.measurements.get("grain_M1_ms_after_torch_mm")
+    if torch.get_num_threads() > 1:
+        rel = {g: sum(t[str(g)] / t[str(calibrate.DEFAULTS["cpu_grain_kib"])] for t in grains.values())
+               for g in calibrate.GRAINS_KIB}
+        best = min(rel, key=rel.get)
+        assert cal.choices["cpu_grain_kib"] == (best if rel[best] < 0.95 * len(grains) else calibrate.DEFAULTS["cpu_grain_kib"])
+    assert nl.ops.native.matmul_choices() == (cal.choices["cpu_matmul_variant"], cal.choices["cpu_grain_kib"] * 1024)
     files = list(cache.glob("calibration-*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["choices"] == cal.choices
     monkeypatch.setattr(calibrate, "measure", lambda: pytest.fail("measured again despite the cache"))
@@ -66,7 +78,36 @@ def test_dispatch_measures_on_first_use_and_forced_fields_win(cache, monkeypatch
             pass
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "foreign", "stale", "out of range"])
+def test_the_native_choices_follow_dispatch(cache, monkeypatch):
+    """The products' variant and grain live in the core: DISPATCH installs the calibrated ones,
+    a forced field wins and is undone on leaving override(), and nf4lora.set_cpu_variant wins over
+    all of it. Another DispatchPolicy object changes nothing native."""
+    from nf4lora.ops import native
+    from nf4lora.ops.dispatch import DispatchPolicy
+    simd = [v for v in nl.cpu_variants() if v != "ref"]
+    pick = simd[0] if simd else "ref"
+    monkeypatch.setenv("NF4LORA_CALIBRATE", "1")
+    monkeypatch.setattr(calibrate, "measure", fake_measure({"cpu_matmul_variant": pick, "cpu_grain_kib": 16}))
+    try:
+        assert DISPATCH.cpu_matmul_choices() == (pick, 16)
+        assert native.matmul_choices() == (pick, 16 * 1024)
+        with DISPATCH.override(cpu_matmul_variant="ref", cpu_grain_kib=1024):
+            assert native.matmul_choices() == ("ref", 1024 * 1024)
+            DispatchPolicy(cpu_grain_kib=64)
+            assert native.matmul_choices() == ("ref", 1024 * 1024)
+        assert native.matmul_choices() == (pick, 16 * 1024)
+        with nl.use_cpu_variant("ref"):
+            assert native.matmul_choices()[0] == "ref"
+        assert native.matmul_choices()[0] == pick
+        with pytest.raises(ValueError, match="not one this machine runs"):
+            with DISPATCH.override(cpu_matmul_variant="sparc"):
+                pass
+    finally:
+        monkeypatch.setattr(DISPATCH, "calibration", None)
+    assert native.matmul_choices() == (calibrate.DEFAULTS["cpu_matmul_variant"], 256 * 1024)
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "foreign", "stale", "out of range", "unknown variant"])
 def test_a_bad_cache_is_ignored_with_a_warning(cache, monkeypatch, damage):
     monkeypatch.setattr(calibrate, "measure", fake_measure())
     key = calibrate.machine_key()
@@ -80,10 +121,12 @@ def test_a_bad_cache_is_ignored_with_a_warning(cache, monkeypatch, damage):
         path.write_text(json.dumps(dict(good, key=dict(key, cpu="another CPU"))))
     elif damage == "stale":
         path.write_text(json.dumps(dict(good, version=calibrate.VERSION - 1)))
+    elif damage == "unknown variant":
+        path.write_text(json.dumps(dict(good, choices=dict(good["choices"], cpu_matmul_variant="sparc"))))
     else:
         path.write_text(json.dumps(dict(good, choices=dict(good["choices"], cpu_fused_max_rows=99))))
-    with pytest.warns(RuntimeWarning, match={"corrupt": "corrupt", "foreign": "another machine",
-                                             "stale": "stale", "out of range": "corrupt"}[damage]):
+    with pytest.warns(RuntimeWarning, match={"corrupt": "corrupt", "foreign": "another machine", "stale": "stale",
+                                             "out of range": "corrupt", "unknown variant": "corrupt"}[damage]):
         cal = calibrate.calibrate()
     assert cal.source == "measured" and cal.choices == calibrate.DEFAULTS
     assert json.loads(path.read_text())["choices"] == calibrate.DEFAULTS  # replaced by the new measurement
@@ -106,7 +149,10 @@ def test_calibration_off_measures_nothing(cache, monkeypatch):
 def test_forcing_through_the_environment():
     assert parse_forced("cpu_gemm_fp32=1, cpu_fused_max_rows=4") == {"cpu_gemm_fp32": True, "cpu_fused_max_rows": 4}
     assert parse_forced("") == {}
+    assert parse_forced("cpu_matmul_variant=AVX512, cpu_grain_kib=64") == {"cpu_matmul_variant": "avx512",
+                                                                            "cpu_grain_kib": 64}
     for bad, msg in (("cpu_gemm_fp32=maybe", "1/0/true/false"), ("cpu_fused_max_rows=-1", "non-negative"),
+                     ("cpu_grain_kib=0", "1.."), ("cpu_grain_kib=9999999", "1.."),
                      ("gemv=3", "unknown dispatch choices"), ("cpu_fused_max_rows", "name=value")):
         with pytest.raises(ValueError, match=msg):
             parse_forced(bad)
@@ -115,17 +161,28 @@ def test_forcing_through_the_environment():
                          env={**__import__("os").environ, "NF4LORA_DISPATCH": "cpu_fused_max_rows=3,cpu_gemm_fp32=true",
                               "NF4LORA_CALIBRATE": "0"})
     assert out.stdout.split() == ["3", "True"]
+    code = "import nf4lora.ops.native as n; print(*n.matmul_choices())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "NF4LORA_DISPATCH": "cpu_matmul_variant=ref,cpu_grain_kib=32",
+                              "NF4LORA_CALIBRATE": "0"})
+    assert out.stdout.split() == ["ref", str(32 * 1024)]
+    bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**__import__("os").environ, "NF4LORA_DISPATCH": "cpu_matmul_variant=sparc"})
+    assert bad.returncode != 0 and "not one this machine runs" in bad.stderr
 
 
-@pytest.mark.parametrize("fp32, rows", [(False, 0), (False, 8), (True, 0), (True, 8)])
-def test_every_forced_route_matches_the_reference(fp32, rows):
+@pytest.mark.parametrize("fp32, rows, variant, grain", [(False, 0, None, None), (False, 8, None, None),
+                                                      (True, 0, None, None), (True, 8, None, None)]
+                         + [(False, 8, v, g) for v in nl.cpu_variants() for g in (1, 1024)])
+def test_every_forced_route_matches_the_reference(fp32, rows, variant, grain):
     """Each choice calibration can make, forced, against float64 under the 2x error rule."""
     torch.manual_seed(0)
     w = torch.randn(96, 320) * 0.05
     packed, state = nl.quantize_4bit(w, 64, "nf4")
     w64 = nl.dequantize_4bit(packed, state, dtype=torch.float32).double()
     w_bf16 = nl.dequantize_4bit(packed, state, dtype=torch.bfloat16)
-    with DISPATCH.override(cpu_gemm_fp32=fp32, cpu_fused_max_rows=rows, cpu_fused_t_max_rows=rows):
+    with DISPATCH.override(cpu_gemm_fp32=fp32, cpu_fused_max_rows=rows, cpu_fused_t_max_rows=rows,
+                           cpu_matmul_variant=variant, cpu_grain_kib=grain):
         for M in (1, 5, 8, 40):
             x = torch.randn(M, 320).bfloat16().requires_grad_()
             y = nl.matmul_4bit(x, packed, state)
@@ -144,6 +201,7 @@ def test_the_tune_command_shows_the_choices(cache, capsys, monkeypatch):
     assert main(["tune"]) == 0
     out = capsys.readouterr().out
     assert "calibration: measured" in out and "fused transposed kernel up to M = 4" in out
+    assert f"kernel variant: {calibrate.DEFAULTS['cpu_matmul_variant']}" in out and "at least 256 KiB" in out
     assert main(["tune", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["source"] == "cache" and data["choices"]["cpu_fused_t_max_rows"] == 4

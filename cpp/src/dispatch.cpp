@@ -143,6 +143,8 @@ void force_cpu_variant(CpuVariant v) {
 
 void reset_cpu_variant() { g_forced_variant.store(-1); }
 
+bool cpu_variant_forced() { return g_forced_variant.load() >= 0; }
+
 CpuVariant active_cpu_variant() {
   const int forced = g_forced_variant.load();
   return forced >= 0 ? static_cast<CpuVariant>(forced) : best_cpu_variant();

@@ -1,9 +1,10 @@
 // matmul_4bit_dispatch.cpp — the public CPU entry points matmul_4bit_cpu (y = x W^T) and
 // matmul_4bit_t_cpu (y = g W) of nf4lora/matmul.h: argument checks, the kernel chosen by
-// active_cpu_variant(), x (g) copied once in the kernel's lane order, W split over threads (rows
+// active_matmul_cpu_variant(), x (g) copied once in the kernel's lane order, W split over threads (rows
 // forward, column strips transposed). Reference kernels: matmul_4bit_ref.cpp. Tested by
 // tests/cpp/test_matmul.cpp.
 #include <algorithm>
+#include <atomic>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -23,9 +24,17 @@ using namespace detail;
 // started a std::thread per call (~10 us here, about the time the AVX-512 kernel takes for
 // 100 KiB): at 64 KiB, SmolLM2's 576x576 layer (162 KiB) took 30 us on 2 threads against 19 us on
 // one (`./build-dev/bench_matmul_4bit_small_m --threads 1|2 --shape 576 576`, M = 1). Waking an
-// OpenMP worker costs less; the grain is kept until it is calibrated per machine.
+// OpenMP worker costs less, and how much less depends on the machine: the Python layer measures
+// the grain (set_matmul_grain_bytes) with the kernel variant (set_matmul_cpu_variant).
 constexpr int64_t kRowUnit = 8;
-constexpr int64_t kGrainBytes = int64_t{1} << 18;
+std::atomic<int64_t> g_grain_bytes{kMatmulDefaultGrainBytes};
+std::atomic<int> g_matmul_variant{-1};  // -1: best_cpu_variant()
+
+CpuVariant matmul_variant() {
+  if (cpu_variant_forced()) return active_cpu_variant();
+  const int v = g_matmul_variant.load();
+  return v >= 0 ? static_cast<CpuVariant>(v) : best_cpu_variant();
+}
 
 const MatmulKernels& matmul_kernels_for(CpuVariant v) {
   switch (v) {
@@ -44,11 +53,33 @@ const MatmulKernels& matmul_kernels_for(CpuVariant v) {
 
 }  // namespace
 
+void set_matmul_cpu_variant(CpuVariant v) {
+  if (static_cast<int>(v) < 0 || static_cast<int>(v) >= kNumCpuVariants)
+    throw std::invalid_argument("unknown CPU variant " + std::to_string(static_cast<int>(v)));
+  if (!cpu_variant_supported(v))
+    throw std::invalid_argument(std::string("CPU variant '") + cpu_variant_name(v) +
+                                "' is not supported on this machine or not compiled in");
+  g_matmul_variant.store(static_cast<int>(v));
+}
+
+void reset_matmul_cpu_variant() { g_matmul_variant.store(-1); }
+
+CpuVariant active_matmul_cpu_variant() { return matmul_variant(); }
+
+void set_matmul_grain_bytes(int64_t bytes) {
+  if (bytes < 1024 || bytes > (int64_t{1} << 30))
+    throw std::invalid_argument("matmul grain must be between 1 KiB and 1 GiB, got " +
+                                std::to_string(bytes) + " bytes");
+  g_grain_bytes.store(bytes);
+}
+
+int64_t matmul_grain_bytes() { return g_grain_bytes.load(); }
+
 void matmul_4bit_cpu(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* packed,
                      const AbsmaxSource& absmax, int64_t N, int64_t blocksize, QuantType qt,
                      const void* bias, void* y, int num_threads) {
   if (!check_matmul_4bit_args(x, dtype, M, K, packed, absmax, N, blocksize, qt, y)) return;
-  const MatmulKernels* k = &matmul_kernels_for(active_cpu_variant());
+  const MatmulKernels* k = &matmul_kernels_for(matmul_variant());
   if (k->other_dtypes != nullptr && (dtype != DType::BF16 || blocksize < 64)) k = k->other_dtypes;
   // The SIMD kernels need whole blocks per row (no block spans two rows, rows start on a byte).
   if (K == 0 || K % blocksize != 0) k = &kMatmulRefKernels;
@@ -67,7 +98,7 @@ void matmul_4bit_cpu(const void* x, DType dtype, int64_t M, int64_t K, const uin
   }
   const int64_t units = (N + kRowUnit - 1) / kRowUnit;
   const int64_t unit_bytes = std::max<int64_t>(1, kRowUnit * K / 2);
-  parallel_for(units, std::max<int64_t>(1, kGrainBytes / unit_bytes), std::max(1, num_threads),
+  parallel_for(units, std::max<int64_t>(1, g_grain_bytes.load() / unit_bytes), std::max(1, num_threads),
                [&](int64_t u0, int64_t u1) {
                  k->rows(a, u0 * kRowUnit, std::min(N, u1 * kRowUnit));
                });
@@ -81,7 +112,7 @@ void matmul_4bit_t_cpu(const void* grad_y, DType dtype, int64_t M, int64_t N,
   if (N < 0) throw std::invalid_argument("N must be >= 0, got " + std::to_string(N));
   if (K < 0) throw std::invalid_argument("K must be >= 0, got " + std::to_string(K));
   if (!check_matmul_4bit_args(grad_y, dtype, M, N, packed, absmax, K, blocksize, qt, grad_x)) return;
-  const MatmulKernels* k = &matmul_kernels_for(active_cpu_variant());
+  const MatmulKernels* k = &matmul_kernels_for(matmul_variant());
   if (N == 0 || K % blocksize != 0) k = &kMatmulRefKernels;
   MatmulTArgs a{grad_y, nullptr, dtype, M, K, N, packed, &absmax, blocksize, qt, grad_x};
   std::vector<float> gf;  // grad_y in fp32, M * N floats
@@ -91,10 +122,10 @@ void matmul_4bit_t_cpu(const void* grad_y, DType dtype, int64_t M, int64_t N,
     a.gf = gf.data();
   }
   // Column strips of kTColUnit (N * 64 bytes of W each); as in the forward, a thread should get
-  // at least kGrainBytes of packed weight before another one is woken.
+  // at least the grain's bytes of packed weight before another one is woken.
   const int64_t units = (K + kTColUnit - 1) / kTColUnit;
   const int64_t unit_bytes = std::max<int64_t>(1, N * kTColUnit / 2);
-  parallel_for(units, std::max<int64_t>(1, kGrainBytes / unit_bytes), std::max(1, num_threads),
+  parallel_for(units, std::max<int64_t>(1, g_grain_bytes.load() / unit_bytes), std::max(1, num_threads),
                [&](int64_t u0, int64_t u1) {
                  k->cols(a, u0 * kTColUnit, std::min(K, u1 * kTColUnit));
                });

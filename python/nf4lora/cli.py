@@ -339,6 +339,15 @@ def _run_tune(args: argparse.Namespace) -> int:
         times = cal.measurements.get(f"{direction}_2048x2048_ms", {})
         detail = ", ".join(f"{m}: {t['fused']:.2f} vs {t['scratch']:.2f} ms" for m, t in times.items())
         print(f"  fused {direction} kernel up to M = {cal.choices[field]}" + (f" (2048x2048 fused vs scratch: {detail})" if detail else ""))
+    variants = cal.measurements.get("variant_M1_2048x2048_fwd_plus_t_ms")
+    why = (" (M=1 2048x2048 forward + transposed: " + ", ".join(f"{v} {t:.3f} ms" for v, t in variants.items()) + ")"
+           if variants else "")
+    print(f"  fused products' kernel variant: {cal.choices['cpu_matmul_variant']}{why}")
+    grains = cal.measurements.get("grain_M1_ms_after_torch_mm")
+    why = (" (M=1 after a torch op, ms per grain in KiB: " + "; ".join(
+        f"{shape} " + ", ".join(f"{g}: {t:.3f}" for g, t in times.items()) for shape, times in grains.items()) + ")"
+           if grains else "")
+    print(f"  a second thread only for at least {cal.choices['cpu_grain_kib']} KiB of packed weight per thread{why}")
     for name, value in forced.items():
         print(f"  forced by NF4LORA_DISPATCH or code: {name} = {value}")
     return 0

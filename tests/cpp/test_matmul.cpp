@@ -409,6 +409,55 @@ void test_invalid_args() {
   check(!threw, "valid double-quant call accepted");
 }
 
+// The calibrated choices (set_matmul_cpu_variant, set_matmul_grain_bytes): the variant set
+// without forcing is the kernel that runs (same bytes as that variant forced), a forced variant
+// wins over it, and the grain changes only how rows/columns are split among threads (bit-equal).
+void test_calibrated_choices() {
+  const int64_t N = 200, K = 256, M = 3;
+  const QWeight W(randn(N * K, 0.05f), N, K, 64, QuantType::NF4, true);
+  const Tensor x(DType::BF16, randn(M * K, 1.0f)), g(DType::BF16, randn(M * N, 1.0f));
+  auto plain = [&](int threads) {  // no variant forced: whatever the matmul choice is
+    std::vector<uint8_t> y(M * N * 2 + kGuardBytes, kCanary), gx(M * K * 2 + kGuardBytes, kCanary);
+    const AbsmaxSource src = W.source();
+    matmul_4bit_cpu(x.bytes.data(), DType::BF16, M, K, W.packed.data(), src, N, 64, QuantType::NF4, nullptr,
+                    y.data(), threads);
+    matmul_4bit_t_cpu(g.bytes.data(), DType::BF16, M, N, W.packed.data(), src, K, 64, QuantType::NF4, gx.data(),
+                      threads);
+    y.insert(y.end(), gx.begin(), gx.end());
+    return y;
+  };
+  auto forced = [&](CpuVariant v) {
+    std::vector<uint8_t> y = run(v, x, M, W, nullptr, 2), gx = run_t(v, g, M, W, 2);
+    y.insert(y.end(), gx.begin(), gx.end());
+    return y;
+  };
+  check(active_matmul_cpu_variant() == best_cpu_variant(), "the products default to best_cpu_variant()");
+  for (CpuVariant v : supported_variants()) {
+    set_matmul_cpu_variant(v);
+    check(active_matmul_cpu_variant() == v, std::string("matmul variant set to ") + cpu_variant_name(v));
+    check(plain(2) == forced(v), std::string("set_matmul_cpu_variant(") + cpu_variant_name(v) +
+                                     ") runs that variant's kernels");
+    force_cpu_variant(CpuVariant::Ref);
+    check(active_matmul_cpu_variant() == CpuVariant::Ref, "a forced variant wins over the matmul choice");
+    reset_cpu_variant();
+  }
+  reset_matmul_cpu_variant();
+  check(active_matmul_cpu_variant() == best_cpu_variant(), "reset_matmul_cpu_variant restores the default");
+  const std::vector<uint8_t> base = plain(2);
+  for (int64_t grain : {int64_t{1024}, int64_t{16} << 10, int64_t{1} << 30}) {
+    set_matmul_grain_bytes(grain);
+    check(matmul_grain_bytes() == grain, "grain set");
+    check(plain(2) == base && plain(1) == base, "grain " + std::to_string(grain) + " gives the same bytes");
+  }
+  set_matmul_grain_bytes(kMatmulDefaultGrainBytes);
+  expect_invalid("grain 512 bytes", [] { set_matmul_grain_bytes(512); });
+  expect_invalid("grain 2 GiB", [] { set_matmul_grain_bytes(int64_t{2} << 30); });
+  expect_invalid("variant 9", [] { set_matmul_cpu_variant(static_cast<CpuVariant>(9)); });
+  for (int i = 0; i < kNumCpuVariants; ++i)
+    if (!cpu_variant_supported(static_cast<CpuVariant>(i)))
+      expect_invalid("unsupported variant", [i] { set_matmul_cpu_variant(static_cast<CpuVariant>(i)); });
+}
+
 }  // namespace
 
 int main() {
@@ -420,6 +469,7 @@ int main() {
   test_transposed_edges();
   test_nan();
   test_shapes();
+  test_calibrated_choices();
   for (CpuVariant v : supported_variants()) {
     if (v == CpuVariant::Ref) continue;
     const int i = static_cast<int>(v);

@@ -29,6 +29,20 @@ void matmul_4bit_t_cpu(const void* grad_y, DType dtype, int64_t M, int64_t N,
                        const uint8_t* packed, const AbsmaxSource& absmax, int64_t K,
                        int64_t blocksize, QuantType qt, void* grad_x, int num_threads);
 
+// Machine-dependent choices of the two CPU products, set by the caller's calibration (the Python
+// layer measures them on the running machine, nf4lora/ops/calibrate.py). Both are process-wide.
+// The kernel variant the products use when no variant is forced (force_cpu_variant wins): by
+// default best_cpu_variant(); e.g. AVX512_BF16, which is faster than AVX512 on some CPUs and
+// slower on others. Throws if `v` is not supported here.
+void set_matmul_cpu_variant(CpuVariant v);
+void reset_matmul_cpu_variant();
+CpuVariant active_matmul_cpu_variant();
+// The least packed-weight bytes a thread is given before another one is woken (default 256 KiB):
+// below twice this a product runs on one thread. Throws unless 1 KiB <= bytes <= 1 GiB.
+void set_matmul_grain_bytes(int64_t bytes);
+int64_t matmul_grain_bytes();
+constexpr int64_t kMatmulDefaultGrainBytes = int64_t{1} << 18;
+
 // ---- CUDA (builds with NF4LORA_WITH_CUDA; device pointers; kernels run on `stream`, a
 // cudaStream_t passed as void*). Implemented in cuda/matmul.cu. ------------------------------
 

@@ -58,6 +58,7 @@ CpuVariant best_cpu_variant();
 // Forces a variant for every later call (tests use this); throws if it is not supported.
 void force_cpu_variant(CpuVariant v);
 void reset_cpu_variant();
+bool cpu_variant_forced();  // force_cpu_variant is in effect
 CpuVariant active_cpu_variant();
 
 // ---- CUDA (defined only in builds with NF4LORA_WITH_CUDA; all pointers are device pointers;

@@ -6,7 +6,16 @@ What is measured (a second or two in all; interleaved rounds, the minimum of eac
   is 2x slower than fp32 on some CPUs without AMX and 5x faster on others;
 - cpu_fused_max_rows / cpu_fused_t_max_rows: the fused kernel against dequantize + dense GEMM for
   M in 1, 2, 4, 8 on a 2048 x 2048 weight, each direction; the limit is the largest M up to which
-  the fused kernel wins at every measured M.
+  the fused kernel wins at every measured M;
+- cpu_matmul_variant: every kernel variant this machine runs (but the scalar reference) on the
+  fused products at M = 1, forward and transposed, 2048 x 2048; another variant than
+  best_cpu_variant() only if at least 5% faster (AVX512_BF16 beats AVX512 on some CPUs, not others);
+- cpu_grain_kib: the least packed weight a thread gets before a second one is woken, among
+  16/64/256/1024 KiB, on M = 1 products of 128 KiB, 512 KiB and 2 MiB weights, each call right
+  after a small torch op (as in a model: torch's OpenMP workers were just busy); each weight's
+  times relative to the default's, summed; another grain only if at least 5% better. Measured
+  only with more than one thread.
+These two run first: the crossovers are measured with the variant and grain chosen.
 
 The result is cached as JSON under the user's cache directory (NF4LORA_CACHE_DIR, else
 $XDG_CACHE_HOME/nf4lora, else ~/.cache/nf4lora), one file per machine key: CPU model and flags,
@@ -30,13 +39,27 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..files import write_atomic
-from .dispatch import DISPATCH, FUSED_KERNEL_MAX_ROWS
-from .native import BUILD_INFO
+from .dispatch import DEFAULT_GRAIN_KIB, DISPATCH, FUSED_KERNEL_MAX_ROWS, MAX_GRAIN_KIB
+from .native import BUILD_INFO, best_cpu_variant, cpu_variant_forced, cpu_variants
 
-VERSION = 1
+VERSION = 2
 ROWS = (1, 2, 4, 8)
+GRAINS_KIB = (16, 64, 256, 1024)
 DEFAULTS = {"cpu_fused_max_rows": FUSED_KERNEL_MAX_ROWS, "cpu_fused_t_max_rows": FUSED_KERNEL_MAX_ROWS,
-            "cpu_gemm_fp32": False}
+            "cpu_gemm_fp32": False, "cpu_matmul_variant": best_cpu_variant(), "cpu_grain_kib": DEFAULT_GRAIN_KIB}
+
+
+def _check_choice(name: str, value) -> None:
+    """ValueError unless `value` is a valid choice for `name` on this machine."""
+    default = DEFAULTS[name]
+    if type(value) is not type(default):
+        raise ValueError(f"choice {name}={value!r} has the wrong type")
+    if name in ("cpu_fused_max_rows", "cpu_fused_t_max_rows") and not 0 <= value <= FUSED_KERNEL_MAX_ROWS:
+        raise ValueError(f"choice {name}={value!r} is out of range")
+    if name == "cpu_grain_kib" and not 1 <= value <= MAX_GRAIN_KIB:
+        raise ValueError(f"choice {name}={value!r} is out of range")
+    if name == "cpu_matmul_variant" and value not in cpu_variants(supported_only=True):
+        raise ValueError(f"choice {name}={value!r} is not a variant this machine runs")
 
 
 @dataclasses.dataclass
@@ -56,7 +79,7 @@ def cache_dir() -> Path:
     return Path(base) / "nf4lora"
 
 
-def _cpu_model_and_flags() -> tuple[str, str]:
+def cpu_model_and_flags() -> tuple[str, str]:
     model, flags = platform.processor() or platform.machine(), ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -76,7 +99,7 @@ def _cpu_model_and_flags() -> tuple[str, str]:
 
 def machine_key() -> dict:
     from ..version import __version__
-    model, flags = _cpu_model_and_flags()
+    model, flags = cpu_model_and_flags()
     return {"cpu": model, "flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16],
             "threads": torch.get_num_threads(), "torch": torch.__version__, "nf4lora": __version__,
             "build": BUILD_INFO}
@@ -104,11 +127,8 @@ def _read(path: Path, key: dict) -> Optional[Calibration]:
                           f"or setup ({data.get('key')!r}, this is {key!r}); measuring again", RuntimeWarning)
             return None
         choices = data["choices"]
-        for name, default in DEFAULTS.items():
-            value = choices[name]
-            if type(value) is not type(default) or (isinstance(value, int) and not isinstance(value, bool)
-                                                    and not 0 <= value <= FUSED_KERNEL_MAX_ROWS):
-                raise ValueError(f"choice {name}={value!r} is out of range")
+        for name in DEFAULTS:
+            _check_choice(name, choices[name])
         return Calibration({k: choices[k] for k in DEFAULTS}, dict(data.get("measurements", {})), key,
                            "cache", str(path), float(data.get("seconds", 0.0)))
     except (ValueError, KeyError, TypeError, OSError) as exc:
@@ -162,19 +182,69 @@ def measure(rounds: int = 2) -> Calibration:
     results: dict[str, Any] = {}
     choices = dict(DEFAULTS)
     with torch.no_grad():
+        w2048 = weight(2048, 2048)
+        x1, g1 = torch.randn(1, 2048, generator=g).bfloat16(), torch.randn(1, 2048, generator=g).bfloat16()
+
+        def products(**forced):
+            def run():
+                with DISPATCH.override(cpu_fused_max_rows=1, cpu_fused_t_max_rows=1, **forced):
+                    cpu.matmul(x1, w2048, None)
+                    cpu.matmul_t(g1, w2048)
+            return run
+        if cpu_variant_forced():
+            results["variant"] = "not measured: a CPU variant is forced (nf4lora.set_cpu_variant)"
+        else:
+            names = [v for v in cpu_variants(supported_only=True) if v != "ref"]
+            if len(names) > 1:
+                t = _best_ms({v: products(cpu_matmul_variant=v) for v in names}, rounds + 1, 4)
+                results["variant_M1_2048x2048_fwd_plus_t_ms"] = {k: round(v, 4) for k, v in t.items()}
+                fastest = min(t, key=t.get)
+                if t[fastest] < 0.95 * t[choices["cpu_matmul_variant"]]:
+                    choices["cpu_matmul_variant"] = fastest
+        variant = choices["cpu_matmul_variant"]
+
+        if torch.get_num_threads() > 1:
+            a, b = torch.randn(64, 256, generator=g), torch.randn(256, 256, generator=g)
+            shapes = {"128KiB": weight(512, 512), "512KiB": weight(1024, 1024), "2MiB": w2048}
+            rel = {grain: 0.0 for grain in GRAINS_KIB}
+            per_shape = {}
+            for label, ws in shapes.items():
+                xs, gs = torch.randn(1, ws.shape[1], generator=g).bfloat16(), torch.randn(1, ws.shape[0], generator=g).bfloat16()
+                fns = {}
+                for grain in GRAINS_KIB:
+                    def run(grain=grain, ws=ws, xs=xs, gs=gs):
+                        with DISPATCH.override(cpu_fused_max_rows=1, cpu_fused_t_max_rows=1,
+                                               cpu_matmul_variant=variant, cpu_grain_kib=grain):
+                            torch.mm(a, b)
+                            cpu.matmul(xs, ws, None)
+                            torch.mm(a, b)
+                            cpu.matmul_t(gs, ws)
+                    fns[grain] = run
+                t = _best_ms(fns, rounds + 1, 4)
+                per_shape[label] = {str(k): round(v, 4) for k, v in t.items()}
+                for grain in GRAINS_KIB:
+                    rel[grain] += t[grain] / t[DEFAULT_GRAIN_KIB]
+            results["grain_M1_ms_after_torch_mm"] = per_shape
+            best = min(rel, key=rel.get)
+            if rel[best] < 0.95 * rel[DEFAULT_GRAIN_KIB]:
+                choices["cpu_grain_kib"] = best
+        else:
+            results["grain"] = "not measured: one thread"
+        native = {"cpu_matmul_variant": variant, "cpu_grain_kib": choices["cpu_grain_kib"]}
+
         w = weight(1024, 1024)
         x = torch.randn(256, 1024, generator=g).bfloat16()
         routes = {}
         for fp32 in (False, True):
             def run(fp32=fp32):
-                with DISPATCH.override(cpu_fused_max_rows=0, cpu_gemm_fp32=fp32):
+                with DISPATCH.override(cpu_fused_max_rows=0, cpu_gemm_fp32=fp32, **native):
                     return cpu.matmul(x, w, None)
             routes["fp32" if fp32 else "bf16"] = run
         t = _best_ms(routes, rounds, 2)
         results["gemm_M256_1024x1024_ms"] = {k: round(v, 4) for k, v in t.items()}
         choices["cpu_gemm_fp32"] = t["fp32"] < 0.95 * t["bf16"]
 
-        w = weight(2048, 2048)
+        w = w2048
         for direction, field in (("forward", "cpu_fused_max_rows"), ("transposed", "cpu_fused_t_max_rows")):
             product = cpu.matmul if direction == "forward" else (lambda inp, w, _: cpu.matmul_t(inp, w))
             limit, winning, times = 0, True, {}
@@ -183,7 +253,7 @@ def measure(rounds: int = 2) -> Calibration:
                 fns = {}
                 for route, rows in (("fused", FUSED_KERNEL_MAX_ROWS), ("scratch", 0)):
                     def run(rows=rows, inp=inp):
-                        with DISPATCH.override(**{field: rows}, cpu_gemm_fp32=choices["cpu_gemm_fp32"]):
+                        with DISPATCH.override(**{field: rows}, cpu_gemm_fp32=choices["cpu_gemm_fp32"], **native):
                             return product(inp, w, None)
                     fns[route] = run
                 tm = _best_ms(fns, rounds, 2)

@@ -6,7 +6,8 @@ CPU, which CUDA kernel). The ops ask it on each call; code above the op layer as
 The CPU choices are measured on the running machine (ops/calibrate.py) the first time they are
 needed, and cached per machine; a field set here (tests, ``DISPATCH.override(...)``, the
 environment variable NF4LORA_DISPATCH="cpu_gemm_fp32=1,cpu_fused_max_rows=4") forces a choice and
-takes precedence. NF4LORA_CALIBRATE=0 turns measuring off (then the kernels' own limits and torch's
+takes precedence. Two of the choices live in the native core (the CPU products' kernel variant and
+their thread grain): DISPATCH installs them there whenever they or its calibration change. NF4LORA_CALIBRATE=0 turns measuring off (then the kernels' own limits and torch's
 own GEMM precision are used). Tested by tests/test_calibrate.py, tests/test_matmul.py and
 tests/test_cuda_matmul.py."""
 from __future__ import annotations
@@ -20,6 +21,11 @@ import torch
 
 # The fused CPU kernels take at most this many rows (nf4lora/matmul.h), and the CUDA ones too.
 FUSED_KERNEL_MAX_ROWS = 8
+# matmul.h's kMatmulDefaultGrainBytes, in KiB: below twice this much packed weight a product runs
+# on one thread.
+DEFAULT_GRAIN_KIB = 256
+MAX_GRAIN_KIB = 1 << 20
+_NATIVE_FIELDS = ("cpu_matmul_variant", "cpu_grain_kib", "calibration")
 
 
 @dataclasses.dataclass
@@ -32,10 +38,40 @@ class DispatchPolicy:
     cpu_fused_t_max_rows: Optional[int] = None  # transposed product (backward), fused CPU kernel
     # A bf16 dense GEMM on the CPU as an fp32 GEMM over the same values, rounded once.
     cpu_gemm_fp32: Optional[bool] = None
+    # The fused CPU products' kernel variant ("avx512", "avx512_bf16", ...; nf4lora.set_cpu_variant
+    # forces one for every kernel and wins) and their thread grain in KiB of packed weight.
+    cpu_matmul_variant: Optional[str] = None
+    cpu_grain_kib: Optional[int] = None
     # CUDA: measured on an H200 (docs/decisions.md); not calibrated yet.
     cuda_gemv_max_rows: int = 3        # forward fused GEMV
     cuda_gemv_t_max_rows: int = 1      # transposed fused GEMV
     calibration: Any = dataclasses.field(default=None, repr=False)  # ops.calibrate.Calibration
+
+    def __setattr__(self, name: str, value) -> None:
+        previous = self.__dict__.get(name)
+        object.__setattr__(self, name, value)
+        if name in _NATIVE_FIELDS and self.__dict__.get("_owns_native"):
+            try:
+                self._install_native()
+            except ValueError:  # an unusable choice is refused and changes nothing
+                object.__setattr__(self, name, previous)
+                self._install_native()
+                raise
+
+    def _install_native(self) -> None:
+        """Pushes the native choices (forced field, else the calibration's, else the defaults)
+        into the core; asks for no calibration of its own."""
+        from .native import set_matmul_choices
+        cal = self.calibration.choices if self.calibration is not None else {}
+        variant = self.cpu_matmul_variant or cal.get("cpu_matmul_variant")
+        grain = self.cpu_grain_kib if self.cpu_grain_kib is not None else cal.get("cpu_grain_kib", DEFAULT_GRAIN_KIB)
+        set_matmul_choices(variant, grain * 1024)
+
+    def cpu_matmul_choices(self) -> tuple[str, int]:
+        """(kernel variant, grain in KiB) of the fused CPU products, calibrating first if needed.
+        The products themselves read them from the core, which this keeps in step."""
+        variant, grain = self._choice("cpu_matmul_variant"), self._choice("cpu_grain_kib")
+        return variant, grain
 
     def _choice(self, name: str):
         forced = getattr(self, name)
@@ -82,8 +118,8 @@ class DispatchPolicy:
                 setattr(self, name, value)
 
 
-_FORCEABLE = ("cpu_fused_max_rows", "cpu_fused_t_max_rows", "cpu_gemm_fp32", "cuda_gemv_max_rows",
-              "cuda_gemv_t_max_rows")
+_FORCEABLE = ("cpu_fused_max_rows", "cpu_fused_t_max_rows", "cpu_gemm_fp32", "cpu_matmul_variant",
+              "cpu_grain_kib", "cuda_gemv_max_rows", "cuda_gemv_t_max_rows")
 
 
 def _check_names(choices) -> None:
@@ -93,7 +129,9 @@ def _check_names(choices) -> None:
 
 
 def parse_forced(text: str) -> dict:
-    """'cpu_gemm_fp32=1,cpu_fused_max_rows=4' -> {'cpu_gemm_fp32': True, 'cpu_fused_max_rows': 4}."""
+    """'cpu_gemm_fp32=1,cpu_fused_max_rows=4' -> {'cpu_gemm_fp32': True, 'cpu_fused_max_rows': 4}.
+    A variant name is checked when it is installed (set_matmul_choices: ValueError if this
+    machine cannot run it)."""
     out: dict = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, value = item.partition("=")
@@ -105,11 +143,19 @@ def parse_forced(text: str) -> dict:
             if value not in ("1", "0", "true", "false"):
                 raise ValueError(f"NF4LORA_DISPATCH: cpu_gemm_fp32 must be 1/0/true/false, got {value!r}")
             out[name] = value in ("1", "true")
+        elif name == "cpu_matmul_variant":
+            out[name] = value
         else:
             if not value.isdigit():
                 raise ValueError(f"NF4LORA_DISPATCH: {name} must be a non-negative int, got {value!r}")
             out[name] = int(value)
+            if name == "cpu_grain_kib" and not 1 <= out[name] <= MAX_GRAIN_KIB:
+                raise ValueError(f"NF4LORA_DISPATCH: cpu_grain_kib must be in 1..{MAX_GRAIN_KIB}, got {value}")
     return out
 
 
 DISPATCH = DispatchPolicy(**parse_forced(os.environ.get("NF4LORA_DISPATCH", "")))
+# DISPATCH alone keeps the core's choices in step (a DispatchPolicy built elsewhere, e.g. in a test,
+# changes nothing native); a forced variant or grain takes effect now (ValueError if unusable).
+object.__setattr__(DISPATCH, "_owns_native", True)
+DISPATCH._install_native()

@@ -96,6 +96,32 @@ def use_cpu_variant(name: Optional[str]) -> Iterator[None]:
         set_cpu_variant(previous)
 
 
+def cpu_variant_forced() -> bool:
+    """Whether set_cpu_variant / NF4LORA_CPU_VARIANT forces a variant (it then wins over the
+    calibrated product variant below)."""
+    return _forced[0] is not None
+
+
+def best_cpu_variant() -> str:
+    """The variant used when nothing is forced or calibrated (dispatch.cpp's best_cpu_variant)."""
+    return _C.best_cpu_variant()
+
+
+def set_matmul_choices(variant: Optional[str], grain_bytes: int) -> None:
+    """Installs the machine-dependent choices of the CPU 4-bit products (matmul.h): the kernel
+    variant used when none is forced (None: best_cpu_variant()), and the least packed-weight bytes
+    a thread gets before another one is woken. DISPATCH calls this; ValueError on a bad value."""
+    if variant is not None and variant not in cpu_variants(supported_only=True):
+        raise ValueError(f"CPU variant {variant!r} is not one this machine runs ({cpu_variants()})")
+    _C.set_matmul_cpu_variant(variant)
+    _C.set_matmul_grain_bytes(int(grain_bytes))
+
+
+def matmul_choices() -> tuple[str, int]:
+    """(the products' active variant, their grain in bytes), as the native core holds them."""
+    return _C.active_matmul_cpu_variant(), int(_C.matmul_grain_bytes())
+
+
 if os.environ.get("NF4LORA_CPU_VARIANT"):
     set_cpu_variant(os.environ["NF4LORA_CPU_VARIANT"])
 
