@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import torch
+from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
                                           register_quantization_config, register_quantizer)
@@ -65,31 +66,95 @@ class NF4Config(QuantizationConfigMixin):
         }
 
 
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    """nl.quantize_model's skip rule: the module's name is, or ends with ".", a pattern."""
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+class _QuantizeOnLoad(ConversionOps):
+    """transformers' per-tensor hook for a weight that needs quantization (the model's weight
+    name, its one dense checkpoint tensor already cast to the load dtype): quantizes it with
+    nl.quantize_4bit into its (meta) Linear4bit's packed codes and scales, then drops the dense
+    tensor. Its bitsandbytes state keys (weight.absmax, ...) come from the same call, so they are
+    no longer missing."""
+
+    def __init__(self, hf_quantizer: "NF4Quantizer") -> None:
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict: dict[str, Any], model: Any = None, missing_keys: Any = None,
+                **kwargs: Any) -> dict[str, torch.Tensor]:
+        c = self.hf_quantizer.quantization_config
+        out = {}
+        for name, value in input_dict.items():
+            value = value[0] if isinstance(value, list) else value
+            module = model.get_submodule(name.rpartition(".")[0])
+            packed, state = nl.quantize_4bit(value.contiguous(), c.blocksize, c.quant_type, c.double_quant)
+            del value
+            module.set_quantized(packed, state)
+            module._is_hf_initialized = True
+            self.hf_quantizer.loaded_states[name.rpartition(".")[0]] = state
+            if missing_keys is not None:
+                missing_keys.difference_update(state.to_dict(name + "."))
+            out[name] = module.weight
+        return out
+
+
 @_register(AUTO_QUANTIZER_MAPPING, register_quantizer, METHOD)
 class NF4Quantizer(HfQuantizer):
-    """Loads the checkpoint's weights as transformers does, then turns every nn.Linear but the
-    skipped ones into an nf4lora Linear4bit (nl.quantize_model: the codes nl.load_model gives for
-    the same tensors). Peak memory: the dense model in the load dtype, then the 4-bit one (not
-    tensor by tensor as nl.load_model reads)."""
+    """Quantizes as transformers loads, one tensor at a time: before the weights load, every
+    nn.Linear but the skipped ones becomes an nf4lora Linear4bit on the meta device; then each
+    dense checkpoint weight of those layers, as transformers reads and casts it to the load
+    dtype, is quantized (nl.quantize_4bit, the codes nl.load_model gives) and freed before the
+    next one is read. Peak memory: the 4-bit model plus about one dense tensor (bench/bench_hf_load.py).
+    Biases, norms, embeddings and the skipped layers load as transformers loads them."""
 
     requires_calibration = False
     quantization_config: NF4Config
+
+    def __init__(self, quantization_config: NF4Config, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self.loaded_states: dict[str, Any] = {}  # module name -> the QuantState its weight was quantized to
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         if self.pre_quantized:
             raise ValueError("NF4Config quantizes a dense checkpoint; this one is already quantized "
                              "(load it without quantization_config, or with nl.load_model)")
 
+    @property
+    def quantized_element_size(self) -> float:
+        return 0.5  # for transformers' device-map arithmetic: about 4 bits a weight
+
     def param_needs_quantization(self, model: Any, param_name: str, **kwargs: Any) -> bool:
-        return False  # weights load dense; quantized after loading
+        module_name, _, leaf = param_name.rpartition(".")
+        return leaf == "weight" and isinstance(model.get_submodule(module_name), nl.Linear4bit)
+
+    def get_quantize_ops(self) -> ConversionOps:
+        return _QuantizeOnLoad(self)
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        c = self.quantization_config
+        skip = tuple(c.skip_modules)
+        targets = [(name, m) for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and not _matches(name, skip)]
+        for name, dense in targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            # the placeholder state is single-level: a nested one's state_dict reads its offset
+            # with .item(), which a meta tensor refuses (transformers lists the keys first)
+            layer = nl.Linear4bit(dense.in_features, dense.out_features, bias=dense.bias is not None,
+                                  quant_type=c.quant_type, blocksize=c.blocksize, double_quant=False,
+                                  compute_dtype=c.compute_dtype, device="meta", dtype=dense.weight.dtype)
+            setattr(parent, child, layer)
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
-        c = self.quantization_config
-        nl.quantize_model(model, skip_modules=c.skip_modules, quant_type=c.quant_type, blocksize=c.blocksize,
-                          double_quant=c.double_quant, compute_dtype=c.compute_dtype)
+        # After the weights load, transformers replaces every non-persistent buffer by
+        # torch.empty_like (for _init_weights to refill; Llama's rotary inv_freq): that wipes the
+        # Linear4bit's scales and code books, so each layer gets its state back here.
+        for name, state in self.loaded_states.items():
+            module = model.get_submodule(name)
+            module.set_quantized(module.weight.data, state)
+        self.loaded_states.clear()
         model.is_loaded_in_4bit = True
         return model
 
