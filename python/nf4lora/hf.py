@@ -50,8 +50,13 @@ class NF4Config(QuantizationConfigMixin):
         if compute_dtype is not None and (not isinstance(compute_dtype, torch.dtype)
                                           or not compute_dtype.is_floating_point):
             raise TypeError(f"compute_dtype must be a float torch.dtype or None, got {compute_dtype!r}")
+        if not isinstance(double_quant, bool):
+            raise TypeError(f"double_quant must be a bool, got {double_quant!r}")
+        if (not isinstance(skip_modules, (list, tuple, set, frozenset))
+                or not all(isinstance(m, str) for m in skip_modules)):
+            raise TypeError(f"skip_modules must be a sequence of module names (str), got {skip_modules!r}")
         self.quant_method = METHOD
-        self.quant_type, self.double_quant, self.blocksize = quant_type, bool(double_quant), blocksize
+        self.quant_type, self.double_quant, self.blocksize = quant_type, double_quant, blocksize
         self.compute_dtype = compute_dtype
         self.skip_modules = tuple(skip_modules)
 
@@ -71,31 +76,33 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
+class _PendingLinear4bit(nl.Linear4bit):
+    """A Linear4bit waiting for its checkpoint weight (on the meta device until then). Its state
+    dict is the dense layer's key names only (weight, bias), so transformers does not expect the
+    bitsandbytes state keys from a dense checkpoint; once quantized it becomes a plain
+    nl.Linear4bit (same attributes, the class swapped back)."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+
 class _QuantizeOnLoad(ConversionOps):
     """transformers' per-tensor hook for a weight that needs quantization (the model's weight
     name, its one dense checkpoint tensor already cast to the load dtype): quantizes it with
     nl.quantize_4bit into its (meta) Linear4bit's packed codes and scales, then drops the dense
-    tensor. Its bitsandbytes state keys (weight.absmax, ...) come from the same call, so they are
-    no longer missing."""
+    tensor."""
 
     def __init__(self, hf_quantizer: "NF4Quantizer") -> None:
         self.hf_quantizer = hf_quantizer
 
-    def convert(self, input_dict: dict[str, Any], model: Any = None, missing_keys: Any = None,
-                **kwargs: Any) -> dict[str, torch.Tensor]:
-        c = self.hf_quantizer.quantization_config
+    def convert(self, input_dict: dict[str, Any], model: Any = None, **kwargs: Any) -> dict[str, torch.Tensor]:
         out = {}
         for name, value in input_dict.items():
             value = value[0] if isinstance(value, list) else value
             module = model.get_submodule(name.rpartition(".")[0])
-            packed, state = nl.quantize_4bit(value.contiguous(), c.blocksize, c.quant_type, c.double_quant)
-            del value
-            module.set_quantized(packed, state)
-            module._is_hf_initialized = True
-            self.hf_quantizer.loaded_states[name.rpartition(".")[0]] = state
-            if missing_keys is not None:
-                missing_keys.difference_update(state.to_dict(name + "."))
-            out[name] = module.weight
+            out[name] = self.hf_quantizer.quantize(module, value, name.rpartition(".")[0])
         return out
 
 
@@ -114,6 +121,19 @@ class NF4Quantizer(HfQuantizer):
     def __init__(self, quantization_config: NF4Config, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self.loaded_states: dict[str, Any] = {}  # module name -> the QuantState its weight was quantized to
+
+    def quantize(self, module: nl.Linear4bit, dense: torch.Tensor, name: str) -> torch.Tensor:
+        """Quantizes the dense weight into the pending layer `name`; returns its packed codes."""
+        c = self.quantization_config
+        if tuple(dense.shape) != (module.out_features, module.in_features):
+            raise ValueError(f"{name}.weight: the checkpoint's tensor has shape {list(dense.shape)}, the layer is "
+                             f"[{module.out_features}, {module.in_features}]")
+        packed, state = nl.quantize_4bit(dense.contiguous(), c.blocksize, c.quant_type, c.double_quant)
+        module.set_quantized(packed, state)
+        module.__class__ = nl.Linear4bit
+        module._is_hf_initialized = True
+        self.loaded_states[name] = state
+        return module.weight
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         if self.pre_quantized:
@@ -139,11 +159,9 @@ class NF4Quantizer(HfQuantizer):
         for name, dense in targets:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            # the placeholder state is single-level: a nested one's state_dict reads its offset
-            # with .item(), which a meta tensor refuses (transformers lists the keys first)
-            layer = nl.Linear4bit(dense.in_features, dense.out_features, bias=dense.bias is not None,
-                                  quant_type=c.quant_type, blocksize=c.blocksize, double_quant=False,
-                                  compute_dtype=c.compute_dtype, device="meta", dtype=dense.weight.dtype)
+            layer = _PendingLinear4bit(dense.in_features, dense.out_features, bias=dense.bias is not None,
+                                       quant_type=c.quant_type, blocksize=c.blocksize, double_quant=c.double_quant,
+                                       compute_dtype=c.compute_dtype, device="meta", dtype=dense.weight.dtype)
             setattr(parent, child, layer)
         return model
 
@@ -155,6 +173,21 @@ class NF4Quantizer(HfQuantizer):
             module = model.get_submodule(name)
             module.set_quantized(module.weight.data, state)
         self.loaded_states.clear()
+        missing = []
+        for name, module in model.named_modules():
+            if not isinstance(module, _PendingLinear4bit):
+                continue
+            w = module.weight
+            if w.is_floating_point() and w.device.type != "meta":
+                # tied to a dense weight the checkpoint does have (an lm_head tied to the
+                # embeddings when skip_modules leaves it in): quantized from it, so untied
+                self.quantize(module, w.detach(), name)
+                self.loaded_states.clear()
+            else:
+                missing.append(name + ".weight")
+        if missing:
+            raise ValueError(f"NF4Config: the checkpoint has no weight for {len(missing)} layer(s) it would quantize: "
+                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
         model.is_loaded_in_4bit = True
         return model
 
