@@ -60,7 +60,6 @@ def _load(route: str, folder: str):
 def child(route: str, folder: str) -> None:
     """In a fresh process: warm-up, baseline, the load under the sampler; one JSON line."""
     import gc
-    import torch
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -150,10 +149,14 @@ def main() -> None:
               f"{sizes['bf16_bytes'] / 1e6:.0f} MB dense in bf16")
         print(f"{'route':<12} {'load s':>7} {'anon peak MB':>13} {'anon after MB':>14} {'VmHWM+ MB':>10} "
               f"{'model MB':>9}")
+        peaks = {}
         for route in a.routes.split(","):
             r = measure(route, folder)
+            peaks[route] = r["anon_peak"]
             print(f"{route:<12} {r['load_s']:>7.2f} {r['anon_peak'] / 1e6:>13.1f} {r['anon_after'] / 1e6:>14.1f} "
                   f"{r['hwm'] / 1e6:>10.1f} {r['model_bytes'] / 1e6:>9.1f}", flush=True)
+        if "nf4config" in peaks and "dense-first" in peaks:
+            print(f"# NF4Config's peak is {peaks['nf4config'] / peaks['dense-first']:.2f}x the dense-first route's")
         print("# anon peak: anonymous memory above the level before the load (what the load holds); VmHWM+ "
               "also counts the checkpoint's mmapped file pages")
     finally:

@@ -1,12 +1,13 @@
 """transformers integration: `AutoModelForCausalLM.from_pretrained(path,
 quantization_config=nf4lora.hf.NF4Config())` gives a model whose linears (all but lm_head) are
 nf4lora Linear4bit layers, registered through transformers' public quantizer registry
-(register_quantization_config / register_quantizer under the method name "nf4lora").
+(register_quantization_config / register_quantizer under the method name "nf4lora"), quantized
+tensor by tensor as transformers reads the checkpoint (its on-load quantization hook).
 `save_pretrained` writes bitsandbytes' 4-bit format (our Linear4bit state dict is it) with a
 bitsandbytes quantization_config, so transformers + bitsandbytes and nl.load_model load it.
 Imported on demand (`import nf4lora` does not import transformers).
 Tested by tests/test_hf.py (codes and logits against nl.load_model, the saved checkpoint in
-transformers + bitsandbytes)."""
+transformers + bitsandbytes, the load's peak memory against the dense model's)."""
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence
