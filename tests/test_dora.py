@@ -203,3 +203,167 @@ def test_4bit_dropout_path_matches_float64(dtype):
     for what, r, o, p in zip(NAMES, ref, got, peft_):
         err, peft_err = (o - r).abs().max().item(), (p - r).abs().max().item()
         assert err <= 2 * peft_err + 1e-6 * r.abs().max().item(), (dtype, what, err, peft_err)
+
+
+# ---- the row norm without a dense weight --------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,blocksize,quant_type,double_quant", [
+    ((37, 96), 64, "nf4", True),     # a block starts a row every 2 rows: chunks of even rows
+    ((300, 64), 64, "fp4", True),    # chunks cross the 256-block groups of the nested absmax
+    ((61, 40), 128, "nf4", False),   # blocks span rows: 16 rows per whole-block chunk
+])
+def test_chunked_row_norm_equals_the_dense_float64_norm(shape, blocksize, quant_type, double_quant, monkeypatch):
+    N, K = shape
+    g = torch.Generator().manual_seed(N)
+    dense = nn.Linear(K, N, bias=False)
+    with torch.no_grad():
+        dense.weight.copy_(torch.randn(N, K, generator=g))
+    base = Linear4bit.from_linear(dense, quant_type, blocksize, double_quant, torch.float32)
+    A, B = torch.randn(3, K, generator=g), torch.randn(N, 3, generator=g) * 0.3
+    W = base.dequantize(torch.float32).double()
+    expected = torch.linalg.vector_norm(W + 0.7 * B.double() @ A.double(), dim=1)
+    seen = []
+    real = lora_layer.dequantize_4bit
+
+    def spy(packed, state, out=None, dtype=None):
+        seen.append(tuple(out.shape))
+        return real(packed, state, out=out, dtype=dtype)
+
+    monkeypatch.setattr(lora_layer, "dequantize_4bit", spy)
+    for chunk_bytes in (1, 4 * K * 5, 1 << 20):
+        seen.clear()
+        got = lora_layer.dora_weight_norm(base, A, B, 0.7, chunk_bytes=chunk_bytes)
+        assert got.dtype == torch.float32 and got.shape == (N,)
+        assert torch.allclose(got.double(), expected, rtol=1e-6), chunk_bytes
+        rows = lora_layer._chunk_rows(base, chunk_bytes)
+        assert sum(r for r, _ in seen) == N and max(r for r, _ in seen) == min(rows, N)
+        if chunk_bytes < 4 * N * K:
+            assert len(seen) > 1  # never the whole weight at once
+    # the float base: the same norm from nn.Linear's weight
+    got = lora_layer.dora_weight_norm(dense, A, B, 0.7, chunk_bytes=4 * K * 3)
+    expected = torch.linalg.vector_norm(dense.weight.double() + 0.7 * B.double() @ A.double(), dim=1)
+    assert torch.allclose(got.double(), expected, rtol=1e-6)
+
+
+# ---- merging --------------------------------------------------------------------------------------
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(tiny_config()).eval()
+
+
+IDS = torch.randint(0, 259, (2, 9), generator=torch.Generator().manual_seed(4))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def test_merge_unmerge_and_merge_and_unload_float_base():
+    model = nl.get_lora_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, use_dora=True))
+    perturb(model)
+    model.eval()
+    expected = logits(model)
+    plain = logits(tiny_llama())
+    assert not torch.allclose(plain, expected, atol=1e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nl.merge_adapter(model)
+    assert torch.allclose(logits(model), expected, atol=1e-4)
+    nl.unmerge_adapter(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert torch.equal(logits(model), expected)
+    dense = nl.merge_and_unload(model)
+    assert not any(isinstance(m, LoraLinear) for m in dense.modules())
+    assert torch.allclose(logits(dense), expected, atol=1e-4)
+
+
+def test_merge_into_4bit_and_merge_and_unload_4bit_base():
+    model = nl.get_lora_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, use_dora=True), quantize="nf4",
+                              compute_dtype=torch.float32)
+    perturb(model)
+    model.eval()
+    expected = logits(model)
+    packed = {k: v.clone() for k, v in model.state_dict().items()}
+    report = nl.merge_adapter(model, merge_into_4bit=True)
+    assert len(report) == 2 * 7 and max(report.values()) < 0.15  # one NF4 requantization
+    nl.unmerge_adapter(model)
+    assert all(torch.equal(v, packed[k]) for k, v in model.state_dict().items())
+    dense = nl.merge_and_unload(model)
+    assert torch.allclose(logits(dense), expected, atol=1e-4)
+
+
+# ---- PEFT's files, both ways ----------------------------------------------------------------------
+
+
+def test_saved_keys_and_config_are_what_peft_writes(tmp_path):
+    ours = nl.get_lora_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, use_dora=True))
+    nl.save_adapter(ours, tmp_path / "ours")
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                           use_dora=True))
+    pm.save_pretrained(tmp_path / "peft")
+    shapes = {name: {k: tuple(v.shape) for k, v in nl.read_adapter(tmp_path / name)[1].items()}
+              for name in ("ours", "peft")}
+    assert shapes["ours"] == shapes["peft"] and len(shapes["ours"]) == 3 * 7 * 2
+    assert shapes["ours"]["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"] == (64,)
+    for name in ("ours", "peft"):
+        assert json.loads((tmp_path / name / "adapter_config.json").read_text())["use_dora"] is True
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_ours_loads_in_peft_and_peft_loads_in_ours(dropout, tmp_path):
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True,
+               lora_dropout=dropout)
+    ours = nl.get_lora_model(tiny_llama(), LoraConfig(**cfg))
+    perturb(ours)
+    ours.eval()
+    expected = logits(ours)
+    nl.save_adapter(ours, tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")
+    assert torch.allclose(logits(loaded), expected, atol=1e-5)
+
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**cfg))
+    perturb(pm, seed=7)
+    pm.eval()
+    expected = logits(pm)
+    pm.save_pretrained(tmp_path / "peft")
+    model = nl.load_adapter(tiny_llama(), tmp_path / "peft")
+    assert nl.adapter_config(model).use_dora
+    assert torch.allclose(logits(model), expected, atol=1e-5)
+    # trained further from PEFT's file: the magnitude is a trainable parameter
+    model = nl.load_adapter(tiny_llama(), tmp_path / "peft", is_trainable=True)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "model.layers.0.self_attn.q_proj.lora_magnitude_vector.default.weight" in names and len(names) == 3 * 3 * 2
+
+
+def test_adapter_trained_on_a_4bit_base_loads_in_peft_on_the_dequantized_base(tmp_path):
+    model = nl.get_lora_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, use_dora=True), quantize="nf4",
+                              compute_dtype=torch.float32)
+    perturb(model)
+    model.eval()
+    expected = logits(model)
+    nl.save_adapter(model, tmp_path)
+    base = tiny_llama()
+    nl.quantize_model(base, compute_dtype=None)
+    nl.merge_and_unload(nl.get_lora_model(base, LoraConfig(r=1, target_modules=["q_proj"])), dtype=None)
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path)
+    assert torch.allclose(logits(loaded), expected, atol=1e-4)
+
+
+def test_file_and_config_must_agree_on_dora(tmp_path):
+    plain = nl.get_lora_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    nl.save_adapter(plain, tmp_path / "plain")
+    dora = nl.get_lora_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    nl.save_adapter(dora, tmp_path / "dora")
+    cfg = json.loads((tmp_path / "dora" / "adapter_config.json").read_text())
+    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": False}))
+    with pytest.raises(ValueError, match="DoRA magnitudes"):
+        nl.load_adapter(tiny_llama(), tmp_path / "dora")
+    cfg = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    (tmp_path / "plain" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(ValueError, match="missing keys.*lora_magnitude_vector"):
+        nl.load_adapter(tiny_llama(), tmp_path / "plain")
+    with pytest.raises(TypeError, match="use_dora must be a bool"):
+        LoraConfig(use_dora="yes")

@@ -195,6 +195,7 @@ def _wrap(name: str, module: nn.Module, config: LoraConfig, adapter_name: str, q
     elif quant.quant_type is not None and isinstance(module, nn.Linear):
         base = quant.linear4bit(module)
     layer = LoraLinear(base, *args)
+    layer.train(module.training)  # a model in eval mode stays there (no lora_dropout after load_adapter)
     if A is not None:
         layer.lora_A[adapter_name].weight.copy_(A)
         layer.lora_B[adapter_name].weight.copy_(B)
