@@ -185,30 +185,31 @@ def lora_matmul_4bit(x: Tensor, base: Linear4bit, A: Tensor, B: Tensor, scaling:
 
 class DoraMatmul4bit(torch.autograd.Function):
     """DoRA's product over a 4-bit base, y = c * (x W^T + s x A^T B^T) + b with c = m / n, in
-    one function; returned in fp32 (the caller rounds once, to its dtype).
+    one function, returned in x's dtype (or fp32 with out_fp32: the caller adds another term
+    and rounds once).
 
     Inputs: x [..., K] in the compute dtype, A [r, K], B [N, r], m [N] (the magnitude), n [N]
     (the row norm ||W + s B A||, fp32, a constant), scaling s, bias [N] or None, Weight4bit w.
-    Shapes below flatten x to [M, K]; the adapter's products are fp32, as PEFT's fp32 adapter.
+    Shapes below flatten x to [M, K]. The adapter's products are fp32, as PEFT's fp32 adapter;
+    c is applied to the rows of B (B_c = c * B, [N, r]) instead of to a [M, N] product.
 
     Forward:
         z   = x W^T                                   [M, N]  compute dtype (fused kernel; saved)
         x_a = s * x A^T                               [M, r]  fp32 (saved)
-        c   = m / n                                   [N]
-        y   = c * (z + x_a B^T) + b                   fp32
+        y   = b + c * z + x_a B_c^T                   fp32 (addcmul, then addmm_), rounded once
 
-    Backward, with g = dL/dy [M, N] (fp32) and g_c = g * c (columns scaled):
-        dL/dx = g_c W  (matmul_4bit_t over g_c in the compute dtype, or the fp32 GEMM route)
-              + (s * g_c B) A
-        dL/dA = (s * g_c B)^T x
-        dL/dB = g_c^T x_a           = c * (g^T x_a)  (rows scaled)
-        dL/dm = (sum_i g z + rowsum(B * (g^T x_a))) / n    (sum_i g_ij u_ij / n_j, u = z + x_a B^T,
-                                                            without keeping u)
+    Backward, with g = dL/dy [M, N]:
+        dL/dx = (g * c) W   (matmul_4bit_t over g * c in the compute dtype, or the fp32 GEMM route)
+              + (s * g B_c) A          (fp32, added into the base term)
+        dL/dA = (s * g B_c)^T x
+        dL/dB = c * (g^T x_a)          (rows scaled)
+        dL/dm = (sum_i g z + rowsum(B * (g^T x_a))) / n    (= sum_i g_ij u_ij / n_j for
+                                                            u = z + x_a B^T, without keeping u)
         dL/db = sum over rows of g
     Saved: x, z, x_a, A and B in fp32, c, n; never the dense W."""
 
     @staticmethod
-    def forward(ctx, x, A, B, m, n, scaling, bias, w: Weight4bit):
+    def forward(ctx, x, A, B, m, n, scaling, bias, w: Weight4bit, out_fp32=False):
         N, K = w.shape
         rows = x.numel() // K if K else 0
         ctx.fp32 = (is_plain_eager_cpu(x) and rows > DISPATCH.fused_rows(x.device)
@@ -217,18 +218,21 @@ class DoraMatmul4bit(torch.autograd.Function):
         ctx.dtypes = (x.dtype, A.dtype, B.dtype, m.dtype, None if bias is None else bias.dtype)
         x2 = x.reshape(-1, K)
         with torch.autocast(x.device.type, enabled=False):
+            x32 = x2.float()
             if ctx.fp32:
-                z = torch.mm(x2.float(), dequantized(w, torch.float32).t())
+                z = torch.mm(x32, dequantized(w, torch.float32).t())
             else:
                 z = base_forward(x2, w, None)
             A32, B32 = A.detach().float(), B.detach().float()
-            x_a = torch.mm(x2.float(), A32.t()).mul_(scaling)
+            x_a = torch.mm(x32, A32.t()).mul_(scaling)
+            del x32
             c = m.detach().float() / n
-            y = torch.addmm(z.float() if z.dtype != torch.float32 else z.clone(), x_a, B32.t()).mul_(c)
-            if bias is not None:
-                y.add_(bias.float())
+            Bc = B32 * c.unsqueeze(1)
+            y = torch.mul(z, c) if bias is None else torch.addcmul(bias.float(), z, c)
+            y.addmm_(x_a, Bc.t())
         ctx.save_for_backward(x2, z, x_a, A32, B32, c, n)
-        return y.view(*x.shape[:-1], N)
+        y = y.view(*x.shape[:-1], N)
+        return y if out_fp32 else y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -238,26 +242,30 @@ class DoraMatmul4bit(torch.autograd.Function):
         N = grad_y.shape[-1]
         grad_x = grad_A = grad_B = grad_m = grad_bias = None
         with torch.autocast(grad_y.device.type, enabled=False):
-            g = grad_y.reshape(-1, N).float()
-            g_c = g * c
-            g_b = torch.mm(g_c, B32).mul_(ctx.scaling) if (need_x or need_A) else None
+            g = grad_y.reshape(-1, N)
+            g32 = g if g.dtype == torch.float32 else g.float()
+            Bc = B32 * c.unsqueeze(1)
+            g_b = torch.mm(g32, Bc).mul_(ctx.scaling) if (need_x or need_A) else None
             if need_x:
+                g_c = g32 * c
                 if ctx.fp32:
-                    gx = torch.mm(g_c, dequantized(ctx.w, torch.float32))
+                    gx = torch.mm(g_c, dequantized(ctx.w, torch.float32)).addmm_(g_b, A32)
                 else:
-                    gx = base_grad_input(g_c.to(x_dtype), ctx.w).float()
-                grad_x = gx.addmm_(g_b, A32).to(x_dtype).view(ctx.x_shape)
+                    gx = base_grad_input(g_c.to(x_dtype), ctx.w).view(-1, x2.shape[1])
+                    gx = gx.float().addmm_(g_b, A32) if gx.dtype != torch.float32 else gx.addmm_(g_b, A32)
+                del g_c
+                grad_x = gx.to(x_dtype).view(ctx.x_shape)
             if need_A:
                 grad_A = torch.mm(g_b.t(), x2.float()).to(a_dtype)
-            gxa = torch.mm(g.t(), x_a) if (need_B or need_m) else None  # [N, r]
+            gxa = torch.mm(g32.t(), x_a) if (need_B or need_m) else None  # [N, r]
             if need_B:
                 grad_B = (gxa * c.unsqueeze(1)).to(b_dtype)
             if need_m:
-                dot = (g * z.float()).sum(0) + (B32 * gxa).sum(1)
-                grad_m = (dot / n).to(m_dtype)
+                dot = torch.linalg.vecdot(g32, z.float() if z.dtype != torch.float32 else z, dim=0)
+                grad_m = ((dot + (B32 * gxa).sum(1)) / n).to(m_dtype)
             if need_bias:
-                grad_bias = g.sum(0).to(bias_dtype)
-        return grad_x, grad_A, grad_B, grad_m, None, None, grad_bias, None
+                grad_bias = g32.sum(0).to(bias_dtype)
+        return grad_x, grad_A, grad_B, grad_m, None, None, grad_bias, None, None
 
 
 NORM_CHUNK_BYTES = 4 << 20  # dora_weight_norm's fp32 scratch: rows of W + s B A, at most this many bytes
@@ -523,7 +531,7 @@ class LoraLinear(nn.Module):
             if drop:
                 # base(x) + (c - 1) x_d W^T + c s x_d A^T B^T = (x - x_d) W^T + b + DoRA(x_d)
                 xd = dropout(xc)
-                y = DoraMatmul4bit.apply(xd, A, B, m, n, float(s), None, w) + matmul_4bit(xc - xd, w, bias)
+                y = DoraMatmul4bit.apply(xd, A, B, m, n, float(s), None, w, True) + matmul_4bit(xc - xd, w, bias)
             else:
                 y = DoraMatmul4bit.apply(xc, A, B, m, n, float(s), bias, w)
             return y.to(in_dtype)
