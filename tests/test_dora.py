@@ -367,3 +367,38 @@ def test_file_and_config_must_agree_on_dora(tmp_path):
         nl.load_adapter(tiny_llama(), tmp_path / "plain")
     with pytest.raises(TypeError, match="use_dora must be a bool"):
         LoraConfig(use_dora="yes")
+
+
+def test_named_adapters_mix_dora_and_lora_and_train_the_magnitude():
+    model = nl.get_lora_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True))
+    nl.add_adapter(model, "plain", LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.use_dora == {"default": True, "plain": False}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "model.layers.0.self_attn.q_proj.lora_magnitude_vector.default.weight" in trainable
+    assert nl.trainable_parameters(model).trainable == 2 * (4 * 64 + 64 * 4 + 64)
+    nl.set_adapter(model, "plain")
+    assert not any("magnitude" in n for n, p in model.named_parameters() if p.requires_grad)
+    nl.set_adapter(model, "default")
+    perturb(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    m0 = q.lora_magnitude_vector["default"].weight.detach().clone()
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    opt.step()
+    assert not torch.equal(q.lora_magnitude_vector["default"].weight, m0)
+    nl.delete_adapter(model, "default")
+    assert len(q.lora_magnitude_vector) == 0 and "dora" not in repr(q)
+
+
+def test_load_model_with_a_dora_config_equals_get_lora_model(tmp_path):
+    from tests.tiny_lm import save_tiny_model
+    folder = save_tiny_model(tmp_path / "tiny")
+    cfg = LoraConfig(r=4, lora_alpha=8, use_dora=True)
+    layerwise, _ = nl.load_model(folder, lora=cfg)  # each target wrapped as its weight arrives
+    model, _ = nl.load_model(folder)
+    whole = nl.get_lora_model(model, cfg)
+    m1 = {n: p for n, p in layerwise.named_parameters() if "magnitude" in n}
+    m2 = {n: p for n, p in whole.named_parameters() if "magnitude" in n}
+    assert m1.keys() == m2.keys() and len(m1) == 2 * 7
+    assert all(torch.equal(p, m2[n]) for n, p in m1.items())
