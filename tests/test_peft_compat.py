@@ -139,8 +139,8 @@ def test_config_dicts_round_trip_through_peft():
     back = LoraConfig.from_dict(json.loads(json.dumps(theirs.to_dict(), default=list)))
     assert sorted(back.target_modules) == ["q_proj", "v_proj"]  # PEFT keeps a set: any order
     assert back == dataclasses.replace(ours, target_modules=back.target_modules)
-    with pytest.raises(ValueError, match="use_dora=True"):
-        LoraConfig.from_dict({**theirs.to_dict(), "use_dora": True, "target_modules": ["q_proj"]})
+    with pytest.raises(ValueError, match="lora_bias=True"):
+        LoraConfig.from_dict({**theirs.to_dict(), "lora_bias": True, "target_modules": ["q_proj"]})
     with pytest.raises(ValueError, match="peft_type"):
         LoraConfig.from_dict({"peft_type": "IA3", "target_modules": ["q_proj"]})
     with pytest.raises(ValueError, match="init_lora_weights='olora'"):
@@ -186,7 +186,7 @@ def test_bad_adapter_files_are_refused_and_the_model_left_unchanged(tmp_path):
         (variant("other_model", cfg={**config, "target_modules": ["q_proj", "0"]}), "'q_proj' matches no module"),
         (variant("wrong_rank", cfg={**config, "r": 4}), "this model needs \\[4, 32\\]"),
         (variant("bad_json", cfg="{"), "not valid JSON|must be a dict|expected a dict"),
-        (variant("dora", cfg={**config, "use_dora": True}), "use_dora"),
+        (variant("dora", cfg={**config, "use_dora": True}), "missing keys.*lora_magnitude_vector"),
     ]
     model = stack()
     before = snapshot(model)

@@ -19,7 +19,7 @@ ALL_LINEAR = "all-linear"
 # PEFT config fields whose non-default value means a feature we do not implement: loading such
 # an adapter would give silently different outputs, so it is refused by name.
 _UNSUPPORTED = {
-    "use_dora": False, "lora_bias": False, "fan_in_fan_out": False, "layers_to_transform": None,
+    "lora_bias": False, "fan_in_fan_out": False, "layers_to_transform": None,
     "layers_pattern": None, "layer_replication": None, "use_qalora": False,
     "trainable_token_indices": None, "target_parameters": None, "alora_invocation_tokens": None,
     "use_bdlora": None,
@@ -39,7 +39,9 @@ class LoraConfig:
     B = 0), "loftq" or "pissa" (from the dense weight, see loftq.py); loftq_iter: LoftQ's
     alternations; modules_to_save: modules trained in full beside the adapter;
     rank_pattern / alpha_pattern: {regex or name: r / alpha} overrides per module;
-    bias: "none", "all" or "lora_only" (which existing biases train)."""
+    bias: "none", "all" or "lora_only" (which existing biases train); use_dora: DoRA
+    (weight-decomposed LoRA, PEFT's use_dora; see layer.py): a trainable magnitude per output
+    row rescales the normalised direction W + scaling * B A."""
 
     r: int = 16
     lora_alpha: float = 32
@@ -55,6 +57,7 @@ class LoraConfig:
     loftq_iter: int = 1
     task_type: Optional[str] = None
     base_model_name_or_path: Optional[str] = None
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         _check_rank(self.r, "r")
@@ -69,6 +72,8 @@ class LoraConfig:
             raise ValueError("exclude_modules cannot be 'all-linear'")
         if not isinstance(self.use_rslora, bool):
             raise TypeError(f"use_rslora must be a bool, got {type(self.use_rslora).__name__}")
+        if not isinstance(self.use_dora, bool):
+            raise TypeError(f"use_dora must be a bool, got {type(self.use_dora).__name__}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
         if self.bias not in BIASES:
@@ -110,13 +115,14 @@ class LoraConfig:
             "use_rslora": self.use_rslora, "init_lora_weights": init,
             "loftq_config": {"loftq_bits": 4, "loftq_iter": self.loftq_iter} if self.init == "loftq" else {},
             "modules_to_save": self.modules_to_save, "rank_pattern": dict(self.rank_pattern),
-            "alpha_pattern": dict(self.alpha_pattern), "bias": self.bias, **_UNSUPPORTED,
+            "alpha_pattern": dict(self.alpha_pattern), "bias": self.bias, "use_dora": self.use_dora,
+            **_UNSUPPORTED,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LoraConfig":
         """Reads a PEFT adapter_config.json dict. Unknown fields are ignored (PEFT adds fields
-        every release); fields that switch on a feature nf4lora lacks (DoRA, lora_bias,
+        every release); fields that switch on a feature nf4lora lacks (lora_bias,
         layers_to_transform, ...) raise ValueError naming them."""
         if not isinstance(d, Mapping):
             raise TypeError(f"expected a dict (adapter_config.json), got {type(d).__name__}")
@@ -146,7 +152,8 @@ class LoraConfig:
                    modules_to_save=d.get("modules_to_save"), rank_pattern=d.get("rank_pattern"),
                    alpha_pattern=d.get("alpha_pattern"), bias=d.get("bias", "none"),
                    loftq_iter=loftq.get("loftq_iter", 1), task_type=d.get("task_type"),
-                   base_model_name_or_path=d.get("base_model_name_or_path"))
+                   base_model_name_or_path=d.get("base_model_name_or_path"),
+                   use_dora=False if d.get("use_dora") is None else d["use_dora"])
 
 
 # ---- name rules -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """save_adapter / load_adapter in PEFT's on-disk format: adapter_config.json (LoraConfig.to_dict)
 + adapter_model.safetensors with keys base_model.model.<module>.lora_A.weight [r, in] and
-.lora_B.weight [out, r] (and PEFT's keys for modules_to_save and trained biases).
+.lora_B.weight [out, r], for DoRA .lora_magnitude_vector [out] (PEFT 0.21's key: no ".weight";
+adapter_config.json says "use_dora": true), and PEFT's keys for modules_to_save and trained biases.
 Files are written atomically (temp name, fsync, rename); loading checks the safetensors file,
 every key, shape and dtype before it touches the model. Reference: PEFT 0.21.2's save_pretrained / load_adapter.
 Tested by tests/test_peft_compat.py (real PEFT both ways) and tests/test_lora.py."""
@@ -25,6 +26,7 @@ from .model import (_ACTIVE, _ADAPTERS, _QuantOptions, _adapters, _check_not_mer
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's key suffix in PEFT's files (its module's ".weight" dropped)
 _CHECKSUM_KEY = "nf4lora_sha256"  # safetensors metadata; PEFT ignores it, we verify it when present
 # safetensors metadata of a LoftQ / PiSSA adapter: {"init", "loftq_iter"} of the base it was trained on
 # (adapter_config.json says init_lora_weights=true, so that PEFT does not redo the init on load)
@@ -46,6 +48,8 @@ def _adapter_state(model: nn.Module, name: str, bias: str) -> dict[str, torch.Te
         if isinstance(m, LoraLinear) and name in m.lora_A:
             out[f"{PREFIX}{mname}.lora_A.weight"] = m.lora_A[name].weight
             out[f"{PREFIX}{mname}.lora_B.weight"] = m.lora_B[name].weight
+            if name in m.lora_magnitude_vector:
+                out[f"{PREFIX}{mname}.{MAGNITUDE}"] = m.lora_magnitude_vector[name].weight
             if bias == "lora_only" and m.base_layer.bias is not None:
                 out[f"{PREFIX}{mname}.base_layer.bias"] = m.base_layer.bias
         elif isinstance(m, ModulesToSave) and name in m.modules_to_save:
@@ -146,6 +150,8 @@ def _expected_keys(model: nn.Module, config: LoraConfig, targets, saves) -> dict
         r = config.rank_for(name)
         expected[f"{PREFIX}{name}.lora_A.weight"] = ((r, m.in_features), None)
         expected[f"{PREFIX}{name}.lora_B.weight"] = ((m.out_features, r), None)
+        if config.use_dora:
+            expected[f"{PREFIX}{name}.{MAGNITUDE}"] = ((m.out_features,), None)
     for name, m in saves:
         module = m.original_module if isinstance(m, ModulesToSave) else m
         for key, t in module.state_dict().items():
@@ -215,6 +221,8 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], adapter_n
     missing = [k for k in expected if k not in tensors]
     if missing:
         problems.append(f"{len(missing)} missing keys, e.g. {missing[:3]}")
+    if not config.use_dora and any(k.endswith("." + MAGNITUDE) for k in tensors):
+        problems.append(f"the file has DoRA magnitudes ({MAGNITUDE}) but the config does not set use_dora")
     if problems:
         raise ValueError(f"cannot load the adapter in {directory}: " + "; ".join(problems[:8])
                          + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""))
@@ -232,6 +240,8 @@ def load_adapter(model: nn.Module, directory: Union[str, os.PathLike], adapter_n
             if isinstance(m, LoraLinear) and name in target_names:
                 m.lora_A[adapter_name].weight.copy_(tensors[f"{PREFIX}{name}.lora_A.weight"])
                 m.lora_B[adapter_name].weight.copy_(tensors[f"{PREFIX}{name}.lora_B.weight"])
+                if config.use_dora:
+                    m.lora_magnitude_vector[adapter_name].weight.copy_(tensors[f"{PREFIX}{name}.{MAGNITUDE}"])
             elif isinstance(m, ModulesToSave) and adapter_name in m.modules_to_save:
                 prefix = f"{PREFIX}{name}."
                 sd = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}

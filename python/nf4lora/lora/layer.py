@@ -6,7 +6,20 @@
                                                                           (alpha / sqrt(r): rsLoRA)
 init "kaiming": A ~ kaiming_uniform(a=sqrt(5)), B = 0, so a fresh adapter is a no-op.
 Names and state-dict keys are PEFT's (base_layer, lora_A.<adapter>.weight, lora_B.<adapter>.weight).
-Tested by tests/test_lora.py (fused vs the unfused composition against float64, dropout, compile)."""
+
+DoRA (use_dora=True; PEFT 0.21's DoraLinearLayer, arXiv 2402.09353): a trainable magnitude
+m [out] (lora_magnitude_vector.<adapter>.weight) per output row, initialised to the row norm
+||W + s B A||_2 (over dim 1 of the [out, in] weight), and
+
+        n = ||W + s B A||_row, recomputed each forward, detached (no gradient, the paper's 4.3)
+        c = m / n
+        y = c * (x W^T + s x A^T B^T) + b                        (eval, or lora_dropout = 0)
+        y = base(x) + (c - 1) * x_d W^T + c * s x_d A^T B^T      (training with dropout, x_d = dropout(x))
+
+n comes from dora_weight_norm, which dequantizes a 4-bit W a few rows at a time (no dense copy).
+Merging writes c * (W + s B A) into the base.
+Tested by tests/test_lora.py (fused vs the unfused composition against float64, dropout, compile)
+and tests/test_dora.py (DoRA against PEFT, float64, merge, PEFT's files both ways)."""
 from __future__ import annotations
 
 import copy
@@ -18,9 +31,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..ops import DISPATCH, Weight4bit
+from ..ops import DISPATCH, Weight4bit, matmul_4bit
 from ..ops.matmul import dequantized, forward as base_forward, grad_input as base_grad_input, is_plain_eager_cpu
-from ..quant import Linear4bit, dequantize_4bit, quantize_4bit
+from ..quant import Linear4bit, QuantState, dequantize_4bit, quantize_4bit
 
 
 def _adapter_in_fp32(x: Tensor, rows: int) -> bool:
@@ -170,17 +183,167 @@ def lora_matmul_4bit(x: Tensor, base: Linear4bit, A: Tensor, B: Tensor, scaling:
     return y if y.dtype == in_dtype else y.to(in_dtype)
 
 
+class DoraMatmul4bit(torch.autograd.Function):
+    """DoRA's product over a 4-bit base, y = c * (x W^T + s x A^T B^T) + b with c = m / n, in
+    one function, returned in x's dtype (or fp32 with out_fp32: the caller adds another term
+    and rounds once).
+
+    Inputs: x [..., K] in the compute dtype, A [r, K], B [N, r], m [N] (the magnitude), n [N]
+    (the row norm ||W + s B A||, fp32, a constant), scaling s, bias [N] or None, Weight4bit w.
+    Shapes below flatten x to [M, K]. The adapter's products are fp32, as PEFT's fp32 adapter;
+    c is applied to the rows of B (B_c = c * B, [N, r]) instead of to a [M, N] product.
+
+    Forward:
+        z   = x W^T                                   [M, N]  compute dtype (fused kernel; saved)
+        x_a = s * x A^T                               [M, r]  fp32 (saved)
+        y   = b + c * z + x_a B_c^T                   fp32 (addcmul, then addmm_), rounded once
+
+    Backward, with g = dL/dy [M, N]:
+        dL/dx = (g * c) W   (matmul_4bit_t over g * c in the compute dtype, or the fp32 GEMM route)
+              + (s * g B_c) A          (fp32, added into the base term)
+        dL/dA = (s * g B_c)^T x
+        dL/dB = c * (g^T x_a)          (rows scaled)
+        dL/dm = (sum_i g z + rowsum(B * (g^T x_a))) / n    (= sum_i g_ij u_ij / n_j for
+                                                            u = z + x_a B^T, without keeping u)
+        dL/db = sum over rows of g
+    Saved: x, z, x_a, A and B in fp32, c, n; never the dense W."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, m, n, scaling, bias, w: Weight4bit, out_fp32=False):
+        N, K = w.shape
+        rows = x.numel() // K if K else 0
+        ctx.fp32 = (is_plain_eager_cpu(x) and rows > DISPATCH.fused_rows(x.device)
+                    and DISPATCH.cpu_gemm_in_fp32(x.dtype))
+        ctx.scaling, ctx.w, ctx.x_shape = scaling, w, x.shape
+        ctx.dtypes = (x.dtype, A.dtype, B.dtype, m.dtype, None if bias is None else bias.dtype)
+        x2 = x.reshape(-1, K)
+        with torch.autocast(x.device.type, enabled=False):
+            x32 = x2.float()
+            if ctx.fp32:
+                z = torch.mm(x32, dequantized(w, torch.float32).t())
+            else:
+                z = base_forward(x2, w, None)
+            A32, B32 = A.detach().float(), B.detach().float()
+            x_a = torch.mm(x32, A32.t()).mul_(scaling)
+            del x32
+            c = m.detach().float() / n
+            Bc = B32 * c.unsqueeze(1)
+            y = torch.mul(z, c) if bias is None else torch.addcmul(bias.float(), z, c)
+            y.addmm_(x_a, Bc.t())
+        ctx.save_for_backward(x2, z, x_a, A32, B32, c, n)
+        y = y.view(*x.shape[:-1], N)
+        return y if out_fp32 else y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, z, x_a, A32, B32, c, n = ctx.saved_tensors
+        need_x, need_A, need_B, need_m, _, _, need_bias = ctx.needs_input_grad[:7]
+        x_dtype, a_dtype, b_dtype, m_dtype, bias_dtype = ctx.dtypes
+        N = grad_y.shape[-1]
+        grad_x = grad_A = grad_B = grad_m = grad_bias = None
+        with torch.autocast(grad_y.device.type, enabled=False):
+            g = grad_y.reshape(-1, N)
+            g32 = g if g.dtype == torch.float32 else g.float()
+            Bc = B32 * c.unsqueeze(1)
+            g_b = torch.mm(g32, Bc).mul_(ctx.scaling) if (need_x or need_A) else None
+            if need_x:
+                g_c = g32 * c
+                if ctx.fp32:
+                    gx = torch.mm(g_c, dequantized(ctx.w, torch.float32)).addmm_(g_b, A32)
+                else:
+                    gx = base_grad_input(g_c.to(x_dtype), ctx.w).view(-1, x2.shape[1])
+                    gx = gx.float().addmm_(g_b, A32) if gx.dtype != torch.float32 else gx.addmm_(g_b, A32)
+                del g_c
+                grad_x = gx.to(x_dtype).view(ctx.x_shape)
+            if need_A:
+                grad_A = torch.mm(g_b.t(), x2.float()).to(a_dtype)
+            gxa = torch.mm(g32.t(), x_a) if (need_B or need_m) else None  # [N, r]
+            if need_B:
+                grad_B = (gxa * c.unsqueeze(1)).to(b_dtype)
+            if need_m:
+                dot = torch.linalg.vecdot(g32, z.float() if z.dtype != torch.float32 else z, dim=0)
+                grad_m = ((dot + (B32 * gxa).sum(1)) / n).to(m_dtype)
+            if need_bias:
+                grad_bias = g32.sum(0).to(bias_dtype)
+        return grad_x, grad_A, grad_B, grad_m, None, None, grad_bias, None, None
+
+
+NORM_CHUNK_BYTES = 4 << 20  # dora_weight_norm's fp32 scratch: rows of W + s B A, at most this many bytes
+
+
+class DoraMagnitude(nn.Module):
+    """DoRA's trainable magnitude of one adapter, weight [out] (PEFT's lora_magnitude_vector[<adapter>])."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+
+def _chunk_rows(base: nn.Module, chunk_bytes: int) -> int:
+    """Rows per chunk of dora_weight_norm: about chunk_bytes of fp32, and for a 4-bit base a
+    multiple of the rows after which a quantization block starts a row (blocksize / gcd(in,
+    blocksize)), so each chunk is whole blocks of the packed weight."""
+    K = base.in_features
+    step = base.blocksize // math.gcd(K, base.blocksize) if isinstance(base, Linear4bit) else 1
+    return max(step, chunk_bytes // (4 * max(K, 1)) // step * step)
+
+
+def _dequantize_rows(base: Linear4bit, r0: int, r1: int, out: Tensor) -> Tensor:
+    """Rows [r0, r1) of the 4-bit base's W, dequantized into out [r1 - r0, in] (fp32). r0 * in
+    must be a multiple of the blocksize; double-quantized scales are decoded for these blocks
+    only, as the kernels do (code * nested absmax, then + offset: two roundings, no FMA)."""
+    K, bs = base.in_features, base.blocksize
+    e0, e1 = r0 * K, r1 * K
+    b0, b1 = e0 // bs, -(-e1 // bs)
+    absmax = base.absmax[b0:b1]
+    if base.nested_absmax is not None:
+        groups = torch.arange(b0, b1, device=absmax.device) // base.nested_blocksize
+        absmax = base.nested_quant_map[absmax.long()] * base.nested_absmax[groups] + base.quant_offset
+    state = QuantState(absmax=absmax, shape=(r1 - r0, K), dtype=torch.float32, blocksize=bs,
+                       quant_type=base.quant_type, code=base.quant_map)
+    packed = base.weight4bit().packed[e0 // 2: (e1 + 1) // 2]
+    return dequantize_4bit(packed, state, out=out)
+
+
+@torch.no_grad()
+def dora_weight_norm(base: nn.Module, A: Tensor, B: Tensor, scaling: float,
+                     chunk_bytes: int = NORM_CHUNK_BYTES) -> Tensor:
+    """||W + scaling * B A||_2 of each output row (dim 1 of [out, in]), fp32 [out], no gradient.
+
+    W (nn.Linear's weight, or a Linear4bit's dequantized) is taken a chunk of rows at a time
+    into one fp32 buffer of at most ~chunk_bytes (plus fp32 copies of A and B when they are in
+    another dtype): the dense W never exists at once. Each chunk: buf = W[rows] (fp32),
+    buf += scaling * B[rows] @ A (addmm_), norm over dim 1."""
+    N, K = base.out_features, base.in_features
+    A32, B32 = A.detach().float(), B.detach().float()
+    out = torch.empty(N, dtype=torch.float32, device=A.device)
+    rows = min(N, _chunk_rows(base, chunk_bytes))
+    buf = torch.empty((rows, K), dtype=torch.float32, device=A.device)
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        chunk = buf[: r1 - r0]
+        if isinstance(base, Linear4bit):
+            _dequantize_rows(base, r0, r1, chunk)
+        else:
+            chunk.copy_(base.weight[r0:r1])
+        chunk.addmm_(B32[r0:r1], A32, alpha=scaling)
+        torch.linalg.vector_norm(chunk, dim=1, out=out[r0:r1])
+    return out
+
+
 class LoraLinear(nn.Module):
     """y = base_layer(x) + scaling * lora_B(lora_A(dropout(x))) for the active adapter.
 
     base_layer is an nn.Linear or a Linear4bit (then one fused autograd function computes both
     terms). Several named adapters may live side by side; one is active. Adapters are created in
     `adapter_dtype` (fp32 by default, as PEFT does); over a float base x is cast to it (PEFT's
-    rule), over a 4-bit base the adapter runs in the base's compute dtype."""
+    rule), over a 4-bit base the adapter runs in the base's compute dtype. An adapter added with
+    use_dora=True also has a magnitude (lora_magnitude_vector[name], see the module docstring)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str = "default", r: int = 16,
                  lora_alpha: float = 32, lora_dropout: float = 0.0, use_rslora: bool = False,
-                 init: str = "kaiming", adapter_dtype: Optional[torch.dtype] = torch.float32) -> None:
+                 init: str = "kaiming", adapter_dtype: Optional[torch.dtype] = torch.float32,
+                 use_dora: bool = False) -> None:
         super().__init__()
         if isinstance(base_layer, LoraLinear) or not isinstance(base_layer, (nn.Linear, Linear4bit)):
             raise TypeError(f"LoraLinear wraps an nn.Linear or a Linear4bit, got {type(base_layer).__name__}")
@@ -188,6 +351,7 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -195,7 +359,7 @@ class LoraLinear(nn.Module):
         self.disabled = False
         self.merged_adapters: list[str] = []
         self._merge_backup = None  # the exact base weight from before merging
-        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init, adapter_dtype)
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init, adapter_dtype, use_dora)
 
     @property
     def in_features(self) -> int:
@@ -211,8 +375,8 @@ class LoraLinear(nn.Module):
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                     use_rslora: bool = False, init: str = "kaiming",
-                    adapter_dtype: Optional[torch.dtype] = torch.float32) -> None:
-        """Adds adapter `name` (A [r, in], B [out, r]) and makes it active."""
+                    adapter_dtype: Optional[torch.dtype] = torch.float32, use_dora: bool = False) -> None:
+        """Adds adapter `name` (A [r, in], B [out, r], with use_dora a magnitude [out]) and makes it active."""
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
         if name in self.lora_A:
@@ -223,6 +387,8 @@ class LoraLinear(nn.Module):
             raise ValueError(f"lora_alpha must be positive and finite, got {lora_alpha!r}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora must be a bool, got {type(use_dora).__name__}")
         device = self.base_layer.weight.device
         dtype = adapter_dtype or (self.base_layer.weight.dtype if not self.is_4bit else self.base_layer.weight_dtype)
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
@@ -231,7 +397,26 @@ class LoraLinear(nn.Module):
         self.r[name], self.lora_alpha[name] = r, float(lora_alpha)
         self.scaling[name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.reset_adapter(name, init)
+        if use_dora:
+            self.lora_magnitude_vector[name] = DoraMagnitude(torch.empty(self.out_features, device=device, dtype=dtype))
+            self.reset_magnitude(name)
         self.active_adapter = name
+
+    @property
+    def use_dora(self) -> dict[str, bool]:
+        return {name: name in self.lora_magnitude_vector for name in self.lora_A}
+
+    @torch.no_grad()
+    def reset_magnitude(self, name: str) -> None:
+        """DoRA: sets adapter `name`'s magnitude to ||W + s B A|| per output row (PEFT's init;
+        called again after LoftQ/PiSSA set A and B)."""
+        m = self.lora_magnitude_vector[name].weight
+        m.copy_(self.weight_norm(name))
+
+    def weight_norm(self, name: str) -> Tensor:
+        """||W + s B A||_2 per output row, fp32 [out], detached (dora_weight_norm)."""
+        return dora_weight_norm(self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight,
+                                self.scaling[name])
 
     @torch.no_grad()
     def reset_adapter(self, name: str, init: str = "kaiming") -> None:
@@ -249,6 +434,8 @@ class LoraLinear(nn.Module):
             raise ValueError(f"adapter {name!r} is merged; unmerge it before deleting it")
         for d in (self.lora_A, self.lora_B, self.lora_dropout):
             del d[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         for d in (self.r, self.lora_alpha, self.scaling):
             del d[name]
         if self.active_adapter == name:
@@ -260,6 +447,16 @@ class LoraLinear(nn.Module):
         return (B.detach().float() @ A.detach().float()) * self.scaling[name]
 
     @torch.no_grad()
+    def merged_weight(self, name: str, weight: Tensor) -> Tensor:
+        """The base weight with adapter `name` folded in, fp32 [out, in], from the fp32 base
+        weight `weight`: W + s B A, or for DoRA c * (W + s B A) with c = m / ||W + s B A||_row."""
+        merged = weight.float() + self.delta_weight(name).to(weight.device)
+        if name in self.lora_magnitude_vector:
+            m = self.lora_magnitude_vector[name].weight.detach().float()
+            merged.mul_((m / torch.linalg.vector_norm(merged, dim=1)).unsqueeze(1))
+        return merged
+
+    @torch.no_grad()
     def merge(self, name: str, merge_into_4bit: bool = False) -> Optional[float]:
         """Folds adapter `name` into the base weight; keeps the exact original for unmerge. For a
         4-bit base (merge_into_4bit=True) returns the relative Frobenius error of the requantized
@@ -269,13 +466,12 @@ class LoraLinear(nn.Module):
         if name not in self.lora_A:
             raise ValueError(f"unknown adapter {name!r}; this layer has {list(self.lora_A)}")
         base = self.base_layer
-        delta = self.delta_weight(name).to(base.weight.device)
         error = None
         if self.is_4bit:
             if not merge_into_4bit:
                 raise ValueError("the base is 4-bit: merging requantizes it; pass merge_into_4bit=True")
             state = base.quant_state
-            merged = base.dequantize(torch.float32) + delta
+            merged = self.merged_weight(name, base.dequantize(torch.float32))
             packed, new_state = quantize_4bit(merged, state.blocksize, state.quant_type, state.nested)
             self._merge_backup = (base.weight, state)
             base.set_quantized(packed, dataclasses.replace(new_state, dtype=state.dtype))
@@ -283,7 +479,7 @@ class LoraLinear(nn.Module):
                           / torch.linalg.matrix_norm(merged).clamp(min=1e-30))
         else:
             self._merge_backup = base.weight.data
-            base.weight.data = (base.weight.data.float() + delta).to(base.weight.dtype)
+            base.weight.data = self.merged_weight(name, base.weight.data).to(base.weight.dtype)
         self.merged_adapters = [name]
         return error
 
@@ -308,14 +504,51 @@ class LoraLinear(nn.Module):
                 raise RuntimeError("adapters are disabled but merged into the base: unmerge them first")
             return self.base_layer(x)
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if name in self.lora_magnitude_vector:
+            return self._dora_forward(x, name, A, B)
         if self.is_4bit:
             return lora_matmul_4bit(x, self.base_layer, A, B, self.scaling[name], self.lora_dropout[name])
         y = self.base_layer(x)
         xd = self.lora_dropout[name](x.to(A.dtype))
         return y + (F.linear(F.linear(xd, A), B) * self.scaling[name]).to(y.dtype)
 
+    def _dora_forward(self, x: Tensor, name: str, A: Tensor, B: Tensor) -> Tensor:
+        """DoRA's forward (module docstring; PEFT's DoraLinearVariant.forward). Dropout is applied
+        as PEFT does: only in training and with lora_dropout > 0, and then the base product is
+        computed over both x and x_d."""
+        s, base, dropout = self.scaling[name], self.base_layer, self.lora_dropout[name]
+        drop = self.training and not isinstance(dropout, nn.Identity)
+        m = self.lora_magnitude_vector[name].weight
+        n = self.weight_norm(name)  # no gradient
+        if self.is_4bit:
+            in_dtype = x.dtype
+            dtype = base.compute_dtype or in_dtype
+            if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+                dtype = torch.get_autocast_dtype(x.device.type)
+            xc = x.to(dtype)
+            w = base.weight4bit()
+            bias = None if base.bias is None else base.bias.to(dtype)
+            if drop:
+                # base(x) + (c - 1) x_d W^T + c s x_d A^T B^T = (x - x_d) W^T + b + DoRA(x_d)
+                xd = dropout(xc)
+                y = DoraMatmul4bit.apply(xd, A, B, m, n, float(s), None, w, True) + matmul_4bit(xc - xd, w, bias)
+            else:
+                y = DoraMatmul4bit.apply(xc, A, B, m, n, float(s), bias, w)
+            return y.to(in_dtype)
+        c = m.float() / n
+        result = base(x)
+        xa = x.to(A.dtype)
+        if drop:
+            xa = dropout(xa)
+            base_result = F.linear(xa, base.weight.to(xa.dtype))
+        else:
+            base_result = result if base.bias is None else result - base.bias
+        lora = F.linear(F.linear(xa, A), B)
+        return (result + (c - 1) * base_result + c * lora * s).to(result.dtype)
+
     def extra_repr(self) -> str:
-        return (f"adapters={ {n: self.r[n] for n in self.r} }, active={self.active_adapter!r}, "
+        dora = f", dora={sorted(self.lora_magnitude_vector)}" if len(self.lora_magnitude_vector) else ""
+        return (f"adapters={ {n: self.r[n] for n in self.r} }, active={self.active_adapter!r}{dora}, "
                 f"merged={self.merged_adapters}, disabled={self.disabled}")
 
 

@@ -171,7 +171,8 @@ def _check_inits(config: LoraConfig, targets, quantize) -> None:
 def _wrap(name: str, module: nn.Module, config: LoraConfig, adapter_name: str, quant: _QuantOptions,
           adapter_dtype: Optional[torch.dtype]) -> nn.Module:
     r, alpha, s = config.rank_for(name), config.alpha_for(name), config.scaling_for(name)
-    args = (adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init, adapter_dtype)
+    args = (adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init, adapter_dtype,
+            config.use_dora)
     if isinstance(module, LoraLinear):
         module.add_adapter(*args)
         return module
@@ -194,9 +195,12 @@ def _wrap(name: str, module: nn.Module, config: LoraConfig, adapter_name: str, q
     elif quant.quant_type is not None and isinstance(module, nn.Linear):
         base = quant.linear4bit(module)
     layer = LoraLinear(base, *args)
+    layer.train(module.training)  # a model in eval mode stays there (no lora_dropout after load_adapter)
     if A is not None:
         layer.lora_A[adapter_name].weight.copy_(A)
         layer.lora_B[adapter_name].weight.copy_(B)
+        if config.use_dora:
+            layer.reset_magnitude(adapter_name)  # from the base and A, B as LoftQ/PiSSA left them
     if errors is not None:
         layer.loftq_errors = {adapter_name: errors}
     return layer
@@ -345,6 +349,8 @@ def _set_trainable(model: nn.Module, bias: str, trainable: bool) -> None:
         if isinstance(m, LoraLinear) and m.active_adapter is not None:
             for p in (m.lora_A[m.active_adapter].weight, m.lora_B[m.active_adapter].weight):
                 p.requires_grad_(True)
+            if m.active_adapter in m.lora_magnitude_vector:
+                m.lora_magnitude_vector[m.active_adapter].weight.requires_grad_(True)
             if bias == "lora_only" and m.base_layer.bias is not None:
                 m.base_layer.bias.requires_grad_(True)
         elif isinstance(m, ModulesToSave) and m.active_adapter is not None:
@@ -455,7 +461,7 @@ def trainable_parameters(model: nn.Module) -> TrainableParameters:
 
 def merge_adapter(model: nn.Module, merge_into_4bit: bool = False) -> dict[str, float]:
     """Folds the active adapter into the base weights, in place (forward then computes the base
-    alone). Float bases: W + s.B.A in fp32, rounded once; unmerge restores the saved original
+    alone). Float bases: W + s.B.A in fp32 (DoRA: c.(W + s.B.A), c = m / ||W + s.B.A||_row), rounded once; unmerge restores the saved original
     exactly. 4-bit bases need merge_into_4bit=True: W is dequantized, s.B.A added, the sum
     requantized (lossy); the original packed bytes are kept and restored by unmerge. Returns
     {module name: relative Frobenius error of the requantized merged weight} for 4-bit layers."""
@@ -501,7 +507,7 @@ def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
             base = m.base_layer
             w = base.dequantize(torch.float32) if m.is_4bit else base.weight.detach().float()
             if m.active_adapter is not None:
-                w = w + m.delta_weight(m.active_adapter)
+                w = m.merged_weight(m.active_adapter, w)
             out_dtype = dtype or (base.weight_dtype if m.is_4bit else base.weight.dtype)
             replacements.append((name, _dense(w, base.bias, out_dtype)))
         elif isinstance(m, ModulesToSave):
