@@ -40,6 +40,8 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--r", type=int, default=d.r)
     p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
     p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    p.add_argument("--dora", dest="use_dora", action="store_true",
+                   help="DoRA adapters (a trainable magnitude per output row; PEFT's use_dora)")
     p.add_argument("--target-modules", default=d.target_modules, help="all-linear or comma-separated names")
     p.add_argument("--init", choices=["kaiming", "gaussian", "loftq", "pissa"], default=d.init,
                    help="adapter init; loftq / pissa start from the dense weights and change the base "

@@ -62,6 +62,7 @@ class TrainOptions:
     r: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
+    use_dora: bool = False                 # DoRA: a trainable magnitude per output row (LoraConfig.use_dora)
     target_modules: str = "all-linear"     # or a comma-separated list of module names
     init: str = "kaiming"                  # kaiming | gaussian | loftq | pissa (LoraConfig.init)
     loftq_iter: int = 1                    # LoftQ's alternations (1: the plain 4-bit base, LoftQ adapters)
@@ -107,7 +108,7 @@ def _lora_config(opts: TrainOptions) -> Any:
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     return LoraConfig(r=opts.r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM", base_model_name_or_path=opts.model,
+                      use_dora=opts.use_dora, target_modules=targets, task_type="CAUSAL_LM", base_model_name_or_path=opts.model,
                       init=opts.init, loftq_iter=opts.loftq_iter)
 
 
