@@ -188,6 +188,13 @@ class CausalLMLoss(nn.Module):
         head = self.model.get_output_embeddings() if base is not None else None
         targets = labels[:, 1:]
         keep = targets != D.IGNORE_INDEX
+        if torch.compiler.is_compiling():
+            # Boolean-mask indexing has a data-dependent shape (a graph break): under torch.compile
+            # the head runs over every position and cross_entropy skips the ignored ones (same sum).
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=D.IGNORE_INDEX, reduction="sum")
+            return loss, keep.sum()
         if base is None or head is None:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
             picked = logits[keep]
