@@ -92,7 +92,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     @property
     def skipped_blocks(self) -> int:
         """Gradient blocks skipped for NaN/Inf over all steps; waits for pending CUDA counts."""
-        self._collect(wait=False)
+        self._collect(wait=True)
         return self._skipped
 
     @skipped_blocks.setter
