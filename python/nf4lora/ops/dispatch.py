@@ -77,10 +77,7 @@ class DispatchPolicy:
         forced = getattr(self, name)
         if forced is not None:
             return forced
-        if self.calibration is None:
-            from .calibrate import current  # the first product that needs a choice measures them
-            self.calibration = current()
-        return self.calibration.choices[name]
+        return _calibrated(self, name)
 
     def cpu_rows(self) -> int:
         """Rows of x up to which the forward product runs in the fused CPU kernel."""
@@ -116,6 +113,19 @@ class DispatchPolicy:
         finally:
             for name, value in saved.items():
                 setattr(self, name, value)
+
+
+@torch.compiler.assume_constant_result
+def _calibrated(policy: DispatchPolicy, name: str):
+    """policy's calibrated choice `name`, measured (or read from the cache) on first use. Under
+    torch.compile it runs once at trace time and its result is a constant of the graph: loading a
+    calibration reads /proc/cpuinfo and files, which Dynamo cannot trace (a graph break in the
+    middle of every model's forward otherwise; tests/test_compile.py). A graph traced before a later
+    ``nf4lora.ops.calibrate()`` keeps the choices it was traced with."""
+    if policy.calibration is None:
+        from .calibrate import current  # the first product that needs a choice measures them
+        policy.calibration = current()
+    return policy.calibration.choices[name]
 
 
 _FORCEABLE = ("cpu_fused_max_rows", "cpu_fused_t_max_rows", "cpu_gemm_fp32", "cpu_matmul_variant",

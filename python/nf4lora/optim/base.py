@@ -14,7 +14,11 @@ What is where:
 
 Non-finite gradients: every block of 256 gradient elements holding a NaN or Inf is skipped (its
 params and state are left exactly as they were), ``skipped_blocks`` counts them and a RuntimeWarning
-says so; the state never takes a NaN from a gradient.
+says so; the state never takes a NaN from a gradient. On the CPU the count comes back from each
+kernel call. On CUDA the kernels add into one int32 counter per device and step, copied to pinned
+host memory without waiting (no host sync per step: a step only enqueues work); a later step
+adds the copies whose GPU work has finished and warns then, and reading ``skipped_blocks`` waits
+for all of them (exact).
 Tested by tests/test_optim.py and tests/test_optim_lion.py.
 """
 from __future__ import annotations
@@ -83,6 +87,39 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The kernel's hyperparameter arguments for one param of `group`."""
         raise NotImplementedError
 
+    # ---- the skipped-block count -----------------------------------------------------------------
+
+    @property
+    def skipped_blocks(self) -> int:
+        """Gradient blocks skipped for NaN/Inf over all steps; waits for pending CUDA counts."""
+        self._collect(wait=True)
+        return self._skipped
+
+    @skipped_blocks.setter
+    def skipped_blocks(self, value: int) -> None:
+        self._skipped, self._unwarned, self._pending = int(value), 0, []
+
+    def _collect(self, wait: bool) -> None:
+        """Adds the CUDA counts copied to the host whose copies have finished (all: wait=True)."""
+        still = []
+        for done, host in self._pending:
+            if wait:
+                done.synchronize()
+            elif not done.query():
+                still.append((done, host))
+                continue
+            n = int(host[0])
+            self._skipped += n
+            self._unwarned += n
+        self._pending = still
+
+    def _warn_skipped(self) -> None:
+        if self._unwarned:
+            n, self._unwarned = self._unwarned, 0
+            warnings.warn(f"nf4lora.optim: skipped {n} block(s) of {BLOCK} elements whose "
+                          "gradients hold NaN or Inf (their params and state are unchanged)",
+                          RuntimeWarning, stacklevel=3)
+
     # ---- copies -------------------------------------------------------------------------------
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -95,7 +132,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         # A copy (deepcopy, pickle) holds its state in ordinary tensors (torch copies file-backed and
         # managed tensors by value) and owns no files; state it creates later is paged under a new
         # temporary directory.
+        state = dict(state)
+        skipped = state.pop("skipped_blocks", 0)
         super().__setstate__(state)
+        self.skipped_blocks = skipped
         self._pages = PageFiles(None) if self.paged else None
 
     # ---- paging -------------------------------------------------------------------------------
@@ -181,6 +221,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for _, p in work:
             self._init_state(p)
 
+        self._collect(wait=False)
         skipped = 0
         cuda_skipped: Dict[torch.device, Tensor] = {}
         algorithm, keys = self.ALGORITHM, self.STATE_KEYS
@@ -203,13 +244,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                     if t.numel() >= MIN_PAGED_SIZE:
                         memory.prefetch(t, p.device)
             native.step(algorithm, bits, p, grad, buffers, self.hyper(group, state), counter)
-        for counter in cuda_skipped.values():
-            skipped += int(counter.item())
-        if skipped:
-            self.skipped_blocks += skipped
-            warnings.warn(f"nf4lora.optim: skipped {skipped} block(s) of {BLOCK} elements whose "
-                          "gradients hold NaN or Inf (their params and state are unchanged)",
-                          RuntimeWarning, stacklevel=2)
+        for device, counter in cuda_skipped.items():  # read later, without a host sync now
+            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            host.copy_(counter, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(device))
+            self._pending.append((done, host))
+        self._skipped += skipped
+        self._unwarned += skipped
+        self._warn_skipped()
         return loss
 
     # ---- state dict -----------------------------------------------------------------------------

@@ -14,7 +14,12 @@ but without its float32 [rows, V] tensors and with fp32 GEMMs over bf16 values.
     Against the reference: the same rounding points except that softmax - onehot is rounded before
     the multiplication by g rather than after (g is a scalar 1/tokens in training), and summation
     order. Memory: one bf16 [rows, V] buffer instead of bf16 logits + fp32 logits + fp32 log-softmax.
-Tested by tests/test_head_loss.py (against the autocast reference: loss, dL/dh, bias, odd sizes)."""
+On every other device (CUDA) the same chunks and rounding points, but each vocabulary slice's GEMM
+runs in bf16 with fp32 accumulation (tensor cores: what autocast runs there), backward's slices are
+summed in fp32, and the scale g stays a tensor (no host sync in backward). Autocast is turned off
+for the device the tensors are on, whichever it is.
+Tested by tests/test_head_loss.py (against the autocast reference: loss, dL/dh, bias, odd sizes;
+the CUDA route on the CPU and, with a GPU, on CUDA)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -26,23 +31,38 @@ VOCAB_CHUNK = 4096  # rows of W widened to fp32 at a time (9.4 MB for hidden 576
 ROW_CHUNK = 64      # rows of z taken to fp32 at a time for the softmax
 
 
+def _fp32_gemm(device: torch.device) -> bool:
+    """Whether the vocabulary slices' GEMMs run in fp32 over bf16 values (the CPU, where the trainer
+    uses this module only when fp32 GEMMs beat bf16 ones) or in bf16 (every other device)."""
+    return device.type == "cpu"
+
+
 class HeadCrossEntropy(torch.autograd.Function):
     """(h [T, H] bf16, W [V, H], b [V] or None, targets [T] int64) -> sum of the T token losses
     (fp32 scalar); differentiable in h only (the head is frozen). See the module docstring."""
 
     @staticmethod
-    @torch.autocast("cpu", enabled=False)  # fp32 GEMMs: autocast would run them in bf16
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
+        # fp32 GEMMs on the CPU, bf16 ones elsewhere: not autocast's choice either way
+        with torch.autocast(hidden.device.type, enabled=False):
+            return HeadCrossEntropy._forward(ctx, hidden, weight, bias, targets)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, targets):
         T, V = hidden.shape[0], weight.shape[0]
         dtype = hidden.dtype
-        h32 = hidden.float()
+        fp32 = _fp32_gemm(hidden.device)
+        h = hidden.float() if fp32 else hidden
         z = torch.empty((T, V), dtype=dtype, device=hidden.device)
         for v0 in range(0, V, VOCAB_CHUNK):
             v1 = min(V, v0 + VOCAB_CHUNK)
-            w = weight[v0:v1].to(dtype).float()
-            part = h32 @ w.t()
-            if bias is not None:
-                part += bias[v0:v1].to(dtype).float()
+            w = weight[v0:v1].to(dtype)
+            if fp32:
+                part = h @ w.float().t()
+                if bias is not None:
+                    part += bias[v0:v1].to(dtype).float()
+            else:  # one bf16 GEMM with fp32 accumulation and the bias in its epilogue, as F.linear
+                part = (h @ w.t() if bias is None else torch.addmm(bias[v0:v1].to(dtype), h, w.t()))
             z[:, v0:v1].copy_(part)  # rounded to bf16 here, as the autocast GEMM rounds its output
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         need_grad = ctx.needs_input_grad[0]
@@ -61,17 +81,23 @@ class HeadCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad_total: Tensor):
         z, weight = ctx.saved_tensors
-        T, V = z.shape
-        g = float(grad_total)  # the loss is a scalar
-        grad_h = torch.zeros((T, weight.shape[1]), dtype=torch.float32, device=z.device)
-        for v0 in range(0, V, VOCAB_CHUNK):
-            v1 = min(V, v0 + VOCAB_CHUNK)
-            w = weight[v0:v1].to(z.dtype).float()
-            grad_h.addmm_(z[:, v0:v1].float(), w, alpha=g)
-        return grad_h.to(z.dtype), None, None, None
+        with torch.autocast(z.device.type, enabled=False):
+            T, V = z.shape
+            grad_h = torch.zeros((T, weight.shape[1]), dtype=torch.float32, device=z.device)
+            if _fp32_gemm(z.device):
+                g = float(grad_total)  # the loss is a scalar
+                for v0 in range(0, V, VOCAB_CHUNK):
+                    v1 = min(V, v0 + VOCAB_CHUNK)
+                    w = weight[v0:v1].to(z.dtype).float()
+                    grad_h.addmm_(z[:, v0:v1].float(), w, alpha=g)
+            else:
+                for v0 in range(0, V, VOCAB_CHUNK):
+                    v1 = min(V, v0 + VOCAB_CHUNK)
+                    grad_h += z[:, v0:v1] @ weight[v0:v1].to(z.dtype)
+                grad_h.mul_(grad_total.float())
+            return grad_h.to(z.dtype), None, None, None
 
 
 def head_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:

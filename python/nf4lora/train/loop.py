@@ -167,9 +167,10 @@ class CausalLMLoss(nn.Module):
     is, so prompt tokens skip the vocabulary-sized output head (most of the head's cost on
     instruction data). Wrapping this, not the model, in DDP keeps DDP's hooks on the real call.
 
-    fused_head: under bf16 autocast on a CPU where bf16 GEMMs run as fp32 ones
+    fused_head: under bf16 autocast on CUDA, and on a CPU where bf16 GEMMs run as fp32 ones
     (nf4lora.ops.DISPATCH.cpu_gemm_in_fp32), a frozen nn.Linear head and the cross entropy go through
-    train/head_loss.py (the same rounding points, fp32 GEMMs, no fp32 [tokens, vocab] tensors);
+    train/head_loss.py (the same rounding points, chunked over the vocabulary, no fp32
+    [tokens, vocab] tensors);
     False keeps the plain head + F.cross_entropy (what bench_finetune's PEFT baselines use)."""
 
     def __init__(self, model: nn.Module, fused_head: bool = True) -> None:
@@ -179,16 +180,25 @@ class CausalLMLoss(nn.Module):
 
     def _fused(self, head: nn.Module, hidden: torch.Tensor) -> bool:
         from ..ops import DISPATCH
+        kind = hidden.device.type
         return (self.fused_head and type(head) is nn.Linear and not head.weight.requires_grad
-                and (head.bias is None or not head.bias.requires_grad) and hidden.device.type == "cpu"
-                and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-                and head.weight.dtype in (torch.bfloat16, torch.float32) and DISPATCH.cpu_gemm_in_fp32(torch.bfloat16))
+                and (head.bias is None or not head.bias.requires_grad) and kind in ("cpu", "cuda")
+                and torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16
+                and head.weight.dtype in (torch.bfloat16, torch.float32)
+                and (kind == "cuda" or DISPATCH.cpu_gemm_in_fp32(torch.bfloat16)))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
         base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
         head = self.model.get_output_embeddings() if base is not None else None
         targets = labels[:, 1:]
         keep = targets != D.IGNORE_INDEX
+        if torch.compiler.is_compiling():
+            # Boolean-mask indexing has a data-dependent shape (a graph break): under torch.compile
+            # the head runs over every position and cross_entropy skips the ignored ones (same sum).
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=D.IGNORE_INDEX, reduction="sum")
+            return loss, keep.sum()
         if base is None or head is None:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
             picked = logits[keep]
