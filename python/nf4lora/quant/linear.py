@@ -125,8 +125,9 @@ class Linear4bit(nn.Module):
         set_quantized, an FSDP swap or a `.data =` assignment each make a new key, so the next call
         rebuilds and re-checks. In-place writes into the same memory need no rebuild (the cached
         views read it). Only the eager no-grad CPU route uses it (forward)."""
-        tensors = (self.weight, self.absmax, self.quant_map, self.nested_absmax, self.nested_quant_map,
-                   self.quant_offset)
+        params, buffers = self._parameters, self._buffers  # (nn.Module.__getattr__ costs ~1 us a name)
+        buffers = [buffers.get(n, params.get(n)) for n in _STATE_BUFFERS]  # (FSDP may make absmax a parameter)
+        tensors = (params["weight"], *buffers)
         key = (tuple(0 if t is None else t.data_ptr() for t in tensors), self.weight_shape, self.blocksize,
                self.quant_type, self.nested_blocksize)
         cached = self.__dict__.get("_weight4bit_cache")
