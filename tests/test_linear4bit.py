@@ -153,3 +153,70 @@ def test_constructor_validates():
         Linear4bit(64, 4, blocksize=48)
     with pytest.raises(TypeError, match="expected an nn.Linear"):
         Linear4bit.from_linear(nn.Conv1d(3, 3, 1))
+
+
+def _uncached(m, x):
+    """The output through matmul_4bit with a freshly built and checked weight (no cache)."""
+    from nf4lora.ops import matmul_4bit
+    with torch.enable_grad():
+        y = matmul_4bit(x.to(m.compute_dtype), m.weight4bit(), None if m.bias is None else m.bias.to(m.compute_dtype))
+    return y.to(x.dtype).detach()
+
+
+def test_inference_cache_follows_every_weight_change():
+    """The no-grad forward reuses a checked weight per module: each way of replacing or moving the
+    weight must reach the kernel (compared with the uncached path, bit for bit)."""
+    x = torch.randn(3, 96)
+    m = Linear4bit.from_linear(dense(), compute_dtype=torch.bfloat16)
+    other = Linear4bit.from_linear(dense(seed=7), compute_dtype=torch.bfloat16)
+
+    def check():
+        with torch.no_grad():
+            got = m(x)
+        assert torch.equal(got, _uncached(m, x))
+        with torch.inference_mode():
+            assert torch.equal(m(x), got)
+        return got
+
+    first = check()
+    m.set_quantized(other.weight.detach().clone(), other.quant_state)  # set_quantized
+    assert not torch.equal(check(), first)
+    m.load_state_dict(Linear4bit.from_linear(dense(seed=9)).state_dict())  # load_state_dict
+    third = check()
+    m.weight.data = other.weight.detach().clone()  # a `.data =` swap (as module._apply does)
+    m.absmax.data = other.absmax.clone()
+    m.nested_absmax.data = other.nested_absmax.clone()
+    m.quant_offset.data = other.quant_offset.clone()
+    assert not torch.equal(check(), third)
+    m.weight = nn.Parameter(Linear4bit.from_linear(dense(seed=11)).weight.detach().clone(),
+                            requires_grad=False)  # FSDP-style setattr of a new parameter
+    m.absmax = Linear4bit.from_linear(dense(seed=11)).absmax  # with its scales
+    check()
+    before = check()
+    m.nested_absmax = other.nested_absmax.clone() * 1.5  # one buffer alone replaced
+    assert not torch.equal(check(), before)
+    with torch.no_grad():  # in-place writes into the same memory
+        m.weight.copy_(other.weight)
+        m.absmax.copy_(other.absmax)
+        m.nested_absmax.copy_(other.nested_absmax)
+        m.quant_offset.copy_(other.quant_offset)
+    check()
+    m.to(torch.float16)  # dtype casts leave codes and scales; a move re-keys
+    check()
+    twin = copy.deepcopy(m)
+    with torch.no_grad():
+        twin.weight.copy_(Linear4bit.from_linear(dense(seed=13)).weight)
+        twin.absmax.copy_(Linear4bit.from_linear(dense(seed=13)).absmax)
+    with torch.no_grad():
+        assert torch.equal(twin(x), _uncached(twin, x))
+        assert torch.equal(m(x), _uncached(m, x))
+        assert not torch.equal(twin(x), m(x))
+
+
+def test_inference_cache_checks_a_damaged_weight():
+    m = Linear4bit.from_linear(dense())
+    with torch.no_grad():
+        m(torch.randn(2, 96))
+    m.absmax = m.absmax[:-1].clone()  # wrong block count: checked again, not trusted
+    with torch.no_grad(), pytest.raises(ValueError, match="absmax"):
+        m(torch.randn(2, 96))

