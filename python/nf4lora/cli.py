@@ -339,6 +339,10 @@ def _run_tune(args: argparse.Namespace) -> int:
         times = cal.measurements.get(f"{direction}_2048x2048_ms", {})
         detail = ", ".join(f"{m}: {t['fused']:.2f} vs {t['scratch']:.2f} ms" for m, t in times.items())
         print(f"  fused {direction} kernel up to M = {cal.choices[field]}" + (f" (2048x2048 fused vs scratch: {detail})" if detail else ""))
+    att = cal.measurements.get("attention_fwd_bwd_2x9x128x64_ms", {})
+    detail = ", ".join(f"{route} {ms:.2f} ms" for route, ms in att.items())
+    print(f"  bf16 attention route: {cal.choices['cpu_attention']}"
+          + (f" (forward + backward, 2x128 tokens, 9 heads on 3 kv heads: {detail})" if detail else ""))
     for name, value in forced.items():
         print(f"  forced by NF4LORA_DISPATCH or code: {name} = {value}")
     return 0

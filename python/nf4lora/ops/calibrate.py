@@ -6,14 +6,17 @@ What is measured (a second or two in all; interleaved rounds, the minimum of eac
   is 2x slower than fp32 on some CPUs without AMX and 5x faster on others;
 - cpu_fused_max_rows / cpu_fused_t_max_rows: the fused kernel against dequantize + dense GEMM for
   M in 1, 2, 4, 8 on a 2048 x 2048 weight, each direction; the limit is the largest M up to which
-  the fused kernel wins at every measured M.
+  the fused kernel wins at every measured M;
+- cpu_attention: forward + backward of bf16 attention at SmolLM2-135M's heads (9 query, 3 key/value
+  heads of 64, 2 x 128 tokens, causal + padding mask) by each route of ops/attention.py; the
+  fastest, if at least 5% faster than "sdpa" (transformers' own), else "sdpa".
 
 The result is cached as JSON under the user's cache directory (NF4LORA_CACHE_DIR, else
 $XDG_CACHE_HOME/nf4lora, else ~/.cache/nf4lora), one file per machine key: CPU model and flags,
 thread count, torch and nf4lora versions, the build. The file is written atomically; one that is
 corrupt, written for another key (foreign) or by another calibration version (stale) is ignored
 with a warning and measured anew. NF4LORA_CALIBRATE=0 turns measuring off (the kernels' own limit
-of 8 rows and torch's own bf16 GEMMs); NF4LORA_CALIBRATE=force measures even when cached.
+of 8 rows, torch's own bf16 GEMMs and transformers' sdpa attention); NF4LORA_CALIBRATE=force measures even when cached.
 Shown by ``nf4lora tune``. Tested by tests/test_calibrate.py."""
 from __future__ import annotations
 
@@ -30,13 +33,14 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..files import write_atomic
+from .attention import ROUTES, attend, sample_inputs
 from .dispatch import DISPATCH, FUSED_KERNEL_MAX_ROWS
 from .native import BUILD_INFO
 
-VERSION = 1
+VERSION = 2  # 2: cpu_attention
 ROWS = (1, 2, 4, 8)
 DEFAULTS = {"cpu_fused_max_rows": FUSED_KERNEL_MAX_ROWS, "cpu_fused_t_max_rows": FUSED_KERNEL_MAX_ROWS,
-            "cpu_gemm_fp32": False}
+            "cpu_gemm_fp32": False, "cpu_attention": "sdpa"}
 
 
 @dataclasses.dataclass
@@ -107,7 +111,8 @@ def _read(path: Path, key: dict) -> Optional[Calibration]:
         for name, default in DEFAULTS.items():
             value = choices[name]
             if type(value) is not type(default) or (isinstance(value, int) and not isinstance(value, bool)
-                                                    and not 0 <= value <= FUSED_KERNEL_MAX_ROWS):
+                                                    and not 0 <= value <= FUSED_KERNEL_MAX_ROWS) \
+                    or (isinstance(value, str) and value not in ROUTES):
                 raise ValueError(f"choice {name}={value!r} is out of range")
         return Calibration({k: choices[k] for k in DEFAULTS}, dict(data.get("measurements", {})), key,
                            "cache", str(path), float(data.get("seconds", 0.0)))
@@ -193,6 +198,19 @@ def measure(rounds: int = 2) -> Calibration:
                     limit = M
             results[f"{direction}_2048x2048_ms"] = times
             choices[field] = limit
+    q, k, v, mask = sample_inputs(g)
+    grad = torch.randn(q.shape, generator=g).bfloat16()
+
+    def attention(route):
+        def run():
+            out = attend(q, k, v, mask, q.shape[-1] ** -0.5, 0.0, False, route)
+            q.grad = k.grad = v.grad = None
+            out.backward(grad)
+        return run
+    t = _best_ms({route: attention(route) for route in ROUTES}, max(rounds, 3), 2)
+    results["attention_fwd_bwd_2x9x128x64_ms"] = {k: round(v, 4) for k, v in t.items()}
+    fastest = min(t, key=t.get)
+    choices["cpu_attention"] = fastest if t[fastest] < 0.95 * t["sdpa"] else "sdpa"
     return Calibration(choices, results, machine_key(), "measured", None, time.perf_counter() - t_start)
 
 
