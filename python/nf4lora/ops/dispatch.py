@@ -1,14 +1,15 @@
 """The op layer's dispatch policy: one object, ``DISPATCH``, holding every machine-dependent choice
 of how a 4-bit product runs (fused kernel or dequantize + dense GEMM, the GEMM's precision on the
-CPU, which CUDA kernel) and of the CPU attention's route (ops/attention.py). The ops ask it on each call; code above the op layer asks it too
-(``DISPATCH.fused_rows``, ``DISPATCH.cpu_gemm_in_fp32``) instead of keeping constants of its own.
+CPU, which CUDA kernel) and of the CPU attention's route (ops/attention.py). The ops ask it on each
+call; code above the op layer asks it too (``DISPATCH.fused_rows``, ``DISPATCH.cpu_gemm_in_fp32``,
+``DISPATCH.cpu_attention_route``) instead of keeping constants of its own.
 
 The CPU choices are measured on the running machine (ops/calibrate.py) the first time they are
 needed, and cached per machine; a field set here (tests, ``DISPATCH.override(...)``, the
-environment variable NF4LORA_DISPATCH="cpu_gemm_fp32=1,cpu_fused_max_rows=4,cpu_attention=gqa") forces a choice and
-takes precedence. NF4LORA_CALIBRATE=0 turns measuring off (then the kernels' own limits and torch's
-own GEMM precision and attention are used). Tested by tests/test_calibrate.py, tests/test_matmul.py and
-tests/test_cuda_matmul.py."""
+environment variable NF4LORA_DISPATCH="cpu_gemm_fp32=1,cpu_fused_max_rows=4,cpu_attention=gqa")
+forces a choice and takes precedence. NF4LORA_CALIBRATE=0 turns measuring off (then the kernels'
+own limits, torch's own GEMM precision and transformers' sdpa attention are used). Tested by
+tests/test_calibrate.py, tests/test_attention.py, tests/test_matmul.py and tests/test_cuda_matmul.py."""
 from __future__ import annotations
 
 import contextlib
@@ -92,8 +93,8 @@ class DispatchPolicy:
                 setattr(self, name, value)
 
 
-_FORCEABLE = ("cpu_fused_max_rows", "cpu_fused_t_max_rows", "cpu_gemm_fp32", "cpu_attention", "cuda_gemv_max_rows",
-              "cuda_gemv_t_max_rows")
+_FORCEABLE = ("cpu_fused_max_rows", "cpu_fused_t_max_rows", "cpu_gemm_fp32", "cpu_attention",
+              "cuda_gemv_max_rows", "cuda_gemv_t_max_rows")
 
 
 def _check_names(choices) -> None:
