@@ -128,7 +128,8 @@ def test_forcing_through_the_environment():
     code = ("import nf4lora.ops as o, torch; print(o.DISPATCH.cpu_rows(), o.DISPATCH.cpu_gemm_in_fp32(torch.bfloat16), "
             "o.DISPATCH.cpu_attention_route(torch.bfloat16), o.DISPATCH.cpu_attention_route(torch.float32))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**__import__("os").environ, "NF4LORA_DISPATCH": "cpu_fused_max_rows=3,cpu_gemm_fp32=true,cpu_attention=fp32",
+                         env={**__import__("os").environ,
+                              "NF4LORA_DISPATCH": "cpu_fused_max_rows=3,cpu_gemm_fp32=true,cpu_attention=fp32",
                               "NF4LORA_CALIBRATE": "0"})
     assert out.stdout.split() == ["3", "True", "fp32", "sdpa"]
 
