@@ -40,9 +40,11 @@ def run_one(way: str, steps: int, batch: int, seq_len: int, lr: float, r: int, d
 
     torch.manual_seed(0)
     model, tok = load_model(None, quantize="nf4" if way == "nf4lora" else None)
-    if way == "nf4lora":  # as `nf4lora finetune` does: fp32 attention on CPUs without AMX, fused head
+    if way == "nf4lora":  # as `nf4lora finetune` does: calibrated attention route, fused RMSNorm and head
         from nf4lora.train.cpu_attention import use_fp32_cpu_attention
+        from nf4lora.train.fused_norm import use_fused_rmsnorm
         use_fp32_cpu_attention(model)
+        use_fused_rmsnorm(model)
         model = nl.get_lora_model(model, nl.LoraConfig(r=r, lora_alpha=2 * r))
         params = [p for p in model.parameters() if p.requires_grad]
         opt = nl.optim.PagedAdamW(params, lr=lr, weight_decay=0.0)

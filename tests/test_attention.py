@@ -1,9 +1,10 @@
-"""nf4lora.train.cpu_attention: a tiny Llama switched to the fp32-on-CPU sdpa gives sdpa's logits and
-gradients to bf16 precision (with padding), and exactly sdpa's when the fp32 route is off. The
-attention function itself is checked on peaked scores (most of a row's weight on a few keys) against
-a float64 softmax(q k^T * scaling + mask) v under the 2x error rule (error at most twice that of
-torch's bf16 sdpa); test_the_check_catches_mutants shows that check fails for a softmax scale off
-by 5%, values scaled by 1.01 and a dropped mask."""
+"""nf4lora.train.cpu_attention: a tiny Llama switched to the calibrated CPU attention gives sdpa's
+logits and gradients to bf16 precision (with padding) by each route (fp32; bf16 with enable_gqa),
+and exactly sdpa's by the "sdpa" route. The attention function itself is checked on peaked scores
+(most of a row's weight on a few keys) against a float64 softmax(q k^T * scaling + mask) v under
+the 2x error rule (error at most twice that of torch's bf16 sdpa), and so are the gradients of
+q, k, v by each route of nf4lora.ops.attention; test_the_check_catches_mutants shows that check
+fails for a softmax scale off by 5%, values scaled by 1.01 and a dropped mask."""
 import math
 
 import pytest
@@ -68,10 +69,11 @@ def run(model, ids, mask):
     return logits.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("fp32", [True, False])
-def test_matches_sdpa(fp32, monkeypatch):
+@pytest.mark.parametrize("route", ["fp32", "gqa", "sdpa"])
+def test_matches_sdpa(route, monkeypatch):
     from transformers import AutoModelForCausalLM
-    monkeypatch.setattr(DISPATCH, "cpu_gemm_fp32", fp32)
+    monkeypatch.setattr(DISPATCH, "cpu_attention", route)
+    fp32 = route != "sdpa"  # a route of its own: the 2x rule (the "sdpa" route: exactly sdpa)
     # The attention function itself, on peaked scores: the fp32 route under the 2x error rule,
     # the plain route exactly sdpa.
     q, k, v, amask, scaling = peaked_inputs()
@@ -96,17 +98,47 @@ def test_matches_sdpa(fp32, monkeypatch):
     if not fp32:
         assert torch.equal(logits, ref_logits) and all(torch.equal(grads[k], ref_grads[k]) for k in ref_grads)
         return
-    assert not torch.equal(logits, ref_logits)  # the fp32 route did run
+    if route == "fp32":
+        assert not torch.equal(logits, ref_logits)  # the fp32 route did run
     assert (logits - ref_logits).abs().max() <= 0.02 * ref_logits.abs().max()
     assert grads.keys() == ref_grads.keys()
     for k in grads:
         assert (grads[k] - ref_grads[k]).abs().max() <= 0.05 * ref_grads[k].abs().max() + 1e-6, k
 
 
-def test_the_check_catches_mutants(monkeypatch):
+@pytest.mark.parametrize("route", ["fp32", "gqa"])
+def test_gradients_of_each_route_under_the_2x_rule(route):
+    """dL/dq, dL/dk, dL/dv of nf4lora.ops.attend by `route` against float64, at most twice the
+    error of transformers' bf16 sdpa (k, v repeated to the query heads)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from nf4lora.ops import attend
+    q, k, v, mask, scaling = peaked_inputs()
+    gy = torch.randn(q.shape[0], q.shape[2], q.shape[1], q.shape[3], generator=torch.Generator().manual_seed(1))
+
+    def grads(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(gy.to(dtype))
+        return [t.grad.double() for t in leaves]
+
+    want = grads(lambda q, k, v: attention_reference(q, k, v, mask, scaling), torch.float64)
+    ours = grads(lambda q, k, v: attend(q, k, v, mask, scaling, 0.0, False, route).transpose(1, 2), torch.bfloat16)
+    base = grads(lambda q, k, v: sdpa_attention_forward(_Attn(), q, k, v, mask, dropout=0.0, scaling=scaling)[0],
+                 torch.bfloat16)
+    for name, a, b, w in zip("qkv", ours, base, want):
+        err, err_sdpa = (a - w).abs().max().item(), (b - w).abs().max().item()
+        assert err <= 2 * err_sdpa, (name, err, err_sdpa)
+    with pytest.raises(ValueError, match="unknown attention route"):
+        attend(q, k, v, mask, scaling, 0.0, False, "flash")
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        attend(q[:, :3], k, v, mask, scaling, 0.0, False, route)
+
+
+@pytest.mark.parametrize("route", ["fp32", "gqa"])
+def test_the_check_catches_mutants(route, monkeypatch):
     """The check of test_matches_sdpa fails for an attention with the softmax scale off by 5%, the
     values scaled by 1.01, or the mask dropped (causal only, so the padding leaks in)."""
-    monkeypatch.setattr(DISPATCH, "cpu_gemm_fp32", True)
+    monkeypatch.setattr(DISPATCH, "cpu_attention", route)
     fn = registered_attention()
     q, k, v, mask, scaling = peaked_inputs()
     mutants = {
@@ -117,3 +149,20 @@ def test_the_check_catches_mutants(monkeypatch):
     for name, mutant in mutants.items():
         err, err_sdpa = attention_error_ratio(mutant, q, k, v, mask, scaling)
         assert err > 2 * err_sdpa, f"{name}: error {err:.4g} passes the 2x rule (sdpa {err_sdpa:.4g})"
+
+
+def test_the_sdpa_route_is_transformers_sdpa():
+    """nf4lora.ops.attend's "sdpa" route (what the calibration times as the baseline) gives exactly
+    transformers' sdpa_attention_forward, output and gradients."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from nf4lora.ops import attend
+    q, k, v, mask, scaling = peaked_inputs()
+    gy = torch.randn(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).bfloat16()
+    results = []
+    for fn in (lambda q, k, v: attend(q, k, v, mask, scaling, 0.0, False, "sdpa").transpose(1, 2),
+               lambda q, k, v: sdpa_attention_forward(_Attn(), q, k, v, mask, dropout=0.0, scaling=scaling)[0]):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(gy)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -11,6 +11,7 @@ import torch
 
 import nf4lora as nl
 from nf4lora.ops import DISPATCH, calibrate
+from nf4lora.ops.attention import ROUTES
 from nf4lora.ops.dispatch import parse_forced
 
 
@@ -29,7 +30,9 @@ def fake_measure(choices=None):
 
 
 def test_a_real_measurement_is_valid_cached_and_reused(cache, monkeypatch):
-    cal = calibrate.calibrate()
+    # measured where a first use may come from: an evaluation under no_grad, in bf16 autocast
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cal = calibrate.calibrate()
     assert cal.source == "measured" and 0 < cal.seconds < 60
     assert set(cal.choices) == set(calibrate.DEFAULTS)
     assert isinstance(cal.choices["cpu_gemm_fp32"], bool)
@@ -57,6 +60,10 @@ def test_a_real_measurement_is_valid_cached_and_reused(cache, monkeypatch):
         best = min(rel, key=rel.get)
         assert cal.choices["cpu_grain_kib"] == (best if rel[best] < 0.95 * len(grains) else calibrate.DEFAULTS["cpu_grain_kib"])
     assert nl.ops.native.matmul_choices() == (cal.choices["cpu_matmul_variant"], cal.choices["cpu_grain_kib"] * 1024)
+    att = cal.measurements["attention_fwd_bwd_2x9x128x64_ms"]
+    assert set(att) == set(ROUTES) and cal.choices["cpu_attention"] in ROUTES
+    fastest = min(att, key=att.get)
+    assert cal.choices["cpu_attention"] == (fastest if att[fastest] < 0.95 * att["sdpa"] else "sdpa")
     files = list(cache.glob("calibration-*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["choices"] == cal.choices
     monkeypatch.setattr(calibrate, "measure", lambda: pytest.fail("measured again despite the cache"))
@@ -107,7 +114,7 @@ def test_the_native_choices_follow_dispatch(cache, monkeypatch):
     assert native.matmul_choices() == (calibrate.DEFAULTS["cpu_matmul_variant"], 256 * 1024)
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "foreign", "stale", "out of range", "unknown variant"])
+@pytest.mark.parametrize("damage", ["corrupt", "foreign", "stale", "out of range", "unknown variant", "unknown route"])
 def test_a_bad_cache_is_ignored_with_a_warning(cache, monkeypatch, damage):
     monkeypatch.setattr(calibrate, "measure", fake_measure())
     key = calibrate.machine_key()
@@ -123,10 +130,13 @@ def test_a_bad_cache_is_ignored_with_a_warning(cache, monkeypatch, damage):
         path.write_text(json.dumps(dict(good, version=calibrate.VERSION - 1)))
     elif damage == "unknown variant":
         path.write_text(json.dumps(dict(good, choices=dict(good["choices"], cpu_matmul_variant="sparc"))))
-    else:
+    elif damage == "out of range":
         path.write_text(json.dumps(dict(good, choices=dict(good["choices"], cpu_fused_max_rows=99))))
+    else:
+        path.write_text(json.dumps(dict(good, choices=dict(good["choices"], cpu_attention="flash"))))
     with pytest.warns(RuntimeWarning, match={"corrupt": "corrupt", "foreign": "another machine", "stale": "stale",
-                                             "out of range": "corrupt", "unknown variant": "corrupt"}[damage]):
+                                             "out of range": "corrupt", "unknown variant": "corrupt",
+                                             "unknown route": "corrupt"}[damage]):
         cal = calibrate.calibrate()
     assert cal.source == "measured" and cal.choices == calibrate.DEFAULTS
     assert json.loads(path.read_text())["choices"] == calibrate.DEFAULTS  # replaced by the new measurement
@@ -151,16 +161,23 @@ def test_forcing_through_the_environment():
     assert parse_forced("") == {}
     assert parse_forced("cpu_matmul_variant=AVX512, cpu_grain_kib=64") == {"cpu_matmul_variant": "avx512",
                                                                             "cpu_grain_kib": 64}
+    assert parse_forced("cpu_attention=gqa") == {"cpu_attention": "gqa"}
+    with pytest.raises(ValueError, match="cpu_attention must be one of"):
+        with DISPATCH.override(cpu_attention="flash"):
+            pass
     for bad, msg in (("cpu_gemm_fp32=maybe", "1/0/true/false"), ("cpu_fused_max_rows=-1", "non-negative"),
+                     ("cpu_attention=flash", "cpu_attention must be one of"),
                      ("cpu_grain_kib=0", "1.."), ("cpu_grain_kib=9999999", "1.."),
                      ("gemv=3", "unknown dispatch choices"), ("cpu_fused_max_rows", "name=value")):
         with pytest.raises(ValueError, match=msg):
             parse_forced(bad)
-    code = ("import nf4lora.ops as o, torch; print(o.DISPATCH.cpu_rows(), o.DISPATCH.cpu_gemm_in_fp32(torch.bfloat16))")
+    code = ("import nf4lora.ops as o, torch; print(o.DISPATCH.cpu_rows(), o.DISPATCH.cpu_gemm_in_fp32(torch.bfloat16), "
+            "o.DISPATCH.cpu_attention_route(torch.bfloat16), o.DISPATCH.cpu_attention_route(torch.float32))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**__import__("os").environ, "NF4LORA_DISPATCH": "cpu_fused_max_rows=3,cpu_gemm_fp32=true",
+                         env={**__import__("os").environ,
+                              "NF4LORA_DISPATCH": "cpu_fused_max_rows=3,cpu_gemm_fp32=true,cpu_attention=fp32",
                               "NF4LORA_CALIBRATE": "0"})
-    assert out.stdout.split() == ["3", "True"]
+    assert out.stdout.split() == ["3", "True", "fp32", "sdpa"]
     code = "import nf4lora.ops.native as n; print(*n.matmul_choices())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "NF4LORA_DISPATCH": "cpu_matmul_variant=ref,cpu_grain_kib=32",
@@ -197,11 +214,12 @@ def test_every_forced_route_matches_the_reference(fp32, rows, variant, grain):
 
 def test_the_tune_command_shows_the_choices(cache, capsys, monkeypatch):
     from nf4lora.cli import main
-    monkeypatch.setattr(calibrate, "measure", fake_measure({"cpu_fused_t_max_rows": 4}))
+    monkeypatch.setattr(calibrate, "measure", fake_measure({"cpu_fused_t_max_rows": 4, "cpu_attention": "gqa"}))
     assert main(["tune"]) == 0
     out = capsys.readouterr().out
     assert "calibration: measured" in out and "fused transposed kernel up to M = 4" in out
     assert f"kernel variant: {calibrate.DEFAULTS['cpu_matmul_variant']}" in out and "at least 256 KiB" in out
+    assert "bf16 attention route: gqa" in out
     assert main(["tune", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["source"] == "cache" and data["choices"]["cpu_fused_t_max_rows"] == 4

@@ -350,6 +350,10 @@ def _run_tune(args: argparse.Namespace) -> int:
         f"{shape} " + ", ".join(f"{g}: {t:.3f}" for g, t in times.items()) for shape, times in grains.items()) + ")"
            if grains else "")
     print(f"  a second thread only for at least {cal.choices['cpu_grain_kib']} KiB of packed weight per thread{why}")
+    att = cal.measurements.get("attention_fwd_bwd_2x9x128x64_ms", {})
+    detail = ", ".join(f"{route} {ms:.2f} ms" for route, ms in att.items())
+    print(f"  bf16 attention route: {cal.choices['cpu_attention']}"
+          + (f" (forward + backward, 2x128 tokens, 9 heads on 3 kv heads: {detail})" if detail else ""))
     for name, value in forced.items():
         print(f"  forced by NF4LORA_DISPATCH or code: {name} = {value}")
     return 0

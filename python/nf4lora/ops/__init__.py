@@ -10,9 +10,11 @@
     optim.py     the fused optimizer steps' native entry points (a table)
     memory.py    CUDA managed memory for paged optimizer state
     buffers.py   huge-page output buffers and per-thread scratch
+    attention.py the CPU attention routes calibration chooses among (torch sdpa, no _C)
 
 Layers above import from here (``from ..ops import ...``), never from _C."""
 from . import cpu, cuda, library
+from .attention import attend
 from .checks import check_blocksize, check_float_dtype, check_quant_type, num_blocks
 from .dispatch import DISPATCH, DispatchPolicy
 from .matmul import dequantized, matmul_4bit
@@ -24,7 +26,7 @@ library.register("cpu", cpu)
 library.register("cuda", cuda)
 
 __all__ = [
-    "BUILD_INFO", "DISPATCH", "DispatchPolicy", "FLOAT_DTYPES", "Weight4bit", "active_cpu_variant",
+    "BUILD_INFO", "DISPATCH", "attend", "DispatchPolicy", "FLOAT_DTYPES", "Weight4bit", "active_cpu_variant",
     "check_blocksize", "check_float_dtype", "check_quant_type", "codebook", "cpu_variants",
     "dequantized", "dynamic_map", "has_cuda", "matmul_4bit", "num_blocks", "packed_bytes",
     "set_cpu_variant", "use_cpu_variant",

@@ -16,13 +16,16 @@ What is measured (a second or two in all; interleaved rounds, the minimum of eac
   times relative to the default's, summed; another grain only if at least 5% better. Measured
   only with more than one thread.
 These two run first: the crossovers are measured with the variant and grain chosen.
+- cpu_attention: forward + backward of bf16 attention at SmolLM2-135M's heads (9 query, 3 key/value
+  heads of 64, 2 x 128 tokens, causal + padding mask) by each route of ops/attention.py; the
+  fastest, if at least 5% faster than "sdpa" (transformers' own), else "sdpa".
 
 The result is cached as JSON under the user's cache directory (NF4LORA_CACHE_DIR, else
 $XDG_CACHE_HOME/nf4lora, else ~/.cache/nf4lora), one file per machine key: CPU model and flags,
 thread count, torch and nf4lora versions, the build. The file is written atomically; one that is
 corrupt, written for another key (foreign) or by another calibration version (stale) is ignored
 with a warning and measured anew. NF4LORA_CALIBRATE=0 turns measuring off (the kernels' own limit
-of 8 rows and torch's own bf16 GEMMs); NF4LORA_CALIBRATE=force measures even when cached.
+of 8 rows, torch's own bf16 GEMMs and transformers' sdpa attention); NF4LORA_CALIBRATE=force measures even when cached.
 Shown by ``nf4lora tune``. Tested by tests/test_calibrate.py."""
 from __future__ import annotations
 
@@ -39,14 +42,16 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..files import write_atomic
+from .attention import ROUTES, attend, sample_inputs
 from .dispatch import DEFAULT_GRAIN_KIB, DISPATCH, FUSED_KERNEL_MAX_ROWS, MAX_GRAIN_KIB
 from .native import BUILD_INFO, best_cpu_variant, cpu_variant_forced, cpu_variants
 
-VERSION = 2
+VERSION = 3  # 3: cpu_matmul_variant, cpu_grain_kib and cpu_attention added
 ROWS = (1, 2, 4, 8)
 GRAINS_KIB = (16, 64, 256, 1024)
 DEFAULTS = {"cpu_fused_max_rows": FUSED_KERNEL_MAX_ROWS, "cpu_fused_t_max_rows": FUSED_KERNEL_MAX_ROWS,
-            "cpu_gemm_fp32": False, "cpu_matmul_variant": best_cpu_variant(), "cpu_grain_kib": DEFAULT_GRAIN_KIB}
+            "cpu_gemm_fp32": False, "cpu_matmul_variant": best_cpu_variant(), "cpu_grain_kib": DEFAULT_GRAIN_KIB,
+            "cpu_attention": "sdpa"}
 
 
 def _check_choice(name: str, value) -> None:
@@ -60,6 +65,8 @@ def _check_choice(name: str, value) -> None:
         raise ValueError(f"choice {name}={value!r} is out of range")
     if name == "cpu_matmul_variant" and value not in cpu_variants(supported_only=True):
         raise ValueError(f"choice {name}={value!r} is not a variant this machine runs")
+    if name == "cpu_attention" and value not in ROUTES:
+        raise ValueError(f"choice {name}={value!r} is out of range")
 
 
 @dataclasses.dataclass
@@ -263,6 +270,22 @@ def measure(rounds: int = 2) -> Calibration:
                     limit = M
             results[f"{direction}_2048x2048_ms"] = times
             choices[field] = limit
+    q, k, v, mask = sample_inputs(g)
+    grad = torch.randn(q.shape, generator=g).bfloat16()
+
+    def attention(route):
+        def run():
+            out = attend(q, k, v, mask, q.shape[-1] ** -0.5, 0.0, False, route)
+            q.grad = k.grad = v.grad = None
+            out.backward(grad)
+        return run
+    # forward + backward even when the first use that measures is under no_grad (an evaluation)
+    # or autocast
+    with torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        t = _best_ms({route: attention(route) for route in ROUTES}, max(rounds, 3), 2)
+    results["attention_fwd_bwd_2x9x128x64_ms"] = {k: round(v, 4) for k, v in t.items()}
+    fastest = min(t, key=t.get)
+    choices["cpu_attention"] = fastest if t[fastest] < 0.95 * t["sdpa"] else "sdpa"
     return Calibration(choices, results, machine_key(), "measured", None, time.perf_counter() - t_start)
 
 

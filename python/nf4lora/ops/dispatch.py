@@ -1,15 +1,17 @@
 """The op layer's dispatch policy: one object, ``DISPATCH``, holding every machine-dependent choice
 of how a 4-bit product runs (fused kernel or dequantize + dense GEMM, the GEMM's precision on the
-CPU, which CUDA kernel). The ops ask it on each call; code above the op layer asks it too
-(``DISPATCH.fused_rows``, ``DISPATCH.cpu_gemm_in_fp32``) instead of keeping constants of its own.
+CPU, which CUDA kernel) and of the CPU attention's route (ops/attention.py). The ops ask it on each
+call; code above the op layer asks it too (``DISPATCH.fused_rows``, ``DISPATCH.cpu_gemm_in_fp32``,
+``DISPATCH.cpu_attention_route``) instead of keeping constants of its own.
 
 The CPU choices are measured on the running machine (ops/calibrate.py) the first time they are
 needed, and cached per machine; a field set here (tests, ``DISPATCH.override(...)``, the
-environment variable NF4LORA_DISPATCH="cpu_gemm_fp32=1,cpu_fused_max_rows=4") forces a choice and
-takes precedence. Two of the choices live in the native core (the CPU products' kernel variant and
-their thread grain): DISPATCH installs them there whenever they or its calibration change. NF4LORA_CALIBRATE=0 turns measuring off (then the kernels' own limits and torch's
-own GEMM precision are used). Tested by tests/test_calibrate.py, tests/test_matmul.py and
-tests/test_cuda_matmul.py."""
+environment variable NF4LORA_DISPATCH="cpu_gemm_fp32=1,cpu_fused_max_rows=4,cpu_attention=gqa")
+forces a choice and takes precedence. Two of the choices live in the native core (the CPU
+products' kernel variant and their thread grain): DISPATCH installs them there whenever they or its
+calibration change. NF4LORA_CALIBRATE=0 turns measuring off (then the kernels' own limits, torch's
+own GEMM precision and transformers' sdpa attention are used). Tested by tests/test_calibrate.py,
+tests/test_attention.py, tests/test_matmul.py and tests/test_cuda_matmul.py."""
 from __future__ import annotations
 
 import contextlib
@@ -42,6 +44,8 @@ class DispatchPolicy:
     # forces one for every kernel and wins) and their thread grain in KiB of packed weight.
     cpu_matmul_variant: Optional[str] = None
     cpu_grain_kib: Optional[int] = None
+    # bf16 attention on the CPU: one of ops/attention.py ROUTES ("sdpa", "gqa", "fp32").
+    cpu_attention: Optional[str] = None
     # CUDA: measured on an H200 (docs/decisions.md); not calibrated yet.
     cuda_gemv_max_rows: int = 3        # forward fused GEMV
     cuda_gemv_t_max_rows: int = 1      # transposed fused GEMV
@@ -101,14 +105,22 @@ class DispatchPolicy:
             return False
         return bool(self._choice("cpu_gemm_fp32"))
 
+    def cpu_attention_route(self, dtype: torch.dtype) -> str:
+        """How attention over `dtype` q, k, v runs on the CPU (ops/attention.py ROUTES); not bf16:
+        "sdpa", transformers' own."""
+        if dtype != torch.bfloat16:
+            return "sdpa"
+        return self._choice("cpu_attention")
+
     @contextlib.contextmanager
     def override(self, **choices) -> Iterator["DispatchPolicy"]:
         """Forces the given fields for the duration of the block, then restores them."""
         _check_names(choices)
+        _check_values(choices)
         saved = {name: getattr(self, name) for name in choices}
-        for name, value in choices.items():
-            setattr(self, name, value)
-        try:
+        try:  # a choice refused while setting (an unusable variant) restores the ones set before it
+            for name, value in choices.items():
+                setattr(self, name, value)
             yield self
         finally:
             for name, value in saved.items():
@@ -129,13 +141,20 @@ def _calibrated(policy: DispatchPolicy, name: str):
 
 
 _FORCEABLE = ("cpu_fused_max_rows", "cpu_fused_t_max_rows", "cpu_gemm_fp32", "cpu_matmul_variant",
-              "cpu_grain_kib", "cuda_gemv_max_rows", "cuda_gemv_t_max_rows")
+              "cpu_grain_kib", "cpu_attention", "cuda_gemv_max_rows", "cuda_gemv_t_max_rows")
 
 
 def _check_names(choices) -> None:
     unknown = set(choices) - set(_FORCEABLE)
     if unknown:
         raise ValueError(f"unknown dispatch choices {sorted(unknown)}; known: {list(_FORCEABLE)}")
+
+
+def _check_values(choices) -> None:
+    from .attention import ROUTES
+    route = choices.get("cpu_attention")
+    if route is not None and route not in ROUTES:
+        raise ValueError(f"cpu_attention must be one of {ROUTES}, got {route!r}")
 
 
 def parse_forced(text: str) -> dict:
@@ -153,6 +172,9 @@ def parse_forced(text: str) -> dict:
             if value not in ("1", "0", "true", "false"):
                 raise ValueError(f"NF4LORA_DISPATCH: cpu_gemm_fp32 must be 1/0/true/false, got {value!r}")
             out[name] = value in ("1", "true")
+        elif name == "cpu_attention":
+            _check_values({name: value})
+            out[name] = value
         elif name == "cpu_matmul_variant":
             out[name] = value
         else:

@@ -1,7 +1,9 @@
-"""An SDPA attention for transformers models that computes bf16 attention on the CPU in fp32 over the
-same bf16 q, k, v (widened exactly) and rounds the output to bf16 once, where bf16 GEMMs are the
-slow ones (docs/decisions.md has the measurement). Everywhere else (GPU,
-fp32/fp16, a CPU with AMX, see nf4lora.ops.DISPATCH.cpu_gemm_in_fp32) it is transformers' own sdpa.
+"""An SDPA attention for transformers models that runs bf16 attention on the CPU by the route the
+calibration measured fastest on this machine (nf4lora.ops.DISPATCH.cpu_attention_route; the routes
+are in nf4lora/ops/attention.py): in fp32 over the same bf16 q, k, v (widened exactly, rounded
+once), where bf16 GEMMs are the slow ones, or in bf16 without repeating the key/value heads
+(enable_gqa), or transformers' own sdpa (docs/decisions.md has the measurements). Everywhere else
+(GPU, fp32/fp16, a KV cache longer than the query, a position bias) it is transformers' own sdpa.
 Registered under the name ATTN_IMPLEMENTATION; use_fp32_cpu_attention(model) switches a loaded
 model to it (the trainer does). Tested by tests/test_attention.py (against sdpa, forced on and off)."""
 from __future__ import annotations
@@ -13,18 +15,19 @@ ATTN_IMPLEMENTATION = "nf4lora_sdpa"
 _registered = [False]
 
 
-def _forward(module, query, key, value, attention_mask, **kwargs):
+def _forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from ..ops import DISPATCH
-    dtype = query.dtype
-    if query.device.type != "cpu" or not DISPATCH.cpu_gemm_in_fp32(dtype):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    if attention_mask is not None and attention_mask.is_floating_point():
-        attention_mask = attention_mask.float()
-    with torch.autocast("cpu", enabled=False):
-        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
-                                              **kwargs)
-    return out.to(dtype), weights
+    from ..ops import DISPATCH, attend
+    route = DISPATCH.cpu_attention_route(query.dtype) if query.device.type == "cpu" else "sdpa"
+    if (route == "sdpa" or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
+            or kwargs.get("output_attentions") or key.shape[2] != query.shape[2]):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    # as sdpa_attention_forward: the causal flag only without a mask and for more than one query
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
+    out = attend(query, key, value, attention_mask, scaling, dropout, is_causal, route)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def register() -> str:

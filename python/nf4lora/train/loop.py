@@ -447,15 +447,19 @@ def finetune(opts: TrainOptions, model: Optional[nn.Module] = None, tokenizer: A
     order = D.BatchOrder(len(train_items), opts.batch_size, opts.seed)
     total = opts.steps or max(1, math.ceil(opts.epochs * order.steps_per_epoch))
 
-    # bf16 attention in fp32 on CPUs without AMX (same values, ~2x faster there; sdpa elsewhere),
-    # for this run only: the model goes back to its own attention afterwards
+    # bf16 attention by the route calibrated for this CPU (fp32, bf16 without repeated kv heads or
+    # sdpa) and RMSNorm with a hand-written backward, for this run only: the model goes back to its
+    # own attention and norms afterwards
     from .cpu_attention import use_fp32_cpu_attention
+    from .fused_norm import restore_rmsnorm, use_fused_rmsnorm
     attn_before = getattr(model.config, "_attn_implementation", None)
     switched = device.type == "cpu" and use_fp32_cpu_attention(model)
+    norms = use_fused_rmsnorm(model) if device.type == "cpu" else []
     try:
         return _train(opts, model, tokenizer, on_step, say, rank, world, main, out, t_start, t_loaded,
                       resume_path, train_items, eval_items, pad_id, order, total, device)
     finally:
+        restore_rmsnorm(norms)
         if switched:
             model.set_attn_implementation(attn_before)
 
