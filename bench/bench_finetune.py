@@ -114,9 +114,20 @@ def main() -> None:
                     help="the PEFT ways use nf4lora's fused head and fp32-on-CPU attention too")
     ap.add_argument("--no-eval", dest="eval", action="store_false", help="tokens/s and RSS only")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: the GPU benchmark on Llama-shaped models, bench/bench_finetune_cuda.py "
+                    "(the arguments after --device cuda go to it)")
     ap.add_argument("--quick", action="store_true", help="smoke run (CI): each way 1 step of 1 example of "
                     "up to 64 tokens, r 4, no evaluation")
+    argv = sys.argv[1:]
+    if "--device" in argv and argv[argv.index("--device") + 1:argv.index("--device") + 2] == ["cuda"]:
+        import bench_finetune_cuda  # bench/ (this script's folder is on sys.path)
+        i = argv.index("--device")
+        return bench_finetune_cuda.main(argv[:i] + argv[i + 2:])
     a = ap.parse_args()
+    if not a.child:
+        from timing import machine_header  # bench/timing.py
+        print(machine_header())
     if a.quick:
         a.steps, a.batch, a.seq_len, a.r, a.eval = 1, 1, 64, 4, False
     if a.child:

@@ -25,6 +25,7 @@ benchmark is bench/bench_finetune.py."""
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 import json
 import os
 import statistics
@@ -147,7 +148,7 @@ def run_one(way: str, shape_name: str, batch: int, seq: int, steps: int, r: int,
             "gpu": torch.cuda.get_device_name(0) if gpu else "none (dry run)"}
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", help="cuda (the only device this benchmark runs on)")
     ap.add_argument("--shapes", default="llama2-7b,tinyllama", help="comma-separated: " + ", ".join(SHAPES))
@@ -161,7 +162,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the 2-layer 'quick' shape, seq 256, 2 steps (CI)")
     # --child --device cpu: one way on the CPU, to check this script's code paths without a GPU
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.child:
         print(json.dumps(run_one(a.ways, a.shapes, a.batch, a.seq_len, a.steps, a.r, a.device)))
         return
