@@ -132,12 +132,16 @@ CpuVariant best_cpu_variant() {
   return CpuVariant::Ref;
 }
 
-void force_cpu_variant(CpuVariant v) {
+void check_cpu_variant_supported(CpuVariant v) {
   if (static_cast<int>(v) < 0 || static_cast<int>(v) >= kNumCpuVariants)
     throw std::invalid_argument("unknown CPU variant " + std::to_string(static_cast<int>(v)));
   if (!cpu_variant_supported(v))
     throw std::invalid_argument(std::string("CPU variant '") + cpu_variant_name(v) +
                                 "' is not supported on this machine or not compiled in");
+}
+
+void force_cpu_variant(CpuVariant v) {
+  check_cpu_variant_supported(v);
   g_forced_variant.store(static_cast<int>(v));
 }
 

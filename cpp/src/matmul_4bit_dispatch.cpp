@@ -54,11 +54,7 @@ const MatmulKernels& matmul_kernels_for(CpuVariant v) {
 }  // namespace
 
 void set_matmul_cpu_variant(CpuVariant v) {
-  if (static_cast<int>(v) < 0 || static_cast<int>(v) >= kNumCpuVariants)
-    throw std::invalid_argument("unknown CPU variant " + std::to_string(static_cast<int>(v)));
-  if (!cpu_variant_supported(v))
-    throw std::invalid_argument(std::string("CPU variant '") + cpu_variant_name(v) +
-                                "' is not supported on this machine or not compiled in");
+  check_cpu_variant_supported(v);
   g_matmul_variant.store(static_cast<int>(v));
 }
 

@@ -55,6 +55,8 @@ const char* cpu_variant_name(CpuVariant v);
 bool cpu_variant_compiled(CpuVariant v);   // built into this library
 bool cpu_variant_supported(CpuVariant v);  // built in, and this CPU + OS can run it
 CpuVariant best_cpu_variant();
+// Throws std::invalid_argument unless `v` is a variant this build and this CPU run.
+void check_cpu_variant_supported(CpuVariant v);
 // Forces a variant for every later call (tests use this); throws if it is not supported.
 void force_cpu_variant(CpuVariant v);
 void reset_cpu_variant();
