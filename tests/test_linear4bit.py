@@ -213,6 +213,28 @@ def test_inference_cache_follows_every_weight_change():
         assert not torch.equal(twin(x), m(x))
 
 
+def test_inference_cache_lets_go_of_moved_and_replaced_codes():
+    """After .to() or set_quantized the cache no longer holds the old codes (a model moved to the
+    GPU after a CPU forward must not keep its CPU weights alive)."""
+    import gc
+    import weakref
+    m = Linear4bit.from_linear(dense())
+    with torch.no_grad():
+        m(torch.randn(2, 96))
+    old = weakref.ref(m.weight)
+    m.to(torch.device("meta"))
+    gc.collect()
+    assert old() is None
+    m = Linear4bit.from_linear(dense())
+    with torch.no_grad():
+        m(torch.randn(2, 96))
+    old = weakref.ref(m.weight)
+    other = Linear4bit.from_linear(dense(seed=7))
+    m.set_quantized(other.weight.detach().clone(), other.quant_state)
+    gc.collect()
+    assert old() is None
+
+
 def test_inference_cache_checks_a_damaged_weight():
     m = Linear4bit.from_linear(dense())
     with torch.no_grad():

@@ -90,6 +90,7 @@ class Linear4bit(nn.Module):
             raise ValueError(f"a state of shape {list(state.shape)} cannot replace the weight of a "
                              f"[{self.out_features}, {self.in_features}] Linear4bit")
         flat = packed_bytes(packed, state.shape)
+        self.__dict__.pop("_weight4bit_cache", None)  # (it would keep the old codes alive)
         self.weight = nn.Parameter(flat.reshape(-1, 1), requires_grad=False)
         self._set_state(state)
 
@@ -172,6 +173,9 @@ class Linear4bit(nn.Module):
     # ---- device / dtype moves: codes and scales keep their dtypes --------------------------
 
     def _apply(self, fn, recurse=True):
+        # The inference cache would keep the tensors of before the move alive (a model moved to
+        # the GPU after a CPU forward would hold its CPU codes): dropped, rebuilt on next use.
+        self.__dict__.pop("_weight4bit_cache", None)
         # (nf4lora.fsdp may have made absmax a frozen parameter: then it moves as parameters do)
         kept = {name: self._buffers[name] for name in _STATE_BUFFERS if name in self._buffers}
         for name in kept:
