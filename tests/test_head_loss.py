@@ -10,16 +10,16 @@ from nf4lora.train.head_loss import head_cross_entropy
 
 
 CUDA = torch.cuda.is_available()
-# "cpu": fp32 GEMMs over bf16 values; "cpu-bf16": the route every other device takes (bf16 GEMMs,
-# the scale kept a tensor), run on the CPU; "cuda": that route on a GPU.
+# "cpu": fp32 GEMMs over bf16 values (a CPU where they beat bf16 ones); "cpu-bf16": bf16 GEMMs, the
+# scale kept a tensor (a CPU with fast bf16 GEMMs, and every other device); "cuda": that route on a GPU.
 ROUTES = ["cpu", "cpu-bf16", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not CUDA, reason="needs a CUDA GPU")])]
 
 
 def on(route, monkeypatch):
     """The device of `route`, with the module set to take that route there."""
-    if route == "cpu-bf16":
-        monkeypatch.setattr(head_loss, "_fp32_gemm", lambda device: False)
+    from nf4lora.ops import DISPATCH
+    monkeypatch.setattr(DISPATCH, "cpu_gemm_fp32", route == "cpu")
     return "cuda" if route == "cuda" else "cpu"
 
 
@@ -100,9 +100,9 @@ def test_bad_input():
 @pytest.mark.parametrize("dev,fp32_gemm", [("cpu", True), ("cpu", False), pytest.param(
     "cuda", False, marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")])])
 def test_causal_lm_loss_fused_equals_plain(dev, fp32_gemm, monkeypatch):
-    """The trainer's loss module: fused head (where it applies) against the plain head, same loss
-    and same adapter gradients to bf16 precision; on the CPU with fp32 GEMMs off both take the
-    plain path, on CUDA the fused head always applies under bf16 autocast."""
+    """The trainer's loss module: fused head against the plain head, same loss and same adapter
+    gradients to bf16 precision, under bf16 autocast on the CPU (its GEMMs in fp32 or bf16, as
+    calibrated) and on CUDA."""
     import nf4lora as nl
     from nf4lora.ops import DISPATCH
     from nf4lora.train import CausalLMLoss
@@ -123,7 +123,7 @@ def test_causal_lm_loss_fused_equals_plain(dev, fp32_gemm, monkeypatch):
     mask[2, 30:] = 0
     labels[2, 30:] = -100
     ids, labels, mask = ids.to(dev), labels.to(dev), mask.to(dev)
-    applies = dev == "cuda" or fp32_gemm
+    applies = True
     results = []
     for fused in (True, False):
         lm = CausalLMLoss(model, fused_head=fused)

@@ -8,7 +8,6 @@ Registered under the name ATTN_IMPLEMENTATION; use_fp32_cpu_attention(model) swi
 model to it (the trainer does). Tested by tests/test_attention.py (against sdpa, forced on and off)."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 ATTN_IMPLEMENTATION = "nf4lora_sdpa"

@@ -167,10 +167,9 @@ class CausalLMLoss(nn.Module):
     is, so prompt tokens skip the vocabulary-sized output head (most of the head's cost on
     instruction data). Wrapping this, not the model, in DDP keeps DDP's hooks on the real call.
 
-    fused_head: under bf16 autocast on CUDA, and on a CPU where bf16 GEMMs run as fp32 ones
-    (nf4lora.ops.DISPATCH.cpu_gemm_in_fp32), a frozen nn.Linear head and the cross entropy go through
-    train/head_loss.py (the same rounding points, chunked over the vocabulary, no fp32
-    [tokens, vocab] tensors);
+    fused_head: under bf16 autocast on a CPU or CUDA, a frozen nn.Linear head and the cross entropy
+    go through train/head_loss.py (the same rounding points, chunked over the vocabulary, no fp32
+    [tokens, vocab] tensors; its GEMMs in fp32 on a CPU where calibration found them faster);
     False keeps the plain head + F.cross_entropy (what bench_finetune's PEFT baselines use)."""
 
     def __init__(self, model: nn.Module, fused_head: bool = True) -> None:
@@ -179,13 +178,11 @@ class CausalLMLoss(nn.Module):
         self.fused_head = fused_head
 
     def _fused(self, head: nn.Module, hidden: torch.Tensor) -> bool:
-        from ..ops import DISPATCH
         kind = hidden.device.type
         return (self.fused_head and type(head) is nn.Linear and not head.weight.requires_grad
                 and (head.bias is None or not head.bias.requires_grad) and kind in ("cpu", "cuda")
                 and torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16
-                and head.weight.dtype in (torch.bfloat16, torch.float32)
-                and (kind == "cuda" or DISPATCH.cpu_gemm_in_fp32(torch.bfloat16)))
+                and head.weight.dtype in (torch.bfloat16, torch.float32))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
         base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
