@@ -6,7 +6,9 @@ process CPU seconds and wall seconds per step (median, min). On a shared machine
 steadier than comparing separate processes.
 
     PYTHONPATH=python python bench/bench_step.py [--threads 1] [--rounds 3] [--batches 2]
-        [--configs "base:sdpa:0,gqa+norm:gqa:1,fp32+norm:fp32:1"]   # name:attention route:fused RMSNorm
+        [--configs "base:sdpa:0,gqa+norm:gqa:1,fp32+norm:fp32:1"]   # name:attention route:fused RMSNorm[:fused head]
+    PYTHONPATH=python python bench/bench_step.py --configs "plain-head:fp32:1:0,fused-head:fp32:1:1"
+        # the chunked loss head (train/head_loss.py, the default) against the dense head + F.cross_entropy
     python bench/bench_step.py --quick      # CI smoke: 1 round, 1 batch of 1 example of 64 tokens
 """
 from __future__ import annotations
@@ -44,10 +46,11 @@ def main() -> None:
 
     configs = {}
     for spec in a.configs.split(","):
-        name, route, norm = spec.split(":")
-        if route not in ROUTES or norm not in ("0", "1"):
-            ap.error(f"--configs: {spec!r} is not name:{'|'.join(ROUTES)}:0|1")
-        configs[name] = (route, norm == "1")
+        parts = spec.split(":") + (["1"] if spec.count(":") == 2 else [])  # the fused head by default
+        if len(parts) != 4 or parts[1] not in ROUTES or parts[2] not in ("0", "1") or parts[3] not in ("0", "1"):
+            ap.error(f"--configs: {spec!r} is not name:{'|'.join(ROUTES)}:0|1[:0|1]")
+        name, route, norm, head = parts
+        configs[name] = (route, norm == "1", head == "1")
     torch.set_num_threads(a.threads)
     print(machine_header())
     torch.manual_seed(0)
@@ -56,15 +59,16 @@ def main() -> None:
     model = nl.get_lora_model(model, nl.LoraConfig(r=16, lora_alpha=32))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = nl.optim.PagedAdamW(params, lr=0.0, weight_decay=0.0)
-    loss_mod = CausalLMLoss(model.get_base_model() if hasattr(model, "get_base_model") else model, fused_head=True)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    loss_mods = {True: CausalLMLoss(base, fused_head=True), False: CausalLMLoss(base, fused_head=False)}
     items = D.tokenize(D.split_examples(D.load_examples(None), 0.1)[0], tok, a.seq_len)
     order = D.BatchOrder(len(items), a.batch, seed=0)
     batches = [D.collate([items[j] for j in order.next()], tok.pad_token_id or 0) for _ in range(a.batches)]
     model.train()
 
-    def step(b) -> float:
+    def step(b, fused_head: bool) -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, n = loss_mod(**b)
+            loss, n = loss_mods[fused_head](**b)
         (loss / n).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -75,12 +79,12 @@ def main() -> None:
     wall = {k: [] for k in configs}
     losses = {k: [] for k in configs}
     for r in range(a.rounds + 1):  # round 0 warms every configuration up
-        for name, (route, norm) in (list(configs.items()) if r % 2 == 0 else list(configs.items())[::-1]):
+        for name, (route, norm, head) in (list(configs.items()) if r % 2 == 0 else list(configs.items())[::-1]):
             norms = use_fused_rmsnorm(model) if norm else []
             with DISPATCH.override(cpu_attention=route):
                 for b in batches:
                     c0, t0 = time.process_time(), time.perf_counter()
-                    loss = step(b)
+                    loss = step(b, head)
                     if r:
                         cpu[name].append(time.process_time() - c0)
                         wall[name].append(time.perf_counter() - t0)
