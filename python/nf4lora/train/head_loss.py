@@ -17,9 +17,8 @@ but without its float32 [rows, V] tensors and with fp32 GEMMs over bf16 values.
 Elsewhere (a CPU with fast bf16 GEMMs, CUDA) the same chunks and rounding points, but each
 vocabulary slice's GEMM runs in bf16 with fp32 accumulation (AMX, tensor cores: what autocast runs
 there), backward's slices are summed in fp32, and the scale g stays a tensor (no host sync in
-backward). On the AMX Xeon this beats the dense head + fp32 log-softmax 2x (600 tokens, vocabulary
-49,152: ~115-140 against ~223 ms forward + backward), mostly the fp32 [tokens, vocab] tensors it
-never makes. Autocast is turned off
+backward). On a CPU with AMX this beats the dense head + fp32 log-softmax, mostly by the fp32
+[tokens, vocab] tensors it never makes (docs/decisions.md). Autocast is turned off
 for the device the tensors are on, whichever it is.
 Tested by tests/test_head_loss.py (against the autocast reference: loss, dL/dh, bias, odd sizes;
 the CUDA route on the CPU and, with a GPU, on CUDA)."""
