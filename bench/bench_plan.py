@@ -92,7 +92,9 @@ def child(cfg: dict) -> dict:
         if cfg["gc"]:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.train()
-        loss_module = CausalLMLoss(m)
+        # transformers' head + cross entropy, which nf4lora.plan's loss-head row models; the trainer's
+        # chunked head (train/head_loss.py, the default under bf16 autocast) needs less
+        loss_module = CausalLMLoss(m, fused_head=False)
         if cfg["fsdp"]:
             fsdp.shard_model(m, root=loss_module)
             params = [p for p in m.parameters() if p.requires_grad]

@@ -26,7 +26,10 @@ shards dim 0 of every parameter), else N only splits the batch (DDP: everything 
                     recomputed at a time)
   loss head         14 T V: bf16 logits (2V) + their fp32 copy (4V) + fp32 log-softmax (4V, saved) in
                     forward, then the saved 4V + fp32 gradients of the log-softmax and of the logits
-                    (4V + 4V) in backward (transformers' loss; the trainer's on GPUs and CPUs with AMX)
+                    (4V + 4V) in backward (transformers' loss). The trainer's own head under bf16
+                    autocast (train/head_loss.py, chunked over the vocabulary) keeps one bf16 [T, V]
+                    buffer instead, so for nf4lora finetune this row is an upper bound (not yet
+                    modelled precisely)
   workspace         T (4 h + 4 i): an allowance for backward's transient gradient buffers of one
                     layer (an estimate; small next to the rest in every measured configuration)
 
