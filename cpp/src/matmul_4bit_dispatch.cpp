@@ -30,6 +30,11 @@ constexpr int64_t kRowUnit = 8;
 std::atomic<int64_t> g_grain_bytes{kMatmulDefaultGrainBytes};
 std::atomic<int> g_matmul_variant{-1};  // -1: best_cpu_variant()
 
+// Work units per thread: at least the grain's bytes of packed weight (units of `unit_bytes`).
+int64_t grain_units(int64_t unit_bytes) {
+  return std::max<int64_t>(1, g_grain_bytes.load() / std::max<int64_t>(1, unit_bytes));
+}
+
 CpuVariant matmul_variant() {
   if (cpu_variant_forced()) return active_cpu_variant();
   const int v = g_matmul_variant.load();
@@ -93,8 +98,7 @@ void matmul_4bit_cpu(const void* x, DType dtype, int64_t M, int64_t K, const uin
     a.xf = xf.data();
   }
   const int64_t units = (N + kRowUnit - 1) / kRowUnit;
-  const int64_t unit_bytes = std::max<int64_t>(1, kRowUnit * K / 2);
-  parallel_for(units, std::max<int64_t>(1, g_grain_bytes.load() / unit_bytes), std::max(1, num_threads),
+  parallel_for(units, grain_units(kRowUnit * K / 2), std::max(1, num_threads),
                [&](int64_t u0, int64_t u1) {
                  k->rows(a, u0 * kRowUnit, std::min(N, u1 * kRowUnit));
                });
@@ -120,8 +124,7 @@ void matmul_4bit_t_cpu(const void* grad_y, DType dtype, int64_t M, int64_t N,
   // Column strips of kTColUnit (N * 64 bytes of W each); as in the forward, a thread should get
   // at least the grain's bytes of packed weight before another one is woken.
   const int64_t units = (K + kTColUnit - 1) / kTColUnit;
-  const int64_t unit_bytes = std::max<int64_t>(1, N * kTColUnit / 2);
-  parallel_for(units, std::max<int64_t>(1, g_grain_bytes.load() / unit_bytes), std::max(1, num_threads),
+  parallel_for(units, grain_units(N * kTColUnit / 2), std::max(1, num_threads),
                [&](int64_t u0, int64_t u1) {
                  k->cols(a, u0 * kTColUnit, std::min(K, u1 * kTColUnit));
                });
