@@ -92,16 +92,9 @@ void row_tile(const MatmulArgs& a, const float* codebook, int64_t n, int64_t row
 
 void matmul_4bit_avx2(const MatmulArgs& a, int64_t n_begin, int64_t n_end) {
   const float* codebook = a.qt == QuantType::NF4 ? kNF4Codebook : kFP4Codebook;
-  for (int64_t n = n_begin; n < n_end; n += kTileRows) {
-    const int64_t rows = n_end - n < kTileRows ? n_end - n : kTileRows;
-    for (int64_t m0 = 0; m0 < a.M;) {
-      const int64_t left = a.M - m0;
-      if (left >= 8) row_tile<8>(a, codebook, n, rows, m0), m0 += 8;
-      else if (left >= 4) row_tile<4>(a, codebook, n, rows, m0), m0 += 4;
-      else if (left >= 2) row_tile<2>(a, codebook, n, rows, m0), m0 += 2;
-      else row_tile<1>(a, codebook, n, rows, m0), m0 += 1;
-    }
-  }
+  for_each_row_tile<8, kTileRows>(a, n_begin, n_end, [&](auto mg, int64_t n, int64_t rows, int64_t m0) {
+    row_tile<decltype(mg)::value>(a, codebook, n, rows, m0);
+  });
 }
 
 // Transposed product as matmul_4bit_avx512.cpp's tile_t (two-level summation over n, same kRun), with

@@ -83,16 +83,10 @@ void row_tile(const MatmulArgs& a, __m512 codebook, int64_t n, int64_t rows, int
 
 void matmul_4bit_avx512(const MatmulArgs& a, int64_t n_begin, int64_t n_end) {
   const __m512 codebook = _mm512_loadu_ps(a.qt == QuantType::NF4 ? kNF4Codebook : kFP4Codebook);
-  for (int64_t n = n_begin; n < n_end; n += kTileRows) {
-    const int64_t rows = n_end - n < kTileRows ? n_end - n : kTileRows;
-    // The tile's packed rows (kTileRows * K / 2 bytes) stay in L1/L2 across the groups of x.
-    for (int64_t m0 = 0; m0 < a.M;) {
-      const int64_t left = a.M - m0;
-      if (left >= 4) row_tile<4>(a, codebook, n, rows, m0), m0 += 4;
-      else if (left >= 2) row_tile<2>(a, codebook, n, rows, m0), m0 += 2;
-      else row_tile<1>(a, codebook, n, rows, m0), m0 += 1;
-    }
-  }
+  // The tile's packed rows (kTileRows * K / 2 bytes) stay in L1/L2 across the groups of x.
+  for_each_row_tile<4, kTileRows>(a, n_begin, n_end, [&](auto mg, int64_t n, int64_t rows, int64_t m0) {
+    row_tile<decltype(mg)::value>(a, codebook, n, rows, m0);
+  });
 }
 
 // Transposed product, C chunks of 32 columns (k0 .. k0+32C, 64 bytes of each W row at C = 4)

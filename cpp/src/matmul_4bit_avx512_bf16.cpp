@@ -85,15 +85,9 @@ void row_tile(const MatmulArgs& a, __m512 codebook, int64_t n, int64_t rows, int
 // (16 accumulators, 4 tables and 4 weight vectors: more rows would spill).
 void matmul_4bit_avx512_bf16(const MatmulArgs& a, int64_t n_begin, int64_t n_end) {
   const __m512 codebook = _mm512_loadu_ps(a.qt == QuantType::NF4 ? kNF4Codebook : kFP4Codebook);
-  for (int64_t n = n_begin; n < n_end; n += kTileRows) {
-    const int64_t rows = n_end - n < kTileRows ? n_end - n : kTileRows;
-    for (int64_t m0 = 0; m0 < a.M;) {
-      const int64_t left = a.M - m0;
-      if (left >= 4) row_tile<4>(a, codebook, n, rows, m0), m0 += 4;
-      else if (left >= 2) row_tile<2>(a, codebook, n, rows, m0), m0 += 2;
-      else row_tile<1>(a, codebook, n, rows, m0), m0 += 1;
-    }
-  }
+  for_each_row_tile<4, kTileRows>(a, n_begin, n_end, [&](auto mg, int64_t n, int64_t rows, int64_t m0) {
+    row_tile<decltype(mg)::value>(a, codebook, n, rows, m0);
+  });
 }
 
 }  // namespace

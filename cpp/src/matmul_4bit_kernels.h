@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -123,6 +124,29 @@ inline void store_grouped(const float* grouped, int group, int64_t count, void* 
       store_from_float(out, dt, offset + k0 + 2 * i, grouped[k0 + i]);
       store_from_float(out, dt, offset + k0 + 2 * i + 1, grouped[k0 + group + i]);
     }
+}
+
+// The forward loop every SIMD variant shares: W in tiles of TileRows rows (kept hot in L1/L2 while
+// every group of x rows uses them), x in groups of 8 (if MaxGroup allows), 4, 2 and 1 rows, largest
+// first. row_tile(std::integral_constant<int, MG>, n, rows, m0) is the variant's tile of MG x rows
+// times `rows` rows of W from n.
+template <int MaxGroup, int TileRows, class RowTile>
+inline void for_each_row_tile(const MatmulArgs& a, int64_t n_begin, int64_t n_end, RowTile&& row_tile) {
+  for (int64_t n = n_begin; n < n_end; n += TileRows) {
+    const int64_t rows = n_end - n < TileRows ? n_end - n : TileRows;
+    for (int64_t m0 = 0; m0 < a.M;) {
+      const int64_t left = a.M - m0;
+      if constexpr (MaxGroup >= 8) {
+        if (left >= 8) {
+          row_tile(std::integral_constant<int, 8>{}, n, rows, m0), m0 += 8;
+          continue;
+        }
+      }
+      if (left >= 4) row_tile(std::integral_constant<int, 4>{}, n, rows, m0), m0 += 4;
+      else if (left >= 2) row_tile(std::integral_constant<int, 2>{}, n, rows, m0), m0 += 2;
+      else row_tile(std::integral_constant<int, 1>{}, n, rows, m0), m0 += 1;
+    }
+  }
 }
 
 // The epilogue every variant shares: one fp32 addition of the bias, one rounding to dtype.
