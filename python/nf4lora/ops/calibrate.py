@@ -251,7 +251,6 @@ def measure(rounds: int = 2) -> Calibration:
         results["gemm_M256_1024x1024_ms"] = {k: round(v, 4) for k, v in t.items()}
         choices["cpu_gemm_fp32"] = t["fp32"] < 0.95 * t["bf16"]
 
-        w = w2048
         for direction, field in (("forward", "cpu_fused_max_rows"), ("transposed", "cpu_fused_t_max_rows")):
             product = cpu.matmul if direction == "forward" else (lambda inp, w, _: cpu.matmul_t(inp, w))
             limit, winning, times = 0, True, {}
@@ -261,7 +260,7 @@ def measure(rounds: int = 2) -> Calibration:
                 for route, rows in (("fused", FUSED_KERNEL_MAX_ROWS), ("scratch", 0)):
                     def run(rows=rows, inp=inp):
                         with DISPATCH.override(**{field: rows}, cpu_gemm_fp32=choices["cpu_gemm_fp32"], **native):
-                            return product(inp, w, None)
+                            return product(inp, w2048, None)
                     fns[route] = run
                 tm = _best_ms(fns, rounds, 2)
                 times[f"M{M}"] = {k: round(v, 4) for k, v in tm.items()}

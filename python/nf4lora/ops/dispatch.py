@@ -74,8 +74,7 @@ class DispatchPolicy:
     def cpu_matmul_choices(self) -> tuple[str, int]:
         """(kernel variant, grain in KiB) of the fused CPU products, calibrating first if needed.
         The products themselves read them from the core, which this keeps in step."""
-        variant, grain = self._choice("cpu_matmul_variant"), self._choice("cpu_grain_kib")
-        return variant, grain
+        return self._choice("cpu_matmul_variant"), self._choice("cpu_grain_kib")
 
     def _choice(self, name: str):
         forced = getattr(self, name)
