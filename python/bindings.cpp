@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "nf4lora/decode.h"
 #include "nf4lora/format.h"
 #include "nf4lora/matmul.h"
 #include "nf4lora/memory.h"
@@ -43,6 +44,29 @@ CpuVariant variant_from_name(const std::string& name) {
   for (int v = 0; v < kNumCpuVariants; ++v)
     if (name == cpu_variant_name(static_cast<CpuVariant>(v))) return static_cast<CpuVariant>(v);
   throw py::value_error("unknown CPU variant '" + name + "' (expected ref, avx2, avx512 or avx512_bf16)");
+}
+
+// nf4lora/decode.h's step over layers whose addresses were given once. Per layer, the ints in the
+// order of LLAMA_LAYER_FIELDS: input_norm, post_norm, k_cache, v_cache, then for q, k, v, o, gate,
+// up and down each: packed, absmax, qabsmax, nested_absmax, nested_code, offset,
+// nested_blocksize, N, K, blocksize, quant type. The Python owner keeps the tensors alive.
+constexpr int kWeightFields = 11;
+constexpr int kLayerFields = 4 + 7 * kWeightFields;
+
+struct LlamaDecoder {
+  LlamaDecodeShape shape;
+  std::vector<LlamaLayer4bit> layers;
+};
+
+Weight4bitView weight_view(const std::vector<int64_t>& f, int at) {
+  Weight4bitView w;
+  w.packed = ptr<const uint8_t>(static_cast<uintptr_t>(f[at]));
+  w.absmax = absmax_source(f[at + 1], f[at + 2], f[at + 3], f[at + 4], f[at + 5], f[at + 6]);
+  w.N = f[at + 7];
+  w.K = f[at + 8];
+  w.blocksize = f[at + 9];
+  w.qt = quant_type(static_cast<int>(f[at + 10]));
+  return w;
 }
 
 template <size_t N>
@@ -136,6 +160,38 @@ PYBIND11_MODULE(_C, m) {
                           N, blocksize, quant_type(qt), ptr<const void>(bias), ptr<void>(y),
                           num_threads);
         }, gil());
+  m.attr("LLAMA_LAYER_FIELDS") = kLayerFields;
+  py::class_<LlamaDecoder>(m, "LlamaDecoder")
+      .def(py::init([](int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate,
+                       int64_t max_len, float norm_eps, int sum_lanes,
+                       const std::vector<std::vector<int64_t>>& fields) {
+             LlamaDecoder d;
+             d.shape = LlamaDecodeShape{hidden, heads, kv_heads, head_dim, intermediate, max_len,
+                                        norm_eps, sum_lanes};
+             for (size_t i = 0; i < fields.size(); ++i) {
+               const auto& f = fields[i];
+               if (f.size() != static_cast<size_t>(kLayerFields))
+                 throw py::value_error("layer " + std::to_string(i) + ": expected " +
+                                       std::to_string(kLayerFields) + " fields, got " + std::to_string(f.size()));
+               LlamaLayer4bit l;
+               l.input_norm = ptr<const uint16_t>(static_cast<uintptr_t>(f[0]));
+               l.post_norm = ptr<const uint16_t>(static_cast<uintptr_t>(f[1]));
+               l.k_cache = ptr<uint16_t>(static_cast<uintptr_t>(f[2]));
+               l.v_cache = ptr<uint16_t>(static_cast<uintptr_t>(f[3]));
+               Weight4bitView* w[7] = {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down};
+               for (int j = 0; j < 7; ++j) *w[j] = weight_view(f, 4 + j * kWeightFields);
+               d.layers.push_back(l);
+             }
+             check_llama_decode(d.shape, d.layers.data(), static_cast<int64_t>(d.layers.size()));
+             return d;
+           }))
+      .def("advance",
+           [](const LlamaDecoder& d, int64_t layer, uintptr_t att, uintptr_t h, uintptr_t cos, uintptr_t sin,
+              int64_t pos, uintptr_t q, int num_threads) {
+             llama_decode_advance_cpu(d.shape, d.layers.data(), static_cast<int64_t>(d.layers.size()), layer,
+                                      ptr<const uint16_t>(att), ptr<uint16_t>(h), ptr<const uint16_t>(cos),
+                                      ptr<const uint16_t>(sin), pos, ptr<uint16_t>(q), num_threads);
+           }, gil());
   m.def("matmul_4bit_t_cpu",
         [](uintptr_t grad_y, int dt, int64_t M, int64_t N, uintptr_t packed, uintptr_t absmax,
            uintptr_t qabsmax, uintptr_t nested_absmax, uintptr_t nested_code, uintptr_t offset,

@@ -67,21 +67,24 @@ def test_bad_arguments(tiny_model):
 
 
 def _count_llama_steps(monkeypatch):
+    """Records (step class name, position) for every call of a Llama decode step."""
     from nf4lora import generate as gen
     calls = []
-    original = gen._LlamaStep.__call__
+    for cls in (gen._LlamaStep, gen._NativeLlamaStep):
+        original = cls.__call__
 
-    def counted(self, token, pos):
-        calls.append(pos)
-        return original(self, token, pos)
-    monkeypatch.setattr(gen._LlamaStep, "__call__", counted)
+        def counted(self, token, pos, _original=original, _name=cls.__name__):
+            calls.append((_name, pos))
+            return _original(self, token, pos)
+        monkeypatch.setattr(cls, "__call__", counted)
     return calls
 
 
 @pytest.mark.parametrize("adapter", [False, True])
 def test_llama_decode_step_is_used_and_equals_the_model_forward(tiny_model, tiny_folder, monkeypatch, adapter):
-    """The Llama decode step (generate.py's _LlamaStep) runs for a transformers Llama and gives the
-    logits of the model's own forward loop (LLAMA_DECODE_STEP off) and of generate(), bit for bit."""
+    """The Llama decode step runs for a transformers Llama (native layers for plain 4-bit
+    projections, the Python step when they are LoRA-wrapped) and gives the logits of the model's
+    own forward loop (LLAMA_DECODE_STEP off) and of generate(), bit for bit."""
     from nf4lora import generate as gen
     model, _ = tiny_model
     if adapter:
@@ -94,7 +97,8 @@ def test_llama_decode_step_is_used_and_equals_the_model_forward(tiny_model, tiny
     calls = _count_llama_steps(monkeypatch)
     fast_logits = []
     fast = generate_tokens(model, prompt, 24, eos_token_id=[], on_logits=fast_logits.append)
-    assert calls == list(range(len(prompt), len(prompt) + 23))  # every step after the prompt's
+    step = "_LlamaStep" if adapter else "_NativeLlamaStep"
+    assert calls == [(step, p) for p in range(len(prompt), len(prompt) + 23)]  # every step after the prompt's
     monkeypatch.setattr(gen, "LLAMA_DECODE_STEP", False)
     calls.clear()
     slow_logits = []
@@ -106,12 +110,138 @@ def test_llama_decode_step_is_used_and_equals_the_model_forward(tiny_model, tiny
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
+@pytest.mark.parametrize("quantize,double_quant,blocksize", [("nf4", True, 64), ("fp4", False, 128),
+                                                             ("nf4", False, 32)])
+@pytest.mark.parametrize("shape", [dict(), dict(num_key_value_heads=4), dict(hidden_size=96, num_attention_heads=3,
+                                                                              num_key_value_heads=1,
+                                                                              intermediate_size=160)])
+def test_native_decode_step_equals_the_python_step(tmp_path, monkeypatch, quantize, double_quant, blocksize, shape):
+    """The native layers (nf4lora/decode.h) against _LlamaStep's torch operations, bit for bit in
+    every logit: NF4 and FP4, double-quantized and plain scales, blocksizes 32-128, grouped and
+    plain attention, odd head counts, one and two threads."""
+    from nf4lora import generate as gen
+    folder = save_tiny_model(tmp_path / "m", seed=3, **shape)
+    model, _ = load_model(folder, quantize=quantize, double_quant=double_quant, blocksize=blocksize)
+    assert gen._NativeLlamaStep.supports_native(model)
+    prompt = list(range(10, 50))
+    for threads in (1, 2):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        calls = _count_llama_steps(monkeypatch)
+        native_logits, python_logits = [], []
+        native = generate_tokens(model, prompt, 30, eos_token_id=[], on_logits=native_logits.append)
+        assert {c[0] for c in calls} == {"_NativeLlamaStep"}
+        monkeypatch.setattr(gen, "NATIVE_DECODE_STEP", False)
+        calls.clear()
+        python = generate_tokens(model, prompt, 30, eos_token_id=[], on_logits=python_logits.append)
+        assert {c[0] for c in calls} == {"_LlamaStep"}
+        monkeypatch.setattr(gen, "NATIVE_DECODE_STEP", True)
+        assert native == python
+        for a, b in zip(native_logits, python_logits):
+            assert torch.equal(a, b)
+
+
+def test_native_decode_step_applies_only_to_what_it_computes(tiny_folder):
+    """fp32 compute, a dense projection, a bias or an adapter: the Python step, which runs the
+    modules themselves."""
+    from nf4lora import generate as gen
+    from nf4lora.quant.linear import Linear4bit
+    assert not gen._NativeLlamaStep.supports_native(load_model(tiny_folder, compute_dtype=torch.float32)[0])
+    assert not gen._NativeLlamaStep.supports_native(load_model(tiny_folder, quantize=None)[0])
+    model = load_model(tiny_folder)[0]
+    assert gen._NativeLlamaStep.supports_native(model)
+    proj = model.model.layers[1].mlp.down_proj
+    assert type(proj) is Linear4bit
+    proj.bias = torch.nn.Parameter(torch.zeros(proj.out_features, dtype=torch.bfloat16))
+    assert not gen._NativeLlamaStep.supports_native(model)
+    lora = nl.get_lora_model(load_model(tiny_folder)[0], nl.LoraConfig(r=4, lora_alpha=8))
+    assert not gen._NativeLlamaStep.supports_native(lora)
+
+
+def test_native_decoder_rejects_bad_layers(tiny_model):
+    """The native object checks every layer once and each call's position: a clear ValueError
+    naming the field, never a crash."""
+    from nf4lora import generate as gen
+    from nf4lora.ops.native import _C
+    model, _ = tiny_model
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True)
+        step = gen._NativeLlamaStep(model, out.past_key_values, 3, 8)
+    cfg = model.config
+    args = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, step.head_dim,
+            cfg.intermediate_size, 8, 1e-5, 8)
+    good = []
+    for i, layer in enumerate(step.layers):
+        row = [layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
+               step.keys[i].data_ptr(), step.values[i].data_ptr()]
+        for name in step._PROJECTIONS:
+            w = layer.get_submodule(name)._checked_weight4bit()
+            from nf4lora.ops.native import absmax_pointers, quant_type_code
+            row += [w.packed.data_ptr(), *absmax_pointers(w), *w.shape, w.blocksize, quant_type_code(w.quant_type)]
+        good.append(row)
+    _C.LlamaDecoder(*args, good)
+    swapped = [list(r) for r in good]
+    swapped[1][4:15], swapped[1][26:37] = swapped[1][26:37], swapped[1][4:15]  # q_proj <-> v_proj
+    with pytest.raises(ValueError, match="layer 1 q_proj: expected a"):
+        _C.LlamaDecoder(*args, swapped)
+    with pytest.raises(ValueError, match="expected 81 fields"):
+        _C.LlamaDecoder(*args, [good[0][:-1]])
+    with pytest.raises(ValueError, match="must divide heads"):
+        _C.LlamaDecoder(cfg.hidden_size, cfg.num_attention_heads, 3, step.head_dim, cfg.intermediate_size, 8, 1e-5, 8,
+                        good)
+    null_norm = [list(r) for r in good]
+    null_norm[0][0] = 0
+    with pytest.raises(ValueError, match="layer 0 input_norm must not be null"):
+        _C.LlamaDecoder(*args, null_norm)
+    h = torch.zeros(1, 1, cfg.hidden_size, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="pos must be in"):
+        step.native.advance(-1, 0, h.data_ptr(), step.cos[0].data_ptr(), step.sin[0].data_ptr(), 8,
+                            step.q.data_ptr(), 1)
+    with pytest.raises(ValueError, match="layer must be in"):
+        step.native.advance(2, 0, h.data_ptr(), 0, 0, 0, 0, 1)
+
+
+def test_torch_bf16_silu_is_the_correctly_rounded_formula():
+    """decode_llama.cpp's SiLU table is x / (1 + exp(-x)) in fp32 with a correctly rounded exp,
+    rounded to bf16: torch's bf16 silu gives the same value for every one of the 65,536 inputs
+    (NaNs aside), which is what lets the native step equal the Python step."""
+    import numpy as np
+    x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    xf = x.float().numpy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        e = np.exp(-xf.astype(np.float64)).astype(np.float32)
+        formula = torch.from_numpy((xf / (np.float32(1) + e)).astype(np.float32)).to(torch.bfloat16)
+    silu = torch.nn.functional.silu(x)
+    both_nan = silu.isnan() & formula.isnan()
+    assert torch.equal(silu[~both_nan].view(torch.int16), formula[~both_nan].view(torch.int16))
+
+
 def test_llama_decode_step_falls_back_for_other_attention(tiny_folder, monkeypatch):
     model, _ = load_model(tiny_folder)
     model.config._attn_implementation = "eager"
     calls = _count_llama_steps(monkeypatch)
     ids = generate_tokens(model, [4, 5, 6], 6, eos_token_id=[])
     assert calls == [] and ids == _reference(model, [4, 5, 6], 6, eos=None)[0]
+
+
+def test_default_model_native_step_equals_the_python_step(monkeypatch):
+    """The default SmolLM2-135M GGUF (30 layers, GQA 9/3, the model the speed is measured on):
+    the native step's logits equal the Python step's bit for bit over 96 tokens of three chat
+    prompts, the greedy output included."""
+    from nf4lora import generate as gen
+    from nf4lora.train.data import format_prompt
+    model, tok = load_model(None)
+    assert gen._NativeLlamaStep.supports_native(model)
+    for text in ("Write a short story about a robot learning to paint.", "What is the capital of France?",
+                 "Explain gradient descent."):
+        ids = format_prompt(tok, text)
+        runs = []
+        for native in (True, False):
+            monkeypatch.setattr(gen, "NATIVE_DECODE_STEP", native)
+            logits = []
+            runs.append((generate_tokens(model, ids, 96, eos_token_id=[], on_logits=logits.append), logits))
+        assert runs[0][0] == runs[1][0]
+        for a, b in zip(runs[0][1], runs[1][1]):
+            assert torch.equal(a, b)
 
 
 def test_default_model_greedy_equals_transformers_generate():

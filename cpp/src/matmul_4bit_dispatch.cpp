@@ -58,6 +58,18 @@ const MatmulKernels& matmul_kernels_for(CpuVariant v) {
 
 }  // namespace
 
+namespace detail {
+
+const MatmulKernels& forward_kernels(DType dtype, int64_t K, int64_t blocksize) {
+  const MatmulKernels* k = &matmul_kernels_for(matmul_variant());
+  if (k->other_dtypes != nullptr && (dtype != DType::BF16 || blocksize < 64)) k = k->other_dtypes;
+  // The SIMD kernels need whole blocks per row (no block spans two rows, rows start on a byte).
+  if (K == 0 || K % blocksize != 0) k = &kMatmulRefKernels;
+  return *k;
+}
+
+}  // namespace detail
+
 void set_matmul_cpu_variant(CpuVariant v) {
   check_cpu_variant_supported(v);
   g_matmul_variant.store(static_cast<int>(v));
@@ -80,10 +92,7 @@ void matmul_4bit_cpu(const void* x, DType dtype, int64_t M, int64_t K, const uin
                      const AbsmaxSource& absmax, int64_t N, int64_t blocksize, QuantType qt,
                      const void* bias, void* y, int num_threads) {
   if (!check_matmul_4bit_args(x, dtype, M, K, packed, absmax, N, blocksize, qt, y)) return;
-  const MatmulKernels* k = &matmul_kernels_for(matmul_variant());
-  if (k->other_dtypes != nullptr && (dtype != DType::BF16 || blocksize < 64)) k = k->other_dtypes;
-  // The SIMD kernels need whole blocks per row (no block spans two rows, rows start on a byte).
-  if (K == 0 || K % blocksize != 0) k = &kMatmulRefKernels;
+  const MatmulKernels* k = &forward_kernels(dtype, K, blocksize);
 
   MatmulArgs a{x, nullptr, nullptr, dtype, M, K, N, packed, &absmax, blocksize, qt, bias, y};
   std::vector<float> xf;  // the one allocation: x in fp32, M * K floats (small for small M)

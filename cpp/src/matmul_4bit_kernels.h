@@ -76,6 +76,12 @@ void matmul_4bit_t_avx512(const MatmulTArgs& a, int64_t k_begin, int64_t k_end);
 extern const MatmulKernels kMatmulAvx512Bf16Kernels;
 #endif
 
+// The forward kernels matmul_4bit_cpu runs for this dtype and shape: the active variant's
+// (active_matmul_cpu_variant()), its other_dtypes table where that applies, the reference where
+// K is not a whole number of blocks. Defined in matmul_4bit_dispatch.cpp; also used by the decode
+// step (decode_llama.cpp), which splits the rows over its own threads.
+const MatmulKernels& forward_kernels(DType dtype, int64_t K, int64_t blocksize);
+
 // block_absmax() with the nested block index taken by a shift (nested_blocksize is a validated
 // power of two): the 64-bit division there cost ~30% of an M = 1 GEMV with blocksize 64.
 // Same decode_nested_absmax, so the same fp32 values bit for bit.

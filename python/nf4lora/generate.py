@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import weakref
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -19,6 +20,8 @@ from torch.nn import functional as F
 
 # Set to False to decode every architecture through the model's own forward (bench A/B, tests).
 LLAMA_DECODE_STEP = True
+# Set to False to run _LlamaStep's Python layers even where the native step applies (A/B).
+NATIVE_DECODE_STEP = True
 
 
 class _LlamaStep:
@@ -99,6 +102,127 @@ class _LlamaStep:
         return self.model.lm_head(h[:, -1:, :])
 
 
+# Heads whose torch.mv was checked against their own call: {module: ((address, version, threads), equal)}.
+_MV_HEAD_CHECKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+class _NativeLlamaStep(_LlamaStep):
+    """_LlamaStep with the 4-bit part of the layers native (nf4lora/decode.h,
+    cpp/src/decode_llama.cpp): one native call between two attentions finishes a layer (output
+    projection, residual, norm, MLP, residual) and starts the next (norm, q/k/v, rotary embedding,
+    cache write), its products split over one team of threads, with the same operations and bf16
+    roundings as the Python step. The attention is torch's scaled_dot_product_attention over the
+    same cache, as in the Python step; the embedding, final norm and head are the model's modules.
+    So the logits equal the Python step's bit for bit (tests/test_generate.py). Applies when the
+    model computes in bf16 on the CPU with LlamaRMSNorm norms, a SiLU MLP, and every projection a
+    plain Linear4bit without bias; otherwise (a LoRA-wrapped or dense projection, ...) the Python
+    step runs."""
+
+    _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+    def __init__(self, model: nn.Module, cache: Any, prompt_len: int, max_len: int) -> None:
+        super().__init__(model, cache, prompt_len, max_len)
+        from .ops.native import _C, absmax_pointers, quant_type_code
+
+        config, attn = model.config, self.layers[0].self_attn
+        fields = []
+        for i, layer in enumerate(self.layers):
+            row = [layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
+                   self.keys[i].data_ptr(), self.values[i].data_ptr()]
+            for name in self._PROJECTIONS:
+                w = layer.get_submodule(name)._checked_weight4bit()
+                row += [w.packed.data_ptr(), *absmax_pointers(w), *w.shape, w.blocksize,
+                        quant_type_code(w.quant_type)]
+            fields.append(row)
+        # The rotary table of every position, computed once by the model's own rotary embedding
+        # (elementwise in position, so each row equals the per-token call's values).
+        h0 = self.inner.embed_tokens.weight[:1]
+        positions = torch.arange(max_len, device=h0.device)[None]
+        cos, sin = self.inner.rotary_emb(h0[None], position_ids=positions)
+        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+        lanes = 8  # torch's fp32 sum kernel: its AVX2 build on every x86 CPU (decode.h)
+        self.native = _C.LlamaDecoder(
+            config.hidden_size, config.num_attention_heads, config.num_key_value_heads, self.head_dim,
+            config.intermediate_size, max_len, float(self.layers[0].input_layernorm.variance_epsilon),
+            lanes, fields)
+        self.scaling, self.gqa = attn.scaling, attn.num_key_value_groups > 1
+        self.q = torch.empty(1, config.num_attention_heads, 1, self.head_dim, dtype=torch.bfloat16)
+        # The tensors whose addresses the native object holds (besides the modules' own, which
+        # the model keeps): kept alive with it.
+        self._alive = (self.keys, self.values, self.cos, self.sin, self.q)
+        self.head_weight = self._mv_head(model.lm_head)
+
+    @staticmethod
+    def _mv_head(head: nn.Module) -> Optional[Tensor]:
+        """The head's weight W when torch.mv(W, x) equals head(x) bit for bit on this machine, else
+        None. For a bf16 [vocab, hidden] head, mv takes torch's GEMV path (here 1.7 ms against the
+        matmul path's 3.7 ms for SmolLM2's 49,152 x 576 head, weights out of cache), and both
+        sum each dot product in fp32 in the same order; since that is torch's choice, not ours,
+        it is checked once per head and weight version on random inputs over a range of scales,
+        and the module's own call is kept wherever they differ."""
+        if type(head) is not nn.Linear or head.bias is not None:
+            return None
+        w = head.weight
+        if w.dtype != torch.bfloat16 or w.device.type != "cpu" or not w.is_contiguous():
+            return None
+        key = (w.data_ptr(), w._version, torch.get_num_threads())
+        seen = _MV_HEAD_CHECKED.get(head)
+        if seen is None or seen[0] != key:
+            g = torch.Generator().manual_seed(0)
+            equal = True
+            for scale in (0.05, 1.0, 20.0):
+                x = (torch.randn(1, 1, w.shape[1], generator=g) * scale).to(torch.bfloat16)
+                equal = equal and torch.equal(torch.mv(w, x.view(-1)), head(x).view(-1))
+            seen = (key, equal)
+            _MV_HEAD_CHECKED[head] = seen
+        return w if seen[1] else None
+
+    @classmethod
+    def supports_native(cls, model: nn.Module) -> bool:
+        """bf16 CPU model, native core built, SiLU MLP, LlamaRMSNorm norms and plain bias-free
+        bf16-compute Linear4bit projections everywhere."""
+        from .ops.native import _C
+        from .quant.linear import Linear4bit
+
+        if not NATIVE_DECODE_STEP or _C is None or not hasattr(_C, "LlamaDecoder"):
+            return False
+        config, inner = model.config, model.model
+        if getattr(config, "hidden_act", None) != "silu" or getattr(config, "mlp_bias", False):
+            return False
+        emb = inner.embed_tokens
+        if not isinstance(emb, nn.Embedding) or emb.weight.dtype != torch.bfloat16 or emb.weight.device.type != "cpu":
+            return False
+        for layer in inner.layers[: config.num_hidden_layers]:
+            if type(layer.mlp).__name__ != "LlamaMLP":
+                return False
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                if type(norm).__name__ != "LlamaRMSNorm" or norm.weight.dtype != torch.bfloat16:
+                    return False
+            for name in cls._PROJECTIONS:
+                m = layer.get_submodule(name)
+                if (type(m) is not Linear4bit or m.bias is not None or m.weight.device.type != "cpu"
+                        or (m.compute_dtype or torch.bfloat16) != torch.bfloat16):
+                    return False
+        return True
+
+    def __call__(self, token: int, pos: int) -> Tensor:
+        h = self.inner.embed_tokens(torch.tensor([[token]])).contiguous()
+        advance, q, end, threads = self.native.advance, self.q, pos + 1, torch.get_num_threads()
+        hp, cp, sp, qp = h.data_ptr(), self.cos[pos].data_ptr(), self.sin[pos].data_ptr(), q.data_ptr()
+        advance(-1, 0, hp, cp, sp, pos, qp, threads)
+        for i, (kc, vc) in enumerate(zip(self.keys, self.values)):
+            o = F.scaled_dot_product_attention(q, kc.narrow(2, 0, end), vc.narrow(2, 0, end), attn_mask=None,
+                                               dropout_p=0.0, scale=self.scaling, is_causal=False,
+                                               enable_gqa=self.gqa)
+            o = o.contiguous()  # [1, heads, 1, head_dim]: head-major, as the Python step's reshape
+            advance(i, o.data_ptr(), hp, cp, sp, pos, qp, threads)
+        h = self.inner.norm(h)
+        if self.head_weight is not None:
+            return torch.mv(self.head_weight, h.view(-1)).view(1, 1, -1)
+        return self.model.lm_head(h)
+
+
 class _Logits:
     def __init__(self, logits: Tensor) -> None:
         self.logits = logits
@@ -143,8 +267,10 @@ def generate_tokens(model: nn.Module, input_ids: Iterable[int], max_new_tokens: 
             mask = torch.ones(1, len(ids) + max_new_tokens, dtype=torch.long, device=device)
             out = model(input_ids=x, attention_mask=mask[:, :len(ids)], use_cache=True, **keep)
             cache = getattr(out, cache_attr)
-            fast = (_LlamaStep(model, cache, len(ids), len(ids) + max_new_tokens)
-                    if max_new_tokens > 1 and _LlamaStep.supports(model, cache) else None)
+            fast = None
+            if max_new_tokens > 1 and _LlamaStep.supports(model, cache):
+                step_type = _NativeLlamaStep if _NativeLlamaStep.supports_native(model) else _LlamaStep
+                fast = step_type(model, cache, len(ids), len(ids) + max_new_tokens)
             for step in range(max_new_tokens):
                 logits = out.logits[:, -1].to(dtype=torch.float32)
                 if on_logits is not None:

@@ -1,0 +1,353 @@
+// decode_llama.cpp — llama_decode_advance_cpu (nf4lora/decode.h): the 4-bit part of one decode
+// step of a Llama decoder stack, between two attentions, on one team of threads.
+//
+// One call finishes layer i given its attention output and starts layer i + 1, phases separated by
+// barriers (M: thread 0 alone, small elementwise work; P: split over the team):
+//   P  o = att Wo^T                            M  h += o; x = RMSNorm(h)
+//   P  g, u = x Wg^T, x Wu^T                   P  m = silu(g) * u (ranges split)
+//   P  d = m Wd^T                              M  h += d; x = RMSNorm(h)  (layer i + 1 from here)
+//   P  q, k, v = x Wq^T, x Wk^T, x Wv^T        M  rotary embedding of q and k; k, v written at pos
+// The products are matmul_4bit_cpu's kernels (forward_kernels), each thread grouping x into its
+// own scratch and computing whole units of 8 rows, so every output row is the same computation as
+// in a matmul_4bit_cpu call: same bits. Results move between threads only through the shared
+// buffers, which the barriers order.
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "matmul_4bit_kernels.h"
+#include "nf4lora/decode.h"
+#include "nf4lora/detail/checks.h"
+#include "nf4lora/format.h"
+
+#if defined(NF4LORA_WITH_OPENMP)
+#include <omp.h>
+#endif
+
+namespace nf4lora {
+namespace {
+
+using namespace detail;
+
+inline float bf(uint16_t b) { return bf16_bits_to_float(b); }
+inline uint16_t rb(float f) { return float_to_bf16_bits(f); }
+
+constexpr int64_t kRowUnit = 8;  // rows per work unit, as matmul_4bit_cpu hands them out
+
+// The threads of one step. barrier() must be reached by every thread of the team.
+struct Team {
+  int tid = 0, size = 1;
+
+  void barrier() const {
+#if defined(NF4LORA_WITH_OPENMP)
+    if (size > 1) {
+#pragma omp barrier
+    }
+#endif
+  }
+  // This thread's contiguous share [begin, end) of `count` items.
+  std::pair<int64_t, int64_t> share(int64_t count) const {
+    const int64_t chunk = (count + size - 1) / size;
+    const int64_t b = std::min(count, tid * chunk);
+    return {b, std::min(count, b + chunk)};
+  }
+};
+
+template <class Fn>
+void run_team(int num_threads, const Fn& fn) {
+#if defined(NF4LORA_WITH_OPENMP)
+  if (num_threads > 1) {
+#pragma omp parallel num_threads(num_threads)
+    {
+      Team t;
+      t.tid = omp_get_thread_num();
+      t.size = omp_get_num_threads();  // the runtime may grant fewer than asked
+      fn(t);
+    }
+    return;
+  }
+#endif
+  (void)num_threads;
+  fn(Team{});
+}
+
+// torch's utils::CeilLog2: 1 for x <= 2, else the bit length of x - 1.
+int64_t ceil_log2(int64_t x) {
+  if (x <= 2) return 1;
+  int64_t bits = 0;
+  for (uint64_t v = static_cast<uint64_t>(x - 1); v != 0; v >>= 1) ++bits;
+  return bits;
+}
+
+// sum(x[i] * x[i]) over n fp32 values in the order of torch's CPU sum of a contiguous row
+// (SumKernel.cpp: vectorized_inner_sum over vectors of L lanes, row_sum with 4 vector
+// accumulators, multi_row_sum's 4-level cascade; then the scalar tail, then the lanes in order),
+// each square rounded to fp32 before it is added (pow(2) makes a tensor first; this file builds
+// with -ffp-contract=off). torch registers that kernel without its AVX-512 build, so L is 8 on
+// every x86 CPU. tests/test_generate.py checks the whole step bit for bit against torch.
+float torch_order_sum_squares(const float* x, int64_t n, int L) {
+  constexpr int kIlp = 4, kLevels = 4;
+  const int64_t nvec = n / L, rows = nvec / kIlp;
+  const int64_t level_power = std::max<int64_t>(4, ceil_log2(rows) / kLevels);
+  const int64_t level_step = int64_t{1} << level_power, level_mask = level_step - 1;
+  float acc[kLevels][kIlp][16] = {};
+  auto add_vec = [&](float* dst, int64_t v) {
+    for (int l = 0; l < L; ++l) {
+      const float e = x[v * L + l];
+      const float sq = e * e;
+      dst[l] += sq;
+    }
+  };
+  int64_t i = 0;
+  while (i + level_step <= rows) {
+    for (int64_t j = 0; j < level_step; ++j, ++i)
+      for (int k = 0; k < kIlp; ++k) add_vec(acc[0][k], i * kIlp + k);
+    for (int j = 1; j < kLevels; ++j) {
+      for (int k = 0; k < kIlp; ++k)
+        for (int l = 0; l < L; ++l) acc[j][k][l] += acc[j - 1][k][l], acc[j - 1][k][l] = 0.0f;
+      if ((i & (level_mask << (j * level_power))) != 0) break;
+    }
+  }
+  for (; i < rows; ++i)
+    for (int k = 0; k < kIlp; ++k) add_vec(acc[0][k], i * kIlp + k);
+  for (int j = 1; j < kLevels; ++j)
+    for (int k = 0; k < kIlp; ++k)
+      for (int l = 0; l < L; ++l) acc[0][k][l] += acc[j][k][l];
+  for (int64_t v = rows * kIlp; v < nvec; ++v) add_vec(acc[0][0], v);
+  for (int k = 1; k < kIlp; ++k)
+    for (int l = 0; l < L; ++l) acc[0][0][l] += acc[0][k][l];
+  float total = 0.0f;
+  for (int64_t e = nvec * L; e < n; ++e) {
+    const float sq = x[e] * x[e];
+    total += sq;
+  }
+  for (int l = 0; l < L; ++l) total += acc[0][0][l];
+  return total;
+}
+
+// out = weight * bf16(x * rsqrt(mean(x^2) + eps)), as LlamaRMSNorm in bf16. xf: scratch [n].
+void rms_norm(const uint16_t* x, const uint16_t* weight, int64_t n, float eps, int lanes, float* xf,
+              uint16_t* out) {
+  for (int64_t i = 0; i < n; ++i) xf[i] = bf(x[i]);
+  const float var = torch_order_sum_squares(xf, n, lanes) / static_cast<float>(n);
+  const float r = 1.0f / std::sqrt(var + eps);
+  for (int64_t i = 0; i < n; ++i) {
+    const float normed = bf(rb(xf[i] * r));
+    out[i] = rb(bf(weight[i]) * normed);
+  }
+}
+
+// silu(x) = x / (1 + exp(-x)) for every bf16 x, computed in fp32 from a correctly rounded
+// exp and rounded to bf16: torch's bf16 silu (fp32 arithmetic, Sleef's exp within 1 ulp) gives
+// the same bf16 for every one of the 65,536 inputs (tests/test_generate.py checks that premise;
+// glibc's expf alone differed in a few). Built once, on first use (thread-safe static init).
+const uint16_t* silu_bf16_table() {
+  static const std::vector<uint16_t> table = [] {
+    std::vector<uint16_t> t(65536);
+    for (uint32_t b = 0; b < 65536; ++b) {
+      const float x = bf(static_cast<uint16_t>(b));
+      const float e = static_cast<float>(std::exp(-static_cast<double>(x)));
+      t[b] = rb(x / (1.0f + e));
+    }
+    return t;
+  }();
+  return table.data();
+}
+
+// q * cos + rotate_half(q) * sin over one head (rotate_half(q) = cat(-q2, q1)), each product and
+// the sum rounded to bf16 as torch computes them.
+void rope(uint16_t* q, const uint16_t* cos, const uint16_t* sin, int64_t hd) {
+  const int64_t half = hd / 2;
+  alignas(64) float in[512];
+  for (int64_t d = 0; d < hd; ++d) in[d] = bf(q[d]);
+  for (int64_t d = 0; d < hd; ++d) {
+    const float rot = d < half ? -in[d + half] : in[d - half];
+    const float a = bf(rb(in[d] * bf(cos[d])));
+    const float b = bf(rb(rot * bf(sin[d])));
+    q[d] = rb(a + b);
+  }
+}
+
+// The kernels of one projection and what it reads and writes.
+struct Product {
+  const Weight4bitView* w;
+  const MatmulKernels* k;
+  const uint16_t* x;  // bf16 [K]
+  uint16_t* y;        // bf16 [N]
+};
+
+// This thread's share of the rows of `count` products (units of kRowUnit rows over all of them),
+// each computed as matmul_4bit_cpu computes it (x grouped for the kernel in thread scratch).
+void run_products(const Team& t, const Product* p, int count, std::vector<float>& xf,
+                  std::vector<uint16_t>& xb) {
+  int64_t total = 0;
+  for (int i = 0; i < count; ++i) total += (p[i].w->N + kRowUnit - 1) / kRowUnit;
+  const auto [u0, u1] = t.share(total);
+  int64_t first = 0;  // first unit of product i
+  for (int i = 0; i < count; ++i) {
+    const Weight4bitView& w = *p[i].w;
+    const int64_t units = (w.N + kRowUnit - 1) / kRowUnit;
+    const int64_t b = std::max(u0, first) - first, e = std::min(u1, first + units) - first;
+    first += units;
+    if (b >= e) continue;
+    const MatmulKernels& k = *p[i].k;
+    MatmulArgs a{p[i].x, nullptr, nullptr, DType::BF16, 1, w.K, w.N, w.packed, &w.absmax,
+                 w.blocksize, w.qt, nullptr, p[i].y};
+    if (k.x_bf16) {
+      group_x_bf16(p[i].x, w.K, 1, k.x_group, xb.data());
+      a.xb = xb.data();
+    } else if (k.x_group > 0) {
+      group_x_f32(p[i].x, DType::BF16, w.K, 0, 1, k.x_group, xf.data());
+      a.xf = xf.data();
+    }
+    k.rows(a, b * kRowUnit, std::min(w.N, e * kRowUnit));
+  }
+}
+
+void check_weight(const Weight4bitView& w, int64_t N, int64_t K, const std::string& name) {
+  if (w.N != N || w.K != K)
+    throw std::invalid_argument(name + ": expected a [" + std::to_string(N) + ", " + std::to_string(K) +
+                                "] weight, got [" + std::to_string(w.N) + ", " + std::to_string(w.K) + "]");
+  check_ptr(w.packed, (name + ".packed").c_str());
+  check_blocksize_4bit(w.blocksize);
+  check_qt(w.qt);
+  check_absmax_source(w.absmax);
+}
+
+void check_decode_shape(const LlamaDecodeShape& s) {
+  auto positive = [](int64_t v, const char* name) {
+    if (v <= 0) throw std::invalid_argument(std::string(name) + " must be > 0, got " + std::to_string(v));
+  };
+  positive(s.hidden, "hidden");
+  positive(s.heads, "heads");
+  positive(s.kv_heads, "kv_heads");
+  positive(s.head_dim, "head_dim");
+  positive(s.intermediate, "intermediate");
+  positive(s.max_len, "max_len");
+  if (s.head_dim % 2 != 0 || s.head_dim > 512)
+    throw std::invalid_argument("head_dim must be even and at most 512, got " + std::to_string(s.head_dim));
+  if (s.heads % s.kv_heads != 0)
+    throw std::invalid_argument("kv_heads (" + std::to_string(s.kv_heads) + ") must divide heads (" +
+                                std::to_string(s.heads) + ")");
+  if (s.sum_lanes != 4 && s.sum_lanes != 8 && s.sum_lanes != 16)
+    throw std::invalid_argument("sum_lanes must be 4, 8 or 16, got " + std::to_string(s.sum_lanes));
+  if (!(s.norm_eps >= 0.0f)) throw std::invalid_argument("norm_eps must be >= 0");
+}
+
+void check_layer(const LlamaDecodeShape& s, const LlamaLayer4bit& l, int64_t i) {
+  const int64_t qd = s.heads * s.head_dim, kvd = s.kv_heads * s.head_dim;
+  const std::string at = "layer " + std::to_string(i) + " ";
+  check_ptr(l.input_norm, (at + "input_norm").c_str());
+  check_ptr(l.post_norm, (at + "post_norm").c_str());
+  check_ptr(l.k_cache, (at + "k_cache").c_str());
+  check_ptr(l.v_cache, (at + "v_cache").c_str());
+  check_weight(l.q, qd, s.hidden, at + "q_proj");
+  check_weight(l.k, kvd, s.hidden, at + "k_proj");
+  check_weight(l.v, kvd, s.hidden, at + "v_proj");
+  check_weight(l.o, s.hidden, qd, at + "o_proj");
+  check_weight(l.gate, s.intermediate, s.hidden, at + "gate_proj");
+  check_weight(l.up, s.intermediate, s.hidden, at + "up_proj");
+  check_weight(l.down, s.hidden, s.intermediate, at + "down_proj");
+}
+
+}  // namespace
+
+void check_llama_decode(const LlamaDecodeShape& s, const LlamaLayer4bit* layers, int64_t n_layers) {
+  check_decode_shape(s);
+  if (n_layers < 1) throw std::invalid_argument("n_layers must be >= 1, got " + std::to_string(n_layers));
+  check_ptr(layers, "layers");
+  for (int64_t i = 0; i < n_layers; ++i) check_layer(s, layers[i], i);
+}
+
+void llama_decode_advance_cpu(const LlamaDecodeShape& s, const LlamaLayer4bit* layers, int64_t n_layers,
+                              int64_t layer, const uint16_t* att, uint16_t* h, const uint16_t* cos,
+                              const uint16_t* sin, int64_t pos, uint16_t* q, int num_threads) {
+  check_decode_shape(s);
+  if (n_layers < 1) throw std::invalid_argument("n_layers must be >= 1, got " + std::to_string(n_layers));
+  check_ptr(layers, "layers");
+  if (layer < -1 || layer >= n_layers)
+    throw std::invalid_argument("layer must be in [-1, " + std::to_string(n_layers) + "), got " +
+                                std::to_string(layer));
+  const bool finish = layer >= 0, start = layer + 1 < n_layers;
+  if (finish) {
+    check_layer(s, layers[layer], layer);
+    check_ptr(att, "att");
+  }
+  check_ptr(h, "h");
+  if (start) {
+    check_layer(s, layers[layer + 1], layer + 1);
+    check_ptr(cos, "cos");
+    check_ptr(sin, "sin");
+    check_ptr(q, "q");
+    if (pos < 0 || pos >= s.max_len)
+      throw std::invalid_argument("pos must be in [0, max_len = " + std::to_string(s.max_len) + "), got " +
+                                  std::to_string(pos));
+  }
+
+  const int64_t H = s.hidden, I = s.intermediate, hd = s.head_dim, qd = s.heads * hd, kvd = s.kv_heads * hd;
+  const MatmulKernels* kt[7] = {};  // layer's o, gate, up, down; the next layer's q, k, v
+  if (finish) {
+    const LlamaLayer4bit& L = layers[layer];
+    const Weight4bitView* w[4] = {&L.o, &L.gate, &L.up, &L.down};
+    for (int j = 0; j < 4; ++j) kt[j] = &forward_kernels(DType::BF16, w[j]->K, w[j]->blocksize);
+  }
+  if (start) {
+    const LlamaLayer4bit& N = layers[layer + 1];
+    const Weight4bitView* w[3] = {&N.q, &N.k, &N.v};
+    for (int j = 0; j < 3; ++j) kt[4 + j] = &forward_kernels(DType::BF16, w[j]->K, w[j]->blocksize);
+  }
+  // Shared activations (bf16), written by one phase, read by the next after a barrier.
+  std::vector<uint16_t> x(static_cast<size_t>(H)), o(static_cast<size_t>(H)), k(kvd), v(kvd);
+  std::vector<uint16_t> g(finish ? I : 0), u(finish ? I : 0), m(finish ? I : 0);
+  std::vector<float> normf(static_cast<size_t>(H));
+  const int64_t widest = std::max({H, I, qd});
+
+  run_team(std::max(1, num_threads), [&](const Team& t) {
+    std::vector<float> xf(static_cast<size_t>(widest));
+    std::vector<uint16_t> xb(static_cast<size_t>(widest));
+    if (finish) {
+      const LlamaLayer4bit& L = layers[layer];
+      const Product op[1] = {{&L.o, kt[0], att, o.data()}};
+      run_products(t, op, 1, xf, xb);
+      t.barrier();
+      if (t.tid == 0) {
+        for (int64_t i = 0; i < H; ++i) h[i] = rb(bf(h[i]) + bf(o[i]));
+        rms_norm(h, L.post_norm, H, s.norm_eps, s.sum_lanes, normf.data(), x.data());
+      }
+      t.barrier();
+      const Product gu[2] = {{&L.gate, kt[1], x.data(), g.data()}, {&L.up, kt[2], x.data(), u.data()}};
+      run_products(t, gu, 2, xf, xb);
+      t.barrier();
+      const auto [i0, i1] = t.share(I);
+      const uint16_t* silu = silu_bf16_table();
+      for (int64_t i = i0; i < i1; ++i) m[i] = rb(bf(silu[g[i]]) * bf(u[i]));
+      t.barrier();
+      const Product dp[1] = {{&L.down, kt[3], m.data(), o.data()}};
+      run_products(t, dp, 1, xf, xb);
+      t.barrier();
+      if (t.tid == 0)
+        for (int64_t i = 0; i < H; ++i) h[i] = rb(bf(h[i]) + bf(o[i]));
+    }
+    if (!start) return;
+    const LlamaLayer4bit& N = layers[layer + 1];
+    if (t.tid == 0) rms_norm(h, N.input_norm, H, s.norm_eps, s.sum_lanes, normf.data(), x.data());
+    t.barrier();
+    const Product qkv[3] = {{&N.q, kt[4], x.data(), q}, {&N.k, kt[5], x.data(), k.data()},
+                            {&N.v, kt[6], x.data(), v.data()}};
+    run_products(t, qkv, 3, xf, xb);
+    t.barrier();
+    if (t.tid == 0) {
+      for (int64_t hh = 0; hh < s.heads; ++hh) rope(q + hh * hd, cos, sin, hd);
+      for (int64_t j = 0; j < s.kv_heads; ++j) {
+        rope(k.data() + j * hd, cos, sin, hd);
+        std::copy_n(k.data() + j * hd, hd, N.k_cache + (j * s.max_len + pos) * hd);
+        std::copy_n(v.data() + j * hd, hd, N.v_cache + (j * s.max_len + pos) * hd);
+      }
+    }
+  });
+}
+
+}  // namespace nf4lora
