@@ -13,8 +13,9 @@ peak RSS). Timings on a shared machine are noisy: repeat, and read the ratios, n
 All ways share one loss module (nf4lora.train.CausalLMLoss: logits only where a label is). The
 PEFT ways use its plain head + F.cross_entropy and transformers' sdpa attention, as they did
 before nf4lora's fused head (nf4lora.train.head_loss) and fp32-on-CPU attention (nf4lora.train.cpu_attention)
-existed; the nf4lora way uses both, as `nf4lora finetune` does. --baseline-fused-head gives the
-PEFT ways both too (what is then left is the 4-bit + LoRA layers and the optimizer). Besides wall-clock tokens/s each way reports its process CPU seconds per
+existed; the nf4lora way uses both, and keeps freed memory for reuse (nf4lora.train.cpu_memory), as
+`nf4lora finetune` does. --baseline-fused-head gives the PEFT ways all three too (what is then left
+is the 4-bit + LoRA layers and the optimizer). Besides wall-clock tokens/s each way reports its process CPU seconds per
 step: on a VM shared with other jobs the wall clock swings by 2-5x, CPU time much less."""
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ def run_one(way: str, steps: int, batch: int, seq_len: int, lr: float, r: int, d
 
     torch.manual_seed(0)
     model, tok = load_model(None, quantize="nf4" if way == "nf4lora" else None)
+    if way == "nf4lora" or baseline_fused_head:  # freed memory kept for reuse, as `nf4lora finetune` does
+        from nf4lora.train.cpu_memory import retain_freed_memory
+        retain_freed_memory()
     if way == "nf4lora":  # as `nf4lora finetune` does: calibrated attention route, fused RMSNorm and head
         from nf4lora.train.cpu_attention import use_fp32_cpu_attention
         from nf4lora.train.fused_norm import use_fused_rmsnorm
@@ -111,7 +115,7 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated subset of " + ",".join(WAYS))
     ap.add_argument("--rounds", type=int, default=1, help="run the ways this many times, alternating; medians")
     ap.add_argument("--baseline-fused-head", action="store_true",
-                    help="the PEFT ways use nf4lora's fused head and fp32-on-CPU attention too")
+                    help="the PEFT ways use nf4lora's fused head, fp32-on-CPU attention and kept freed memory too")
     ap.add_argument("--no-eval", dest="eval", action="store_false", help="tokens/s and RSS only")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],

@@ -9,6 +9,8 @@ steadier than comparing separate processes.
         [--configs "base:sdpa:0,gqa+norm:gqa:1,fp32+norm:fp32:1"]   # name:attention route:fused RMSNorm[:fused head]
     PYTHONPATH=python python bench/bench_step.py --configs "plain-head:fp32:1:0,fused-head:fp32:1:1"
         # the chunked loss head (train/head_loss.py, the default) against the dense head + F.cross_entropy
+    NF4LORA_MALLOC=0 PYTHONPATH=python bench/bench_step.py --configs fp32+norm:fp32:1   # freed memory returned
+        # to the kernel every step (glibc's default) against the same without NF4LORA_MALLOC=0
     python bench/bench_step.py --quick      # CI smoke: 1 round, 1 batch of 1 example of 64 tokens
 """
 from __future__ import annotations
@@ -51,8 +53,11 @@ def main() -> None:
             ap.error(f"--configs: {spec!r} is not name:{'|'.join(ROUTES)}:0|1[:0|1]")
         name, route, norm, head = parts
         configs[name] = (route, norm == "1", head == "1")
+    from nf4lora.train.cpu_memory import retain_freed_memory
     torch.set_num_threads(a.threads)
     print(machine_header())
+    print(f"freed memory kept for reuse (nf4lora.train.cpu_memory; NF4LORA_MALLOC=0 turns it off): "
+          f"{retain_freed_memory()}")
     torch.manual_seed(0)
     model, tok = load_model(None, quantize="nf4")
     use_fp32_cpu_attention(model)
@@ -75,6 +80,8 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         return loss.detach().item() / float(n)
 
+    import resource
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     cpu = {k: [] for k in configs}
     wall = {k: [] for k in configs}
     losses = {k: [] for k in configs}
@@ -96,6 +103,9 @@ def main() -> None:
         print(f"{name:12} CPU s/step {statistics.median(cpu[name]):.3f} (min {min(cpu[name]):.3f})  wall s/step "
               f"{w:.3f} (min {min(wall[name]):.3f}, {tokens / w:.1f} tok/s)  losses "
               f"{[round(x, 4) for x in losses[name][:len(batches)]]}")
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
+    steps = (a.rounds + 1) * len(configs) * len(batches)
+    print(f"page faults per step (minor, whole run incl. warm-up round): {faults // steps}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

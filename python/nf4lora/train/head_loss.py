@@ -29,6 +29,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..ops.buffers import empty_cpu, scratch
+
 VOCAB_CHUNK = 4096  # rows of W widened to fp32 at a time (9.4 MB for hidden 576)
 ROW_CHUNK = 64      # rows of z taken to fp32 at a time for the softmax
 
@@ -54,31 +56,50 @@ class HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, hidden, weight, bias, targets):
         T, V = hidden.shape[0], weight.shape[0]
-        dtype = hidden.dtype
-        fp32 = _fp32_gemm(hidden.device)
+        dtype, device = hidden.dtype, hidden.device
+        fp32 = _fp32_gemm(device)
         h = hidden.float() if fp32 else hidden
-        z = torch.empty((T, V), dtype=dtype, device=hidden.device)
+        # On the CPU z is advised onto huge pages before its first touch, and the per-chunk
+        # temporaries (a GEMM output, the fp32 rows) are this thread's reused buffers: 4 KiB page
+        # faults on fresh buffers of tens of MB cost more than the softmax (bench/bench_step.py).
+        cpu = device.type == "cpu"
+        z = empty_cpu((T, V), dtype) if cpu else torch.empty((T, V), dtype=dtype, device=device)
+        part_buf = scratch((T * min(V, VOCAB_CHUNK),), torch.float32 if fp32 else dtype, device) if cpu else None
         for v0 in range(0, V, VOCAB_CHUNK):
             v1 = min(V, v0 + VOCAB_CHUNK)
             w = weight[v0:v1].to(dtype)
+            out = None if part_buf is None else part_buf[: T * (v1 - v0)].view(T, v1 - v0)
             if fp32:
-                part = h @ w.float().t()
+                part = torch.mm(h, w.float().t(), out=out)
                 if bias is not None:
                     part += bias[v0:v1].to(dtype).float()
-            else:  # one bf16 GEMM with fp32 accumulation and the bias in its epilogue, as F.linear
-                part = (h @ w.t() if bias is None else torch.addmm(bias[v0:v1].to(dtype), h, w.t()))
+            elif bias is None:  # one bf16 GEMM with fp32 accumulation (and the bias in its epilogue), as F.linear
+                part = torch.mm(h, w.t(), out=out)
+            else:
+                part = torch.addmm(bias[v0:v1].to(dtype), h, w.t(), out=out)
             z[:, v0:v1].copy_(part)  # rounded to bf16 here, as the autocast GEMM rounds its output
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float32, device=device)
         need_grad = ctx.needs_input_grad[0]
+        rows = scratch((min(T, ROW_CHUNK), V), torch.float32, device) if cpu and T else None
         for r0 in range(0, T, ROW_CHUNK):
             r1 = min(T, r0 + ROW_CHUNK)
-            zc = z[r0:r1].float()
+            if rows is None:
+                zc = z[r0:r1].float()
+            else:
+                zc = rows[: r1 - r0]
+                zc.copy_(z[r0:r1])
             tc = targets[r0:r1]
-            lse = torch.logsumexp(zc, dim=1)
-            total += (lse - zc.gather(1, tc[:, None])[:, 0]).sum()
-            if need_grad:
-                zc.sub_(lse[:, None]).exp_()
-                zc.scatter_add_(1, tc[:, None], torch.full((r1 - r0, 1), -1.0, device=zc.device))
+            picked = zc.gather(1, tc[:, None])[:, 0]
+            # logsumexp as torch computes it (max with infinities taken as 0, exp of the
+            # difference, sum, log, plus the max), in place in the fp32 rows
+            m = zc.amax(dim=1, keepdim=True)
+            m.masked_fill_(m.abs() == float("inf"), 0.0)
+            e_sum = zc.sub_(m).exp_().sum(dim=1, keepdim=True)
+            lse = e_sum.log().add_(m)
+            total += (lse[:, 0] - picked).sum()
+            if need_grad:  # softmax(z) - onehot(t): exp(z - max) / its sum
+                zc.div_(e_sum)
+                zc.scatter_add_(1, tc[:, None], torch.full((r1 - r0, 1), -1.0, device=device))
                 z[r0:r1].copy_(zc)
         if need_grad:
             ctx.save_for_backward(z, weight)

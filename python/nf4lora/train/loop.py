@@ -448,7 +448,10 @@ def finetune(opts: TrainOptions, model: Optional[nn.Module] = None, tokenizer: A
     # sdpa) and RMSNorm with a hand-written backward, for this run only: the model goes back to its
     # own attention and norms afterwards
     from .cpu_attention import use_fp32_cpu_attention
+    from .cpu_memory import retain_freed_memory
     from .fused_norm import restore_rmsnorm, use_fused_rmsnorm
+    if device.type == "cpu":
+        retain_freed_memory()  # the step's buffers reused from the heap, not fresh pages each step
     attn_before = getattr(model.config, "_attn_implementation", None)
     switched = device.type == "cpu" and use_fp32_cpu_attention(model)
     norms = use_fused_rmsnorm(model) if device.type == "cpu" else []
