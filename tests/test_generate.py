@@ -158,46 +158,43 @@ def test_native_decode_step_applies_only_to_what_it_computes(tiny_folder):
 
 
 def test_native_decoder_rejects_bad_layers(tiny_model):
-    """The native object checks every layer once and each call's position: a clear ValueError
-    naming the field, never a crash."""
+    """ops.decode.LlamaDecoder checks every layer once (Python: dtypes and the weights; native:
+    every shape) and each call's layer and position: a ValueError naming the problem, never a
+    crash."""
     from nf4lora import generate as gen
-    from nf4lora.ops.native import _C
+    from nf4lora.ops.decode import LlamaDecoder
     model, _ = tiny_model
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True)
         step = gen._NativeLlamaStep(model, out.past_key_values, 3, 8)
     cfg = model.config
-    args = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, step.head_dim,
-            cfg.intermediate_size, 8, 1e-5, 8)
-    good = []
+    shape = dict(hidden=cfg.hidden_size, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
+                 head_dim=step.head_dim, intermediate=cfg.intermediate_size, max_len=8, norm_eps=1e-5)
+    layers = []
     for i, layer in enumerate(step.layers):
-        row = [layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
-               step.keys[i].data_ptr(), step.values[i].data_ptr()]
-        for name in step._PROJECTIONS:
-            w = layer.get_submodule(name)._checked_weight4bit()
-            from nf4lora.ops.native import absmax_pointers, quant_type_code
-            row += [w.packed.data_ptr(), *absmax_pointers(w), *w.shape, w.blocksize, quant_type_code(w.quant_type)]
-        good.append(row)
-    _C.LlamaDecoder(*args, good)
-    swapped = [list(r) for r in good]
-    swapped[1][4:15], swapped[1][26:37] = swapped[1][26:37], swapped[1][4:15]  # q_proj <-> v_proj
+        entry = {"input_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight,
+                 "k_cache": step.keys[i], "v_cache": step.values[i]}
+        for key, name in zip(("q", "k", "v", "o", "gate", "up", "down"), step._PROJECTIONS):
+            entry[key] = layer.get_submodule(name).weight4bit()
+        layers.append(entry)
+    LlamaDecoder(**shape, layers=layers)
+    swapped = [dict(e) for e in layers]
+    swapped[1]["q"], swapped[1]["v"] = swapped[1]["v"], swapped[1]["q"]
     with pytest.raises(ValueError, match="layer 1 q_proj: expected a"):
-        _C.LlamaDecoder(*args, swapped)
-    with pytest.raises(ValueError, match="expected 81 fields"):
-        _C.LlamaDecoder(*args, [good[0][:-1]])
+        LlamaDecoder(**shape, layers=swapped)
+    fp32 = [dict(e) for e in layers]
+    fp32[0]["post_norm"] = fp32[0]["post_norm"].float()
+    with pytest.raises(ValueError, match="layer 0 post_norm: expected a contiguous bfloat16 CPU tensor"):
+        LlamaDecoder(**shape, layers=fp32)
     with pytest.raises(ValueError, match="must divide heads"):
-        _C.LlamaDecoder(cfg.hidden_size, cfg.num_attention_heads, 3, step.head_dim, cfg.intermediate_size, 8, 1e-5, 8,
-                        good)
-    null_norm = [list(r) for r in good]
-    null_norm[0][0] = 0
-    with pytest.raises(ValueError, match="layer 0 input_norm must not be null"):
-        _C.LlamaDecoder(*args, null_norm)
+        LlamaDecoder(**dict(shape, kv_heads=3), layers=layers)
+    with pytest.raises(ValueError, match="n_layers must be >= 1"):
+        LlamaDecoder(**shape, layers=[])
     h = torch.zeros(1, 1, cfg.hidden_size, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="pos must be in"):
-        step.native.advance(-1, 0, h.data_ptr(), step.cos[0].data_ptr(), step.sin[0].data_ptr(), 8,
-                            step.q.data_ptr(), 1)
+        step.native.advance(-1, None, h, step.cos[0], step.sin[0], 8, step.q)
     with pytest.raises(ValueError, match="layer must be in"):
-        step.native.advance(2, 0, h.data_ptr(), 0, 0, 0, 0, 1)
+        step.native.advance(2, step.q, h, step.cos[0], step.sin[0], 0, step.q)
 
 
 def test_torch_bf16_silu_is_the_correctly_rounded_formula():

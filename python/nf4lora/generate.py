@@ -10,6 +10,7 @@ measures the speed."""
 from __future__ import annotations
 
 import inspect
+import platform
 import sys
 import weakref
 from typing import Any, Callable, Iterable, Optional
@@ -119,39 +120,33 @@ class _NativeLlamaStep(_LlamaStep):
     step runs."""
 
     _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # ops.decode.PROJECTIONS' modules
 
     def __init__(self, model: nn.Module, cache: Any, prompt_len: int, max_len: int) -> None:
         super().__init__(model, cache, prompt_len, max_len)
-        from .ops.native import _C, absmax_pointers, quant_type_code
+        from .ops.decode import LlamaDecoder
 
         config, attn = model.config, self.layers[0].self_attn
-        fields = []
+        layers = []
         for i, layer in enumerate(self.layers):
-            row = [layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
-                   self.keys[i].data_ptr(), self.values[i].data_ptr()]
-            for name in self._PROJECTIONS:
-                w = layer.get_submodule(name)._checked_weight4bit()
-                row += [w.packed.data_ptr(), *absmax_pointers(w), *w.shape, w.blocksize,
-                        quant_type_code(w.quant_type)]
-            fields.append(row)
+            entry = {"input_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight,
+                     "k_cache": self.keys[i], "v_cache": self.values[i]}
+            for key, name in zip(("q", "k", "v", "o", "gate", "up", "down"), self._PROJECTIONS):
+                entry[key] = layer.get_submodule(name).weight4bit()
+            layers.append(entry)
         # The rotary table of every position, computed once by the model's own rotary embedding
         # (elementwise in position, so each row equals the per-token call's values).
         h0 = self.inner.embed_tokens.weight[:1]
         positions = torch.arange(max_len, device=h0.device)[None]
         cos, sin = self.inner.rotary_emb(h0[None], position_ids=positions)
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
-        lanes = 8  # torch's fp32 sum kernel: its AVX2 build on every x86 CPU (decode.h)
-        self.native = _C.LlamaDecoder(
-            config.hidden_size, config.num_attention_heads, config.num_key_value_heads, self.head_dim,
-            config.intermediate_size, max_len, float(self.layers[0].input_layernorm.variance_epsilon),
-            lanes, fields)
+        self.native = LlamaDecoder(hidden=config.hidden_size, heads=config.num_attention_heads,
+                                   kv_heads=config.num_key_value_heads, head_dim=self.head_dim,
+                                   intermediate=config.intermediate_size, max_len=max_len,
+                                   norm_eps=float(self.layers[0].input_layernorm.variance_epsilon), layers=layers)
         self.scaling, self.gqa = attn.scaling, attn.num_key_value_groups > 1
         self.q = torch.empty(1, config.num_attention_heads, 1, self.head_dim, dtype=torch.bfloat16)
         self.h = torch.empty(1, 1, config.hidden_size, dtype=torch.bfloat16)  # the residual stream
-        # The tensors whose addresses the native object holds (besides the modules' own, which
-        # the model keeps): kept alive with it.
-        self._alive = (self.keys, self.values, self.cos, self.sin, self.q)
         self.head_weight = self._mv_head(model.lm_head)
 
     @staticmethod
@@ -183,11 +178,10 @@ class _NativeLlamaStep(_LlamaStep):
     def supports_native(cls, model: nn.Module) -> bool:
         """bf16 CPU model, native core built, SiLU MLP, LlamaRMSNorm norms and plain bias-free
         bf16-compute Linear4bit projections everywhere."""
-        from .ops.native import _C
-        from .quant.linear import Linear4bit
+        from .quant import Linear4bit
 
-        if not NATIVE_DECODE_STEP or _C is None or not hasattr(_C, "LlamaDecoder"):
-            return False
+        if not NATIVE_DECODE_STEP or platform.machine().lower() not in ("x86_64", "amd64"):
+            return False  # (elsewhere torch's sum order, which the native RMSNorm follows, may differ)
         config, inner = model.config, model.model
         if getattr(config, "hidden_act", None) != "silu" or getattr(config, "mlp_bias", False):
             return False
@@ -211,15 +205,15 @@ class _NativeLlamaStep(_LlamaStep):
     def __call__(self, token: int, pos: int) -> Tensor:
         h = self.h
         h.view(-1).copy_(self.inner.embed_tokens.weight[token])  # the embedding's lookup, without its call
-        advance, q, end, threads = self.native.advance, self.q, pos + 1, torch.get_num_threads()
-        hp, cp, sp, qp = h.data_ptr(), self.cos[pos].data_ptr(), self.sin[pos].data_ptr(), q.data_ptr()
-        advance(-1, 0, hp, cp, sp, pos, qp, threads)
+        advance, q, end = self.native.advance, self.q, pos + 1
+        cos, sin = self.cos[pos], self.sin[pos]
+        advance(-1, None, h, cos, sin, pos, q)
         for i, (kc, vc) in enumerate(zip(self.keys, self.values)):
             o = F.scaled_dot_product_attention(q, kc.narrow(2, 0, end), vc.narrow(2, 0, end), attn_mask=None,
                                                dropout_p=0.0, scale=self.scaling, is_causal=False,
                                                enable_gqa=self.gqa)
-            o = o.contiguous()  # [1, heads, 1, head_dim]: head-major, as the Python step's reshape
-            advance(i, o.data_ptr(), hp, cp, sp, pos, qp, threads)
+            # [1, heads, 1, head_dim]: head-major, as the Python step's transpose + reshape
+            advance(i, o.contiguous(), h, cos, sin, pos, q)
         h = self.inner.norm(h)
         if self.head_weight is not None:
             return torch.mv(self.head_weight, h.view(-1)).view(1, 1, -1)

@@ -8,8 +8,9 @@ zeroes it: ~20,000-30,000 per SmolLM2-135M step of 768 tokens on the 2-vCPU VM h
 step's CPU time. retain_freed_memory() raises both thresholds with mallopt (mmap 256 MiB, trim
 1 GiB), so the step's buffers are reused from the heap instead. Measured there (`python
 bench/bench_step.py --configs fp32+norm:fp32:1` against the same with NF4LORA_MALLOC=0): step CPU
-time down ~10%, peak RSS unchanged. The cost: the
-process keeps up to 1 GiB of freed memory instead of returning it while it runs.
+time 2.24 against 2.55 s (-12%). The cost: the process keeps up to 1 GiB of freed memory instead
+of returning it while it runs, and its peak RSS grows a little (1.70-1.72 against 1.61-1.62 GiB in
+`python bench/bench_finetune.py --steps 8 --no-eval --only nf4lora`, heap fragmentation).
 
 Process-wide and one-way (glibc cannot report the previous values), so the trainer (`nf4lora
 finetune`, nf4lora.train.finetune) calls it only for CPU training; NF4LORA_MALLOC=0 turns it off.

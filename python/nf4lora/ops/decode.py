@@ -1,0 +1,61 @@
+"""The native decode layers of a Llama (cpp/include/nf4lora/decode.h) for generate.py: one object
+per generation holding every layer's 4-bit weights, RMSNorm weights and KV caches, checked once;
+advance() finishes one layer and starts the next between two attentions, which stay the caller's
+(torch's sdpa). Bit-equal to the same layers run by torch (tests/test_generate.py)."""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .checks import check_weight
+from .native import _C, absmax_pointers, quant_type_code
+from .weight import Weight4bit
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+# Lanes of torch's fp32 sum kernel, whose order the native RMSNorm follows: torch registers that
+# kernel without its AVX-512 build, so 8 on every x86 CPU (decode.h).
+TORCH_SUM_LANES = 8
+
+
+def _bf16_cpu(name: str, t: Tensor) -> int:
+    if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous bfloat16 CPU tensor, got {t.dtype} on {t.device}"
+                         f"{'' if t.is_contiguous() else ', not contiguous'}")
+    return t.data_ptr()
+
+
+class LlamaDecoder:
+    """layers: per layer a mapping with "input_norm" and "post_norm" (bf16 [hidden]), "k_cache" and
+    "v_cache" (bf16 [1, kv_heads, max_len, head_dim], contiguous) and the seven projections of
+    PROJECTIONS as Weight4bit ([out, in], no bias). Raises ValueError naming the first
+    inconsistent tensor or shape. The object keeps every tensor it was given alive."""
+
+    def __init__(self, *, hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int,
+                 max_len: int, norm_eps: float, layers: Sequence[Mapping[str, object]]) -> None:
+        fields = []
+        for i, layer in enumerate(layers):
+            at = f"layer {i} "
+            row = [_bf16_cpu(at + "input_norm", layer["input_norm"]), _bf16_cpu(at + "post_norm", layer["post_norm"]),
+                   _bf16_cpu(at + "k_cache", layer["k_cache"]), _bf16_cpu(at + "v_cache", layer["v_cache"])]
+            for name in PROJECTIONS:
+                w = layer[name]
+                if not isinstance(w, Weight4bit) or w.device.type != "cpu":
+                    raise ValueError(f"{at}{name}: expected a CPU Weight4bit")
+                check_weight(w)
+                row += [w.packed.data_ptr(), *absmax_pointers(w), *w.shape, w.blocksize, quant_type_code(w.quant_type)]
+            fields.append(row)
+        self._native = _C.LlamaDecoder(hidden, heads, kv_heads, head_dim, intermediate, max_len, float(norm_eps),
+                                       TORCH_SUM_LANES, fields)
+        self._alive = [dict(layer) for layer in layers]
+
+    def advance(self, layer: int, att: Optional[Tensor], h: Tensor, cos: Tensor, sin: Tensor, pos: int,
+                q: Tensor) -> None:
+        """Finishes `layer` from its attention output att (bf16 [1, heads, 1, head_dim], contiguous;
+        None with layer -1) and starts layer + 1: its q into `q` (same shape), its k and v into the
+        caches at `pos`, with cos/sin (bf16 [head_dim]) of that position. h: bf16 [1, 1, hidden],
+        the residual stream, updated in place. Contiguity is the caller's promise (generate.py's
+        buffers); sizes and positions are checked natively."""
+        self._native.advance(layer, 0 if att is None else att.data_ptr(), h.data_ptr(), cos.data_ptr(),
+                             sin.data_ptr(), pos, q.data_ptr(), torch.get_num_threads())
