@@ -170,13 +170,7 @@ def test_native_decoder_rejects_bad_layers(tiny_model):
     cfg = model.config
     shape = dict(hidden=cfg.hidden_size, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
                  head_dim=step.head_dim, intermediate=cfg.intermediate_size, max_len=8, norm_eps=1e-5)
-    layers = []
-    for i, layer in enumerate(step.layers):
-        entry = {"input_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight,
-                 "k_cache": step.keys[i], "v_cache": step.values[i]}
-        for key, name in zip(("q", "k", "v", "o", "gate", "up", "down"), step._PROJECTIONS):
-            entry[key] = layer.get_submodule(name).weight4bit()
-        layers.append(entry)
+    layers = step.native_layers()
     LlamaDecoder(**shape, layers=layers)
     swapped = [dict(e) for e in layers]
     swapped[1]["q"], swapped[1]["v"] = swapped[1]["v"], swapped[1]["q"]

@@ -180,9 +180,9 @@ struct Product {
 };
 
 // This thread's share of the rows of `count` products (units of kRowUnit rows over all of them),
-// each computed as matmul_4bit_cpu computes it (x grouped for the kernel in thread scratch).
-void run_products(const Team& t, const Product* p, int count, std::vector<float>& xf,
-                  std::vector<uint16_t>& xb) {
+// each computed as matmul_4bit_cpu computes it (x grouped for the kernel in this thread's scratch
+// xf / xb, room for the widest K).
+void run_products(const Team& t, const Product* p, int count, float* xf, uint16_t* xb) {
   int64_t total = 0;
   for (int i = 0; i < count; ++i) total += (p[i].w->N + kRowUnit - 1) / kRowUnit;
   const auto [u0, u1] = t.share(total);
@@ -197,11 +197,11 @@ void run_products(const Team& t, const Product* p, int count, std::vector<float>
     MatmulArgs a{p[i].x, nullptr, nullptr, DType::BF16, 1, w.K, w.N, w.packed, &w.absmax,
                  w.blocksize, w.qt, nullptr, p[i].y};
     if (k.x_bf16) {
-      group_x_bf16(p[i].x, w.K, 1, k.x_group, xb.data());
-      a.xb = xb.data();
+      group_x_bf16(p[i].x, w.K, 1, k.x_group, xb);
+      a.xb = xb;
     } else if (k.x_group > 0) {
-      group_x_f32(p[i].x, DType::BF16, w.K, 0, 1, k.x_group, xf.data());
-      a.xf = xf.data();
+      group_x_f32(p[i].x, DType::BF16, w.K, 0, 1, k.x_group, xf);
+      a.xf = xf;
     }
     k.rows(a, b * kRowUnit, std::min(w.N, e * kRowUnit));
   }
@@ -299,15 +299,21 @@ void llama_decode_advance_cpu(const LlamaDecodeShape& s, const LlamaLayer4bit* l
     const Weight4bitView* w[3] = {&N.q, &N.k, &N.v};
     for (int j = 0; j < 3; ++j) kt[4 + j] = &forward_kernels(DType::BF16, w[j]->K, w[j]->blocksize);
   }
-  // Shared activations (bf16), written by one phase, read by the next after a barrier.
+  // Shared activations (bf16), written by one phase, read by the next after a barrier; and every
+  // thread's scratch for grouped x, allocated here so that nothing allocates (or throws) inside
+  // the parallel region.
+  const int threads = std::max(1, num_threads);
   std::vector<uint16_t> x(static_cast<size_t>(H)), o(static_cast<size_t>(H)), k(kvd), v(kvd);
   std::vector<uint16_t> g(finish ? I : 0), u(finish ? I : 0), m(finish ? I : 0);
   std::vector<float> normf(static_cast<size_t>(H));
-  const int64_t widest = std::max({H, I, qd});
+  const size_t widest = static_cast<size_t>(std::max({H, I, qd}));
+  std::vector<float> xf_all(widest * threads);
+  std::vector<uint16_t> xb_all(widest * threads);
+  const uint16_t* silu = finish ? silu_bf16_table() : nullptr;  // built on first use, here
 
-  run_team(std::max(1, num_threads), [&](const Team& t) {
-    std::vector<float> xf(static_cast<size_t>(widest));
-    std::vector<uint16_t> xb(static_cast<size_t>(widest));
+  run_team(threads, [&](const Team& t) {
+    float* xf = xf_all.data() + widest * t.tid;
+    uint16_t* xb = xb_all.data() + widest * t.tid;
     if (finish) {
       const LlamaLayer4bit& L = layers[layer];
       const Product op[1] = {{&L.o, kt[0], att, o.data()}};
@@ -322,7 +328,6 @@ void llama_decode_advance_cpu(const LlamaDecodeShape& s, const LlamaLayer4bit* l
       run_products(t, gu, 2, xf, xb);
       t.barrier();
       const auto [i0, i1] = t.share(I);
-      const uint16_t* silu = silu_bf16_table();
       for (int64_t i = i0; i < i1; ++i) m[i] = rb(bf(silu[g[i]]) * bf(u[i]));
       t.barrier();
       const Product dp[1] = {{&L.down, kt[3], m.data(), o.data()}};

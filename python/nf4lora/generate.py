@@ -3,7 +3,9 @@ its KV cache, one token per step, instead of transformers' generate(), whose per
 (logits processors, stopping criteria, input preparation, cache bookkeeping) costs as much as the
 135M model's forward on a CPU. For a transformers Llama (the default SmolLM2 model) the steps after
 the prompt run through _LlamaStep: the same operations over the model's own submodules with a
-preallocated KV cache, without transformers' per-layer machinery. The forward calls, their inputs
+preallocated KV cache, without transformers' per-layer machinery; with plain 4-bit projections,
+through _NativeLlamaStep, whose layers' 4-bit part is native (ops/decode.py) with the same
+roundings. The forward calls, their inputs
 and the token choice are generate()'s, so the tokens are the same: tests/test_generate.py compares
 the logits of every step with generate(output_logits=True), bit for bit; bench/bench_generate.py
 measures the speed."""
@@ -114,10 +116,12 @@ class _NativeLlamaStep(_LlamaStep):
     cache write), its products split over one team of threads, with the same operations and bf16
     roundings as the Python step. The attention is torch's scaled_dot_product_attention over the
     same cache, as in the Python step; the embedding, final norm and head are the model's modules.
-    So the logits equal the Python step's bit for bit (tests/test_generate.py). Applies when the
-    model computes in bf16 on the CPU with LlamaRMSNorm norms, a SiLU MLP, and every projection a
-    plain Linear4bit without bias; otherwise (a LoRA-wrapped or dense projection, ...) the Python
-    step runs."""
+    The embedding is a row copy of its weight (nn.Embedding's lookup), the final norm the model's
+    module, the head torch.mv where that was checked bit-equal to the module's call (_mv_head).
+    So the logits equal the Python step's bit for bit (tests/test_generate.py). Applies on x86
+    when the model computes in bf16 on the CPU with LlamaRMSNorm norms, a SiLU MLP, and every
+    projection a plain Linear4bit without bias; otherwise (a LoRA-wrapped or dense projection,
+    ...) the Python step runs."""
 
     _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # ops.decode.PROJECTIONS' modules
@@ -127,13 +131,6 @@ class _NativeLlamaStep(_LlamaStep):
         from .ops.decode import LlamaDecoder
 
         config, attn = model.config, self.layers[0].self_attn
-        layers = []
-        for i, layer in enumerate(self.layers):
-            entry = {"input_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight,
-                     "k_cache": self.keys[i], "v_cache": self.values[i]}
-            for key, name in zip(("q", "k", "v", "o", "gate", "up", "down"), self._PROJECTIONS):
-                entry[key] = layer.get_submodule(name).weight4bit()
-            layers.append(entry)
         # The rotary table of every position, computed once by the model's own rotary embedding
         # (elementwise in position, so each row equals the per-token call's values).
         h0 = self.inner.embed_tokens.weight[:1]
@@ -143,11 +140,24 @@ class _NativeLlamaStep(_LlamaStep):
         self.native = LlamaDecoder(hidden=config.hidden_size, heads=config.num_attention_heads,
                                    kv_heads=config.num_key_value_heads, head_dim=self.head_dim,
                                    intermediate=config.intermediate_size, max_len=max_len,
-                                   norm_eps=float(self.layers[0].input_layernorm.variance_epsilon), layers=layers)
+                                   norm_eps=float(self.layers[0].input_layernorm.variance_epsilon),
+                                   layers=self.native_layers())
         self.scaling, self.gqa = attn.scaling, attn.num_key_value_groups > 1
         self.q = torch.empty(1, config.num_attention_heads, 1, self.head_dim, dtype=torch.bfloat16)
         self.h = torch.empty(1, 1, config.hidden_size, dtype=torch.bfloat16)  # the residual stream
         self.head_weight = self._mv_head(model.lm_head)
+
+    def native_layers(self) -> list[dict]:
+        """Per layer its norm weights, KV caches and seven 4-bit weights, as ops.decode.LlamaDecoder
+        takes them."""
+        layers = []
+        for i, layer in enumerate(self.layers):
+            entry = {"input_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight,
+                     "k_cache": self.keys[i], "v_cache": self.values[i]}
+            for key, name in zip(("q", "k", "v", "o", "gate", "up", "down"), self._PROJECTIONS):
+                entry[key] = layer.get_submodule(name).weight4bit()
+            layers.append(entry)
+        return layers
 
     @staticmethod
     def _mv_head(head: nn.Module) -> Optional[Tensor]:
@@ -176,8 +186,8 @@ class _NativeLlamaStep(_LlamaStep):
 
     @classmethod
     def supports_native(cls, model: nn.Module) -> bool:
-        """bf16 CPU model, native core built, SiLU MLP, LlamaRMSNorm norms and plain bias-free
-        bf16-compute Linear4bit projections everywhere."""
+        """An x86 CPU; a bf16 CPU model with a plain nn.Embedding, a SiLU MLP, LlamaRMSNorm norms
+        and plain bias-free bf16-compute Linear4bit projections everywhere."""
         from .quant import Linear4bit
 
         if not NATIVE_DECODE_STEP or platform.machine().lower() not in ("x86_64", "amd64"):
