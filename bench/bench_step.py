@@ -6,7 +6,9 @@ process CPU seconds and wall seconds per step (median, min). On a shared machine
 steadier than comparing separate processes.
 
     PYTHONPATH=python python bench/bench_step.py [--threads 1] [--rounds 3] [--batches 2]
-        [--configs "base:sdpa:0,gqa+norm:gqa:1,fp32+norm:fp32:1"]   # name:attention route:fused RMSNorm[:fused head]
+        [--configs "base:sdpa:0,gqa+norm:gqa:1,fp32+norm:fp32:1"]   # name:attention route:RMSNorm[:fused head]
+        # RMSNorm 0: transformers'; 1: fused (its native bf16 kernels on the CPU); 2: fused, torch ops
+    PYTHONPATH=python python bench/bench_step.py --configs "ops-norm:fp32:2,native-norm:fp32:1"
     PYTHONPATH=python python bench/bench_step.py --configs "plain-head:fp32:1:0,fused-head:fp32:1:1"
         # the chunked loss head (train/head_loss.py, the default) against the dense head + F.cross_entropy
     NF4LORA_MALLOC=0 PYTHONPATH=python bench/bench_step.py --configs fp32+norm:fp32:1   # freed memory returned
@@ -44,15 +46,16 @@ def main() -> None:
     from nf4lora.train import CausalLMLoss
     from nf4lora.train import data as D
     from nf4lora.train.cpu_attention import use_fp32_cpu_attention
+    from nf4lora.train import fused_norm
     from nf4lora.train.fused_norm import restore_rmsnorm, use_fused_rmsnorm
 
     configs = {}
     for spec in a.configs.split(","):
         parts = spec.split(":") + (["1"] if spec.count(":") == 2 else [])  # the fused head by default
-        if len(parts) != 4 or parts[1] not in ROUTES or parts[2] not in ("0", "1") or parts[3] not in ("0", "1"):
-            ap.error(f"--configs: {spec!r} is not name:{'|'.join(ROUTES)}:0|1[:0|1]")
+        if len(parts) != 4 or parts[1] not in ROUTES or parts[2] not in ("0", "1", "2") or parts[3] not in ("0", "1"):
+            ap.error(f"--configs: {spec!r} is not name:{'|'.join(ROUTES)}:0|1|2[:0|1]")
         name, route, norm, head = parts
-        configs[name] = (route, norm == "1", head == "1")
+        configs[name] = (route, norm, head == "1")
     from nf4lora.train.cpu_memory import retain_freed_memory
     torch.set_num_threads(a.threads)
     print(machine_header())
@@ -87,7 +90,8 @@ def main() -> None:
     losses = {k: [] for k in configs}
     for r in range(a.rounds + 1):  # round 0 warms every configuration up
         for name, (route, norm, head) in (list(configs.items()) if r % 2 == 0 else list(configs.items())[::-1]):
-            norms = use_fused_rmsnorm(model) if norm else []
+            norms = use_fused_rmsnorm(model) if norm != "0" else []
+            fused_norm.NATIVE = norm == "1"
             with DISPATCH.override(cpu_attention=route):
                 for b in batches:
                     c0, t0 = time.process_time(), time.perf_counter()

@@ -12,6 +12,7 @@
 #include "nf4lora/format.h"
 #include "nf4lora/matmul.h"
 #include "nf4lora/memory.h"
+#include "nf4lora/norm.h"
 #include "nf4lora/optim.h"
 #include "nf4lora/quantize.h"
 
@@ -159,6 +160,20 @@ PYBIND11_MODULE(_C, m) {
                                         nested_blocksize),
                           N, blocksize, quant_type(qt), ptr<const void>(bias), ptr<void>(y),
                           num_threads);
+        }, gil());
+  // nf4lora/norm.h: RMSNorm over bf16 rows, forward and backward.
+  m.def("rms_norm_bf16_cpu",
+        [](uintptr_t x, uintptr_t w, int64_t rows, int64_t n, float eps, int sum_lanes, uintptr_t y, uintptr_t rstd,
+           int num_threads) {
+          rms_norm_bf16_cpu(ptr<const uint16_t>(x), ptr<const uint16_t>(w), rows, n, eps, sum_lanes, ptr<uint16_t>(y),
+                            ptr<float>(rstd), num_threads);
+        }, gil());
+  m.def("rms_norm_backward_bf16_cpu",
+        [](uintptr_t x, uintptr_t w, uintptr_t rstd, uintptr_t grad_y, int64_t rows, int64_t n, int sum_lanes,
+           uintptr_t grad_x, uintptr_t grad_w, int num_threads) {
+          rms_norm_backward_bf16_cpu(ptr<const uint16_t>(x), ptr<const uint16_t>(w), ptr<const float>(rstd),
+                                     ptr<const uint16_t>(grad_y), rows, n, sum_lanes, ptr<uint16_t>(grad_x),
+                                     ptr<float>(grad_w), num_threads);
         }, gil());
   m.attr("LLAMA_LAYER_FIELDS") = kLayerFields;
   py::class_<LlamaDecoder>(m, "LlamaDecoder")

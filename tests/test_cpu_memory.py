@@ -23,10 +23,12 @@ print(int(on), faults() - before)
 
 
 def _run(env_extra: dict) -> tuple[int, int]:
+    import nf4lora
     env = dict(os.environ, **env_extra)
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), src) if p)
-    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(nf4lora.__file__)))  # the nf4lora these tests import
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
     on, faults = out.stdout.split()
     return int(on), int(faults)
 

@@ -132,3 +132,42 @@ def test_the_check_catches_mutants(kind, monkeypatch):
         fn = lambda x, w: rms_norm(x, w, 1e-5)  # noqa: E731
     err, err_torch, scale = errors(fn, torch.float32)
     assert any(e > 2 * et + 1e-6 * s for e, et, s in zip(err, err_torch, scale)), (kind, err, err_torch)
+
+
+@pytest.mark.parametrize("shape", [(3, 29, 96), (1, 1, 576), (2, 70, 100), (5, 2048), (4, 17)])
+def test_native_bf16_kernels_against_the_torch_ops(shape, monkeypatch):
+    """bf16 on the CPU runs nf4lora/norm.h (ops/norm.py): its forward is the torch ops' (and
+    LlamaRMSNorm's) bit for bit, mean summed in torch's order; its backward is the same formula
+    within a bf16 rounding (dL/dx) and fp32 summation order (dL/dw), and does not depend on the
+    thread count. Sizes that are and are not multiples of the 8-lane sum."""
+    import nf4lora.train.fused_norm as fn
+    x, w, gy = inputs(torch.bfloat16, seed=5, shape=shape)
+    calls = []
+    original = fn.native_norm.rms_norm_bf16
+
+    def counted(*a):
+        calls.append(1)
+        return original(*a)
+    monkeypatch.setattr(fn.native_norm, "rms_norm_bf16", counted)
+    native = run(lambda a, b: rms_norm(a, b, 1e-5), x, w, gy)
+    assert calls, "the native kernels did not run"
+    monkeypatch.setattr(fn, "NATIVE", False)
+    ops = run(lambda a, b: rms_norm(a, b, 1e-5), x, w, gy)
+    hf = run(hf_norm(1e-5), x, w, gy)
+    assert torch.equal(native[0], ops[0]) and torch.equal(native[0], hf[0])
+    assert (native[1].float() - ops[1].float()).abs().max() <= 2 ** -7 * ops[1].float().abs().max()
+    assert torch.allclose(native[2].float(), ops[2].float(), rtol=2 ** -7, atol=1e-3)
+    monkeypatch.setattr(fn, "NATIVE", True)
+    for threads in (1, 2):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        again = run(lambda a, b: rms_norm(a, b, 1e-5), x, w, gy)
+        assert all(torch.equal(a, b) for a, b in zip(again, native))
+
+
+def test_native_kernels_take_only_plain_bf16_cpu_tensors():
+    from nf4lora.ops import norm as native_norm
+    x, w, _ = inputs(torch.bfloat16)
+    assert native_norm.applies(x, w)
+    assert not native_norm.applies(x.float(), w.float())
+    assert not native_norm.applies(x, w.float())
+    assert not native_norm.applies(x[:, :0], w)

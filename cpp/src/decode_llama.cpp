@@ -22,6 +22,7 @@
 #include "nf4lora/decode.h"
 #include "nf4lora/detail/checks.h"
 #include "nf4lora/format.h"
+#include "torch_order.h"
 
 #if defined(NF4LORA_WITH_OPENMP)
 #include <omp.h>
@@ -72,72 +73,6 @@ void run_team(int num_threads, const Fn& fn) {
 #endif
   (void)num_threads;
   fn(Team{});
-}
-
-// torch's utils::CeilLog2: 1 for x <= 2, else the bit length of x - 1.
-int64_t ceil_log2(int64_t x) {
-  if (x <= 2) return 1;
-  int64_t bits = 0;
-  for (uint64_t v = static_cast<uint64_t>(x - 1); v != 0; v >>= 1) ++bits;
-  return bits;
-}
-
-// sum(x[i] * x[i]) over n fp32 values in the order of torch's CPU sum of a contiguous row
-// (SumKernel.cpp: vectorized_inner_sum over vectors of L lanes, row_sum with 4 vector
-// accumulators, multi_row_sum's 4-level cascade; then the scalar tail, then the lanes in order),
-// each square rounded to fp32 before it is added (pow(2) makes a tensor first; this file builds
-// with -ffp-contract=off). torch registers that kernel without its AVX-512 build, so L is 8 on
-// every x86 CPU. tests/test_generate.py checks the whole step bit for bit against torch.
-float torch_order_sum_squares(const float* x, int64_t n, int L) {
-  constexpr int kIlp = 4, kLevels = 4;
-  const int64_t nvec = n / L, rows = nvec / kIlp;
-  const int64_t level_power = std::max<int64_t>(4, ceil_log2(rows) / kLevels);
-  const int64_t level_step = int64_t{1} << level_power, level_mask = level_step - 1;
-  float acc[kLevels][kIlp][16] = {};
-  auto add_vec = [&](float* dst, int64_t v) {
-    for (int l = 0; l < L; ++l) {
-      const float e = x[v * L + l];
-      const float sq = e * e;
-      dst[l] += sq;
-    }
-  };
-  int64_t i = 0;
-  while (i + level_step <= rows) {
-    for (int64_t j = 0; j < level_step; ++j, ++i)
-      for (int k = 0; k < kIlp; ++k) add_vec(acc[0][k], i * kIlp + k);
-    for (int j = 1; j < kLevels; ++j) {
-      for (int k = 0; k < kIlp; ++k)
-        for (int l = 0; l < L; ++l) acc[j][k][l] += acc[j - 1][k][l], acc[j - 1][k][l] = 0.0f;
-      if ((i & (level_mask << (j * level_power))) != 0) break;
-    }
-  }
-  for (; i < rows; ++i)
-    for (int k = 0; k < kIlp; ++k) add_vec(acc[0][k], i * kIlp + k);
-  for (int j = 1; j < kLevels; ++j)
-    for (int k = 0; k < kIlp; ++k)
-      for (int l = 0; l < L; ++l) acc[0][k][l] += acc[j][k][l];
-  for (int64_t v = rows * kIlp; v < nvec; ++v) add_vec(acc[0][0], v);
-  for (int k = 1; k < kIlp; ++k)
-    for (int l = 0; l < L; ++l) acc[0][0][l] += acc[0][k][l];
-  float total = 0.0f;
-  for (int64_t e = nvec * L; e < n; ++e) {
-    const float sq = x[e] * x[e];
-    total += sq;
-  }
-  for (int l = 0; l < L; ++l) total += acc[0][0][l];
-  return total;
-}
-
-// out = weight * bf16(x * rsqrt(mean(x^2) + eps)), as LlamaRMSNorm in bf16. xf: scratch [n].
-void rms_norm(const uint16_t* x, const uint16_t* weight, int64_t n, float eps, int lanes, float* xf,
-              uint16_t* out) {
-  for (int64_t i = 0; i < n; ++i) xf[i] = bf(x[i]);
-  const float var = torch_order_sum_squares(xf, n, lanes) / static_cast<float>(n);
-  const float r = 1.0f / std::sqrt(var + eps);
-  for (int64_t i = 0; i < n; ++i) {
-    const float normed = bf(rb(xf[i] * r));
-    out[i] = rb(bf(weight[i]) * normed);
-  }
 }
 
 // silu(x) = x / (1 + exp(-x)) for every bf16 x, computed in fp32 from a correctly rounded
@@ -305,7 +240,7 @@ void llama_decode_advance_cpu(const LlamaDecodeShape& s, const LlamaLayer4bit* l
   const int threads = std::max(1, num_threads);
   std::vector<uint16_t> x(static_cast<size_t>(H)), o(static_cast<size_t>(H)), k(kvd), v(kvd);
   std::vector<uint16_t> g(finish ? I : 0), u(finish ? I : 0), m(finish ? I : 0);
-  std::vector<float> normf(static_cast<size_t>(H));
+  std::vector<float> normf(static_cast<size_t>(H)), normsq(static_cast<size_t>(H));
   const size_t widest = static_cast<size_t>(std::max({H, I, qd}));
   std::vector<float> xf_all(widest * threads);
   std::vector<uint16_t> xb_all(widest * threads);
@@ -321,7 +256,7 @@ void llama_decode_advance_cpu(const LlamaDecodeShape& s, const LlamaLayer4bit* l
       t.barrier();
       if (t.tid == 0) {
         for (int64_t i = 0; i < H; ++i) h[i] = rb(bf(h[i]) + bf(o[i]));
-        rms_norm(h, L.post_norm, H, s.norm_eps, s.sum_lanes, normf.data(), x.data());
+        rms_norm_row_bf16(h, L.post_norm, H, s.norm_eps, s.sum_lanes, normf.data(), normsq.data(), x.data());
       }
       t.barrier();
       const Product gu[2] = {{&L.gate, kt[1], x.data(), g.data()}, {&L.up, kt[2], x.data(), u.data()}};
@@ -338,7 +273,7 @@ void llama_decode_advance_cpu(const LlamaDecodeShape& s, const LlamaLayer4bit* l
     }
     if (!start) return;
     const LlamaLayer4bit& N = layers[layer + 1];
-    if (t.tid == 0) rms_norm(h, N.input_norm, H, s.norm_eps, s.sum_lanes, normf.data(), x.data());
+    if (t.tid == 0) rms_norm_row_bf16(h, N.input_norm, H, s.norm_eps, s.sum_lanes, normf.data(), normsq.data(), x.data());
     t.barrier();
     const Product qkv[3] = {{&N.q, kt[4], x.data(), q}, {&N.k, kt[5], x.data(), k.data()},
                             {&N.v, kt[6], x.data(), v.data()}};

@@ -13,14 +13,19 @@
 namespace nf4lora::detail {
 namespace {
 
-// Horizontal sum through memory, pairwise: GCC 12's _mm512_reduce_add_ps trips -Wuninitialized
-// inside its own header, and this runs once per output, not per chunk.
+// Horizontal sum, pairwise: lane i + lane i + 8, then + 4, + 2, + 1 (the order every variant and
+// its tests fix), in registers: through memory (a store, 15 scalar loads and adds) it was a visible
+// share of an M = 1 product with short rows. (GCC 12's _mm512_reduce_add_ps trips
+// -Wuninitialized inside its own header.)
 inline float hsum(__m512 v) {
-  alignas(64) float t[16];
-  _mm512_store_ps(t, v);
-  for (int w = 8; w >= 1; w /= 2)
-    for (int i = 0; i < w; ++i) t[i] += t[i + w];
-  return t[0];
+  // (masked extracts with an explicit source: GCC 12's unmasked ones, _mm512_castps512_ps256
+  // included, read an undefined value and warn)
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 s8 = _mm256_add_ps(_mm512_mask_extractf32x8_ps(zero, 0xFF, v, 0),
+                                  _mm512_mask_extractf32x8_ps(zero, 0xFF, v, 1));
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
 }
 
 // The absmax of `count` (<= 16) consecutive blocks from b into out. Double quantization is

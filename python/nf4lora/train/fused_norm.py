@@ -10,7 +10,9 @@ x's dtype is taken as identity, as autograd does for a dtype cast):
     g_hat = g * w;  dL/dx = rstd * (g_hat - x_hat * mean(g_hat * x_hat));  dL/dw = sum(g * x_hat)
 
 Fewer ops (each reading and writing the whole activation) on every CPU alike, so it is not a
-calibrated choice (docs/decisions.md has the measurement). use_fused_rmsnorm(model) switches a
+calibrated choice (docs/decisions.md has the measurement). bf16 on the CPU runs the native
+kernels of nf4lora/norm.h (ops/norm.py): the same forward bits, the backward's formula in fp32 in
+one pass per row (NATIVE = False: the torch ops below). use_fused_rmsnorm(model) switches a
 model's norms of a known class; restore_rmsnorm(modules) switches them back. Tested by
 tests/test_fused_norm.py (forward and gradients against transformers' module and float64)."""
 from __future__ import annotations
@@ -20,6 +22,11 @@ import types
 import torch
 from torch import nn
 
+from ..ops import norm as native_norm
+
+# Set to False to run the torch-ops version everywhere (A/B, tests).
+NATIVE = True
+
 # Classes whose forward is exactly LlamaRMSNorm's formula (Gemma's uses 1 + w: not listed).
 KNOWN_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
 
@@ -27,6 +34,11 @@ KNOWN_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm",
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.native = NATIVE and native_norm.applies(x, weight)
+        if ctx.native:  # bf16 on the CPU: one pass per row, the same bits as below (ops/norm.py)
+            y, rstd = native_norm.rms_norm_bf16(x, weight, eps)
+            ctx.save_for_backward(x, weight, rstd)
+            return y
         x32 = x.to(torch.float32, copy=True)  # a fresh buffer even for fp32 x (scaled in place below)
         rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True).add_(eps))
         ctx.save_for_backward(x, weight, rstd)
@@ -35,6 +47,10 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
+        if ctx.native:
+            grad_x, grad_w = native_norm.rms_norm_bf16_backward(x, weight, rstd, grad_y, ctx.needs_input_grad[0],
+                                                                ctx.needs_input_grad[1])
+            return grad_x, None if grad_w is None else grad_w.to(weight.dtype), None
         x_hat = x.to(torch.float32, copy=True).mul_(rstd)
         g32 = grad_y.float()
         grad_x = grad_w = None
