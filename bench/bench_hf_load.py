@@ -30,16 +30,10 @@ import threading
 import time
 from pathlib import Path
 
+from timing import proc_status  # bench/timing.py (this script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 ROUTES = ("nf4config", "dense-first", "load_model")
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _load(route: str, folder: str):
@@ -69,12 +63,12 @@ def child(route: str, folder: str) -> None:
         save_tiny_model(Path(d))
         _load(route, d)
     gc.collect()
-    base_anon, base_rss = _status("RssAnon"), _status("VmRSS")
+    base_anon, base_rss = proc_status("RssAnon"), proc_status("VmRSS")
     peak, stop = [base_anon], threading.Event()
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], _status("RssAnon"))
+            peak[0] = max(peak[0], proc_status("RssAnon"))
             time.sleep(0.001)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -84,11 +78,11 @@ def child(route: str, folder: str) -> None:
     dt = time.perf_counter() - t0
     stop.set()
     th.join()
-    peak[0] = max(peak[0], _status("RssAnon"))
+    peak[0] = max(peak[0], proc_status("RssAnon"))
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     largest = max(m.in_features * m.out_features for m in model.modules() if hasattr(m, "in_features"))
     print(json.dumps({"route": route, "load_s": dt, "anon_peak": peak[0] - base_anon,
-                      "anon_after": _status("RssAnon") - base_anon, "hwm": _status("VmHWM") - base_rss,
+                      "anon_after": proc_status("RssAnon") - base_anon, "hwm": proc_status("VmHWM") - base_rss,
                       "model_bytes": model_bytes, "largest_linear_numel": largest,
                       "params": sum(p.numel() for p in model.parameters() if p.dtype.is_floating_point)}))
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import struct
 import subprocess
@@ -22,14 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _status(field: str) -> int:
-    """A /proc/self/status field in bytes (VmRSS, VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
+from timing import proc_status  # bench/timing.py (this script's folder is on sys.path)
 
 
 def llama_tensors(hidden: int, layers: int, inter: int, vocab: int, heads: int, kv_heads: int):
@@ -105,11 +97,11 @@ def child(folder: str) -> None:
     import torch
     import transformers  # noqa: F401  (part of the baseline: load_model needs it anyway)
     import nf4lora
-    base = _status("VmRSS")
+    base = proc_status("VmRSS")
     t0 = time.perf_counter()
     model, _ = nf4lora.load_model(folder, quantize="nf4")
     dt = time.perf_counter() - t0
-    peak, rss = _status("VmHWM"), _status("VmRSS")
+    peak, rss = proc_status("VmHWM"), proc_status("VmRSS")
     params = sum(p.numel() for p in model.parameters())
     own = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # codes, scales, dense tensors
     print(json.dumps({"baseline_rss": base, "peak_rss": peak, "rss_after": rss, "load_s": dt,

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from timing import machine_header  # bench/timing.py (this script's folder is on sys.path)
+from timing import machine_header, proc_status  # bench/timing.py (this script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,14 +36,6 @@ CONFIGS = [
     dict(layers=8, seq=256, batch=2, gc=False, optim="adamw", fsdp=True),
 ]
 QUICK = [CONFIGS[0], CONFIGS[5]]
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _trim() -> None:
@@ -109,7 +101,7 @@ def child(cfg: dict) -> dict:
     _step(m, lm, opt, torch.randint(0, 512, (cfg["batch"], 64)), torch)
     del m, lm, opt
     _trim()
-    baseline = _status("VmRSS")
+    baseline = proc_status("VmRSS")
     m, lm, opt = build(cfg["layers"])
     _trim()
     with open("/proc/self/clear_refs", "w") as f:
@@ -117,7 +109,7 @@ def child(cfg: dict) -> dict:
     g = torch.Generator().manual_seed(rank)
     for _ in range(2):
         _step(m, lm, opt, torch.randint(0, SHAPE["vocab_size"], (cfg["batch"], cfg["seq"]), generator=g), torch)
-    out = {"rank": rank, "peak": _status("VmHWM") - baseline, "baseline": baseline}
+    out = {"rank": rank, "peak": proc_status("VmHWM") - baseline, "baseline": baseline}
     if cfg["fsdp"]:
         import torch.distributed as dist
         got = [None] * world

@@ -1,8 +1,17 @@
-"""Wall-clock timing shared by the CPU benchmarks (bench_quantize.py, bench_matmul.py)."""
+"""Timing, the machine header and /proc memory fields shared by the Python benchmarks."""
 from __future__ import annotations
 
 import statistics
 import time
+
+
+def proc_status(field: str) -> int:
+    """A /proc/self/status memory field in bytes (VmRSS, VmHWM, RssAnon, ...); Linux only."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def median_ms(fn, iters: int, warmup: int = 2) -> float:

@@ -48,7 +48,7 @@ CpuVariant variant_from_name(const std::string& name) {
 }
 
 // nf4lora/decode.h's step over layers whose addresses were given once. Per layer, the ints in the
-// order of LLAMA_LAYER_FIELDS: input_norm, post_norm, k_cache, v_cache, then for q, k, v, o, gate,
+// order: input_norm, post_norm, k_cache, v_cache, then for q, k, v, o, gate,
 // up and down each: packed, absmax, qabsmax, nested_absmax, nested_code, offset,
 // nested_blocksize, N, K, blocksize, quant type. The Python owner keeps the tensors alive.
 constexpr int kWeightFields = 11;
@@ -175,7 +175,6 @@ PYBIND11_MODULE(_C, m) {
                                      ptr<const uint16_t>(grad_y), rows, n, sum_lanes, ptr<uint16_t>(grad_x),
                                      ptr<float>(grad_w), num_threads);
         }, gil());
-  m.attr("LLAMA_LAYER_FIELDS") = kLayerFields;
   py::class_<LlamaDecoder>(m, "LlamaDecoder")
       .def(py::init([](int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate,
                        int64_t max_len, float norm_eps, int sum_lanes,

@@ -21,12 +21,9 @@
 #include "matmul_4bit_kernels.h"
 #include "nf4lora/decode.h"
 #include "nf4lora/detail/checks.h"
+#include "nf4lora/detail/parallel.h"
 #include "nf4lora/format.h"
 #include "torch_order.h"
-
-#if defined(NF4LORA_WITH_OPENMP)
-#include <omp.h>
-#endif
 
 namespace nf4lora {
 namespace {
@@ -37,43 +34,6 @@ inline float bf(uint16_t b) { return bf16_bits_to_float(b); }
 inline uint16_t rb(float f) { return float_to_bf16_bits(f); }
 
 constexpr int64_t kRowUnit = 8;  // rows per work unit, as matmul_4bit_cpu hands them out
-
-// The threads of one step. barrier() must be reached by every thread of the team.
-struct Team {
-  int tid = 0, size = 1;
-
-  void barrier() const {
-#if defined(NF4LORA_WITH_OPENMP)
-    if (size > 1) {
-#pragma omp barrier
-    }
-#endif
-  }
-  // This thread's contiguous share [begin, end) of `count` items.
-  std::pair<int64_t, int64_t> share(int64_t count) const {
-    const int64_t chunk = (count + size - 1) / size;
-    const int64_t b = std::min(count, tid * chunk);
-    return {b, std::min(count, b + chunk)};
-  }
-};
-
-template <class Fn>
-void run_team(int num_threads, const Fn& fn) {
-#if defined(NF4LORA_WITH_OPENMP)
-  if (num_threads > 1) {
-#pragma omp parallel num_threads(num_threads)
-    {
-      Team t;
-      t.tid = omp_get_thread_num();
-      t.size = omp_get_num_threads();  // the runtime may grant fewer than asked
-      fn(t);
-    }
-    return;
-  }
-#endif
-  (void)num_threads;
-  fn(Team{});
-}
 
 // silu(x) = x / (1 + exp(-x)) for every bf16 x, computed in fp32 from a correctly rounded
 // exp and rounded to bf16: torch's bf16 silu (fp32 arithmetic, Sleef's exp within 1 ulp) gives
@@ -240,13 +200,12 @@ void llama_decode_advance_cpu(const LlamaDecodeShape& s, const LlamaLayer4bit* l
   const int threads = std::max(1, num_threads);
   std::vector<uint16_t> x(static_cast<size_t>(H)), o(static_cast<size_t>(H)), k(kvd), v(kvd);
   std::vector<uint16_t> g(finish ? I : 0), u(finish ? I : 0), m(finish ? I : 0);
-  std::vector<float> normf(static_cast<size_t>(H)), normsq(static_cast<size_t>(H));
   const size_t widest = static_cast<size_t>(std::max({H, I, qd}));
   std::vector<float> xf_all(widest * threads);
   std::vector<uint16_t> xb_all(widest * threads);
   const uint16_t* silu = finish ? silu_bf16_table() : nullptr;  // built on first use, here
 
-  run_team(threads, [&](const Team& t) {
+  parallel_team(threads, [&](const Team& t) {
     float* xf = xf_all.data() + widest * t.tid;
     uint16_t* xb = xb_all.data() + widest * t.tid;
     if (finish) {
@@ -256,7 +215,7 @@ void llama_decode_advance_cpu(const LlamaDecodeShape& s, const LlamaLayer4bit* l
       t.barrier();
       if (t.tid == 0) {
         for (int64_t i = 0; i < H; ++i) h[i] = rb(bf(h[i]) + bf(o[i]));
-        rms_norm_row_bf16(h, L.post_norm, H, s.norm_eps, s.sum_lanes, normf.data(), normsq.data(), x.data());
+        rms_norm_row_bf16(h, L.post_norm, H, s.norm_eps, s.sum_lanes, x.data());
       }
       t.barrier();
       const Product gu[2] = {{&L.gate, kt[1], x.data(), g.data()}, {&L.up, kt[2], x.data(), u.data()}};
@@ -273,7 +232,7 @@ void llama_decode_advance_cpu(const LlamaDecodeShape& s, const LlamaLayer4bit* l
     }
     if (!start) return;
     const LlamaLayer4bit& N = layers[layer + 1];
-    if (t.tid == 0) rms_norm_row_bf16(h, N.input_norm, H, s.norm_eps, s.sum_lanes, normf.data(), normsq.data(), x.data());
+    if (t.tid == 0) rms_norm_row_bf16(h, N.input_norm, H, s.norm_eps, s.sum_lanes, x.data());
     t.barrier();
     const Product qkv[3] = {{&N.q, kt[4], x.data(), q}, {&N.k, kt[5], x.data(), k.data()},
                             {&N.v, kt[6], x.data(), v.data()}};

@@ -20,18 +20,21 @@ inline int64_t torch_ceil_log2(int64_t x) {
   return bits;
 }
 
-// The sum of n fp32 values in the order of torch's CPU sum of a contiguous row (SumKernel.cpp:
-// vectorized_inner_sum over vectors of L lanes, row_sum with 4 vector accumulators, multi_row_sum's
-// 4-level cascade; then the scalar tail, then the lanes in order). torch registers that kernel
-// without its AVX-512 build, so L is 8 on every x86 CPU. L <= 16.
-inline float torch_order_sum(const float* v, int64_t n, int L) {
+// The sum of value(0) .. value(n - 1) (fp32) in the order of torch's CPU sum of a contiguous row
+// (SumKernel.cpp: vectorized_inner_sum over vectors of L lanes, row_sum with 4 vector
+// accumulators, multi_row_sum's 4-level cascade; then the scalar tail, then the lanes in order).
+// torch registers that kernel without its AVX-512 build, so L is 8 on every x86 CPU. L <= 16.
+// value(i) is computed where it is added (e.g. a square, rounded to fp32 as torch's tensor of
+// squares holds it: these files build with -ffp-contract=off), so no row of it is stored.
+template <class Value>
+inline float torch_order_sum(const Value& value, int64_t n, int L) {
   constexpr int kIlp = 4, kLevels = 4;
   const int64_t nvec = n / L, rows = nvec / kIlp;
   const int64_t level_power = std::max<int64_t>(4, torch_ceil_log2(rows) / kLevels);
   const int64_t level_step = int64_t{1} << level_power, level_mask = level_step - 1;
   float acc[kLevels][kIlp][16] = {};
   auto add_vec = [&](float* dst, int64_t vec) {
-    for (int l = 0; l < L; ++l) dst[l] += v[vec * L + l];
+    for (int l = 0; l < L; ++l) dst[l] += value(vec * L + l);
   };
   int64_t i = 0;
   while (i + level_step <= rows) {
@@ -52,24 +55,23 @@ inline float torch_order_sum(const float* v, int64_t n, int L) {
   for (int k = 1; k < kIlp; ++k)
     for (int l = 0; l < L; ++l) acc[0][0][l] += acc[0][k][l];
   float total = 0.0f;
-  for (int64_t e = nvec * L; e < n; ++e) total += v[e];
+  for (int64_t e = nvec * L; e < n; ++e) total += value(e);
   for (int l = 0; l < L; ++l) total += acc[0][0][l];
   return total;
 }
 
 // One row of LlamaRMSNorm in bf16: out = bf16(w * bf16(x * rstd)), rstd = 1 / sqrt(mean(x^2) +
 // eps) with the squares rounded to fp32 and summed in torch's order (the module computes
-// x.pow(2).mean(-1): a tensor of squares, then the sum, then / n). xf, sq: scratch [n]. Returns rstd.
-inline float rms_norm_row_bf16(const uint16_t* x, const uint16_t* w, int64_t n, float eps, int lanes, float* xf,
-                               float* sq, uint16_t* out) {
-  for (int64_t i = 0; i < n; ++i) {
-    xf[i] = bf16_bits_to_float(x[i]);
-    sq[i] = xf[i] * xf[i];
-  }
-  const float var = torch_order_sum(sq, n, lanes) / static_cast<float>(n);
+// x.pow(2).mean(-1): a tensor of squares, then the sum, then / n). Returns rstd.
+inline float rms_norm_row_bf16(const uint16_t* x, const uint16_t* w, int64_t n, float eps, int lanes, uint16_t* out) {
+  const auto square = [x](int64_t i) {
+    const float v = bf16_bits_to_float(x[i]);
+    return v * v;
+  };
+  const float var = torch_order_sum(square, n, lanes) / static_cast<float>(n);
   const float rstd = 1.0f / std::sqrt(var + eps);
   for (int64_t i = 0; i < n; ++i) {
-    const float normed = bf16_bits_to_float(float_to_bf16_bits(xf[i] * rstd));
+    const float normed = bf16_bits_to_float(float_to_bf16_bits(bf16_bits_to_float(x[i]) * rstd));
     out[i] = float_to_bf16_bits(bf16_bits_to_float(w[i]) * normed);
   }
   return rstd;

@@ -150,11 +150,12 @@ class _NativeLlamaStep(_LlamaStep):
     def native_layers(self) -> list[dict]:
         """Per layer its norm weights, KV caches and seven 4-bit weights, as ops.decode.LlamaDecoder
         takes them."""
+        from .ops.decode import PROJECTIONS
         layers = []
         for i, layer in enumerate(self.layers):
             entry = {"input_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight,
                      "k_cache": self.keys[i], "v_cache": self.values[i]}
-            for key, name in zip(("q", "k", "v", "o", "gate", "up", "down"), self._PROJECTIONS):
+            for key, name in zip(PROJECTIONS, self._PROJECTIONS):
                 entry[key] = layer.get_submodule(name).weight4bit()
             layers.append(entry)
         return layers

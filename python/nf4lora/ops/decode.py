@@ -10,13 +10,10 @@ import torch
 from torch import Tensor
 
 from .checks import check_weight
-from .native import _C, absmax_pointers, quant_type_code
+from .native import TORCH_SUM_LANES, _C, absmax_pointers, quant_type_code
 from .weight import Weight4bit
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-# Lanes of torch's fp32 sum kernel, whose order the native RMSNorm follows: torch registers that
-# kernel without its AVX-512 build, so 8 on every x86 CPU (decode.h).
-TORCH_SUM_LANES = 8
 
 
 def _bf16_cpu(name: str, t: Tensor) -> int:

@@ -130,6 +130,12 @@ def ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+# Lanes of torch's fp32 sum kernel, whose order the native RMSNorms (decode step, trainer's norm)
+# follow to give torch's bits: torch registers that kernel without its AVX-512 build, so 8 on every
+# x86 CPU (cpp/src/torch_order.h).
+TORCH_SUM_LANES = 8
+
+
 def absmax_pointers(w) -> tuple:
     """The six absmax arguments every native 4-bit entry point takes (bindings.cpp's
     absmax_source) for a Weight4bit: fp32 absmax, or the 8-bit codes + nested absmax, map,

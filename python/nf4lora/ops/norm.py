@@ -9,11 +9,7 @@ import torch
 from torch import Tensor
 
 from .matmul import is_plain_eager_cpu
-from .native import _C, num_threads
-
-# Lanes of torch's fp32 sum kernel, whose order the forward's mean follows (8 on every x86 CPU:
-# torch registers that kernel without its AVX-512 build; see decode.py).
-TORCH_SUM_LANES = 8
+from .native import TORCH_SUM_LANES, _C, num_threads
 
 
 def applies(x: Tensor, weight: Tensor) -> bool:

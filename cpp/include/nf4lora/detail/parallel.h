@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 
 #if defined(NF4LORA_WITH_OPENMP)
 #if !defined(_OPENMP)
@@ -62,6 +63,48 @@ void parallel_for(int64_t count, int64_t grain, int num_threads, const Fn& fn) {
   fn(int64_t{0}, std::min(count, chunk));
   for (auto& w : workers) w.join();
 #endif
+}
+
+// The threads of one parallel_team call: `tid` of `size`; barrier() must be reached by every
+// thread of the team (all or none).
+struct Team {
+  int tid = 0, size = 1;
+
+  void barrier() const {
+#if defined(NF4LORA_WITH_OPENMP)
+    if (size > 1) {
+#pragma omp barrier
+    }
+#endif
+  }
+  // This thread's contiguous share [begin, end) of `count` items.
+  std::pair<int64_t, int64_t> share(int64_t count) const {
+    const int64_t chunk = (count + size - 1) / size;
+    const int64_t b = std::min<int64_t>(count, tid * chunk);
+    return {b, std::min(count, b + chunk)};
+  }
+};
+
+// fn(const Team&) on every thread of one team of at most num_threads threads, for work whose
+// phases must wait for each other (Team::barrier) without a new parallel region per phase (the
+// decode step, cpp/src/decode_llama.cpp). OpenMP only: without it, one thread (a barrier among
+// std::threads per call would cost more than the phases it separates). fn must not throw.
+template <class Fn>
+void parallel_team(int num_threads, const Fn& fn) {
+#if defined(NF4LORA_WITH_OPENMP)
+  if (num_threads > 1) {
+#pragma omp parallel num_threads(num_threads)
+    {
+      Team t;
+      t.tid = omp_get_thread_num();
+      t.size = omp_get_num_threads();  // the runtime may grant fewer than asked
+      fn(static_cast<const Team&>(t));
+    }
+    return;
+  }
+#endif
+  (void)num_threads;
+  fn(Team{});
 }
 
 }  // namespace nf4lora::detail
