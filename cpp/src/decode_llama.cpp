@@ -102,11 +102,21 @@ void run_products(const Team& t, const Product* p, int count, float* xf, uint16_
   }
 }
 
-void check_weight(const Weight4bitView& w, int64_t N, int64_t K, const std::string& name) {
+// "layer i field" for messages: built only when a check fails (the checks run on every call).
+std::string field_name(int64_t layer, const char* field) {
+  return "layer " + std::to_string(layer) + " " + field;
+}
+
+void check_layer_ptr(const void* p, int64_t layer, const char* field) {
+  if (p == nullptr) throw std::invalid_argument(field_name(layer, field) + " must not be null");
+}
+
+void check_weight(const Weight4bitView& w, int64_t N, int64_t K, int64_t layer, const char* field) {
   if (w.N != N || w.K != K)
-    throw std::invalid_argument(name + ": expected a [" + std::to_string(N) + ", " + std::to_string(K) +
-                                "] weight, got [" + std::to_string(w.N) + ", " + std::to_string(w.K) + "]");
-  check_ptr(w.packed, (name + ".packed").c_str());
+    throw std::invalid_argument(field_name(layer, field) + ": expected a [" + std::to_string(N) + ", " +
+                                std::to_string(K) + "] weight, got [" + std::to_string(w.N) + ", " +
+                                std::to_string(w.K) + "]");
+  if (w.packed == nullptr) throw std::invalid_argument(field_name(layer, field) + ".packed must not be null");
   check_blocksize_4bit(w.blocksize);
   check_qt(w.qt);
   check_absmax_source(w.absmax);
@@ -134,18 +144,17 @@ void check_decode_shape(const LlamaDecodeShape& s) {
 
 void check_layer(const LlamaDecodeShape& s, const LlamaLayer4bit& l, int64_t i) {
   const int64_t qd = s.heads * s.head_dim, kvd = s.kv_heads * s.head_dim;
-  const std::string at = "layer " + std::to_string(i) + " ";
-  check_ptr(l.input_norm, (at + "input_norm").c_str());
-  check_ptr(l.post_norm, (at + "post_norm").c_str());
-  check_ptr(l.k_cache, (at + "k_cache").c_str());
-  check_ptr(l.v_cache, (at + "v_cache").c_str());
-  check_weight(l.q, qd, s.hidden, at + "q_proj");
-  check_weight(l.k, kvd, s.hidden, at + "k_proj");
-  check_weight(l.v, kvd, s.hidden, at + "v_proj");
-  check_weight(l.o, s.hidden, qd, at + "o_proj");
-  check_weight(l.gate, s.intermediate, s.hidden, at + "gate_proj");
-  check_weight(l.up, s.intermediate, s.hidden, at + "up_proj");
-  check_weight(l.down, s.hidden, s.intermediate, at + "down_proj");
+  check_layer_ptr(l.input_norm, i, "input_norm");
+  check_layer_ptr(l.post_norm, i, "post_norm");
+  check_layer_ptr(l.k_cache, i, "k_cache");
+  check_layer_ptr(l.v_cache, i, "v_cache");
+  check_weight(l.q, qd, s.hidden, i, "q_proj");
+  check_weight(l.k, kvd, s.hidden, i, "k_proj");
+  check_weight(l.v, kvd, s.hidden, i, "v_proj");
+  check_weight(l.o, s.hidden, qd, i, "o_proj");
+  check_weight(l.gate, s.intermediate, s.hidden, i, "gate_proj");
+  check_weight(l.up, s.intermediate, s.hidden, i, "up_proj");
+  check_weight(l.down, s.hidden, s.intermediate, i, "down_proj");
 }
 
 }  // namespace
