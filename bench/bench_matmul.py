@@ -7,16 +7,27 @@ GB/s of 4-bit weight bytes, ratios. The machine is shared: compare ratios, and r
     python bench/bench_matmul.py [--m 1 8 64 512] [--dtype bf16] [--iters 10] [--forward-only]
                                  [--quick] [--json F]
     python bench/bench_matmul.py --overhead   # fixed cost per call on a 64x64 weight, M = 1
+    python bench/bench_matmul.py --m 512 --rotate  # weights beyond the last-level cache
+
+--rotate runs the calls in the conditions of a model: each call reads another copy of the weight
+(ours and bitsandbytes: copies of the packed codes; dense: copies of W), with enough copies to
+exceed 1.5x the last-level cache lscpu reports (--llc-mib overrides it), and our call, the dense
+one and bitsandbytes' alternate call by call. Without it every call reuses one weight, which stays
+in cache between calls: that favours dense W (4x the bytes) most.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
+import statistics
+import time
 
 import torch
 
 import nf4lora
-from timing import machine_header, median_ms  # bench/timing.py (this script's folder is on sys.path)
+from timing import llc_bytes, lscpu, machine_header, median_ms  # bench/timing.py (this script's folder is on sys.path)
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N = out_features, K = in_features)
 
@@ -33,6 +44,9 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--overhead", action="store_true",
                     help="only the fixed cost per call: a 64x64 weight at M = 1, microseconds")
+    ap.add_argument("--rotate", action="store_true",
+                    help="each call reads another copy of the weight, beyond the last-level cache; calls alternate")
+    ap.add_argument("--llc-mib", type=float, help="with --rotate: the last-level cache size (default: lscpu's)")
     args = ap.parse_args()
     print(machine_header())
     if args.overhead:
@@ -47,8 +61,10 @@ def main() -> None:
         import bitsandbytes.functional as F
     except ImportError:
         bnb = None
+    llc = int(args.llc_mib * 2**20) if args.llc_mib else llc_bytes(lscpu())
     print(f"nf4lora {nf4lora.__version__}; CPU variant {nf4lora.active_cpu_variant()}; "
-          f"{torch.get_num_threads()} thread(s); {args.dtype}; NF4 block 64 + double quant; median of {args.iters}")
+          f"{torch.get_num_threads()} thread(s); {args.dtype}; NF4 block 64 + double quant; median of {args.iters}"
+          + (f"; weights rotated beyond 1.5 x {llc / 2**20:.0f} MiB, calls alternating" if args.rotate else ""))
     print(f"{'N x K':>12s} {'M':>4s} {'pass':>4s} {'nf4lora ms':>10s} {'TFLOP/s':>8s} {'W GB/s':>7s} "
           f"{'dense ms':>9s} {'vs dense':>8s} {'bnb ms':>8s} {'vs bnb':>7s}")
     rows = []
@@ -59,22 +75,39 @@ def main() -> None:
         if bnb is not None:
             pb, sb = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
         wbytes = state.nbytes
+        # One weight, or (--rotate) a ring of copies that the calls walk through.
+        n_ours = max(2, math.ceil(1.5 * llc / wbytes)) if args.rotate else 1
+        n_dense = max(2, math.ceil(1.5 * llc / w_dense.nbytes)) if args.rotate else 1
+        packs = [packed] + [packed.clone() for _ in range(n_ours - 1)]
+        denses = [w_dense] + [w_dense.clone() for _ in range(n_dense - 1)]
+        pbs = ([pb] + [pb.clone() for _ in range(n_ours - 1)]) if bnb is not None else []
+        ring = itertools.count()
+        if args.rotate:
+            print(f"{N}x{K}: {n_ours} copies of the 4-bit weight ({wbytes / 2**20:.1f} MiB each), "
+                  f"{n_dense} of the dense one ({w_dense.nbytes / 2**20:.0f} MiB each)")
+
+        def mine(): return packs[next(ring) % n_ours]
+        def dense_w(): return denses[next(ring) % n_dense]
+        def bnb_w(): return pbs[next(ring) % n_ours]
         for M in args.m:
             x = torch.randn(M, K, dtype=dtype)
-            passes = [("fwd", lambda: nf4lora.matmul_4bit(x, packed, state),
-                       lambda: torch.nn.functional.linear(x, w_dense),
-                       (lambda: bnb.matmul_4bit(x, pb.t(), quant_state=sb)) if bnb is not None else None)]
+            passes = [("fwd", lambda: nf4lora.matmul_4bit(x, mine(), state),
+                       lambda: torch.nn.functional.linear(x, dense_w()),
+                       (lambda: bnb.matmul_4bit(x, bnb_w().t(), quant_state=sb)) if bnb is not None else None)]
             if not args.forward_only:
                 gy = torch.randn(M, N, dtype=dtype)
                 passes.append(("bwd", lambda: torch.ops.nf4lora.matmul_4bit_t(
-                    gy, packed.view(-1), state.absmax, 64, "nf4", [N, K], state.nested_absmax,
+                    gy, mine().view(-1), state.absmax, 64, "nf4", [N, K], state.nested_absmax,
                     state.nested_code, state.offset, 256),
-                    lambda: gy @ w_dense,
-                    (lambda: gy @ F.dequantize_4bit(pb, sb).to(dtype)) if bnb is not None else None))
+                    lambda: gy @ dense_w(),
+                    (lambda: gy @ F.dequantize_4bit(bnb_w(), sb).to(dtype)) if bnb is not None else None))
             for name, ours, dense, theirs in passes:
-                t = median_ms(ours, args.iters)
-                td = median_ms(dense, args.iters)
-                tb = median_ms(theirs, args.iters) if theirs is not None else float("nan")
+                if args.rotate:
+                    t, td, tb = alternating_medians_ms([ours, dense, theirs], args.iters)
+                else:
+                    t = median_ms(ours, args.iters)
+                    td = median_ms(dense, args.iters)
+                    tb = median_ms(theirs, args.iters) if theirs is not None else float("nan")
                 flops = 2 * M * N * K
                 row = dict(N=N, K=K, M=M, pass_=name, ms=t, dense_ms=td, bnb_ms=tb,
                            tflops=flops / t / 1e9, weight_gbs=wbytes / t / 1e6)
@@ -84,6 +117,21 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+
+
+def alternating_medians_ms(fns, iters: int, warmup: int = 2) -> list[float]:
+    """Median wall time in ms of each of fns (None: nan), called in turn `iters` times after
+    `warmup` untimed turns, so that all of them run in the same conditions."""
+    live = [f for f in fns if f is not None]
+    times: list[list[float]] = [[] for _ in live]
+    for i in range(warmup + iters):
+        for j, fn in enumerate(live):
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[j].append((time.perf_counter() - t0) * 1e3)
+    out = iter(statistics.median(t) for t in times)
+    return [next(out) if f is not None else float("nan") for f in fns]
 
 
 def overhead(n: int = 64, calls: int = 2000, rounds: int = 5) -> None:

@@ -17,32 +17,14 @@ import argparse
 import json
 import math
 import os
-import re
 import statistics
-import subprocess
 import time
 
 import torch
 import torch.nn.functional as F
 
 import nf4lora
-from timing import machine_header  # bench/timing.py (this script's folder is on sys.path)
-
-def lscpu() -> dict[str, str]:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines()) if v}
-
-
-def llc_bytes(info: dict[str, str]) -> int:
-    """Size of the last-level cache lscpu reports (all instances), 32 MiB when it reports none."""
-    for key in ("L3 cache", "L2 cache"):
-        m = re.match(r"([\d.]+)\s*([KMG])i?B?", info.get(key, ""))
-        if m:
-            return int(float(m.group(1)) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2)])
-    return 32 << 20
+from timing import llc_bytes, lscpu, machine_header  # bench/timing.py (this script's folder is on sys.path)
 
 
 def header(info: dict[str, str], args, copies: int, dense_copies: int, copy_mib: float) -> str:

@@ -1,7 +1,9 @@
 """Timing, the machine header and /proc memory fields shared by the Python benchmarks."""
 from __future__ import annotations
 
+import re
 import statistics
+import subprocess
 import time
 
 
@@ -12,6 +14,24 @@ def proc_status(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def lscpu() -> dict[str, str]:
+    """lscpu's fields ({} when it is missing)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines()) if v}
+
+
+def llc_bytes(info: dict[str, str]) -> int:
+    """Size of the last-level cache lscpu reports (all instances), 32 MiB when it reports none."""
+    for key in ("L3 cache", "L2 cache"):
+        m = re.match(r"([\d.]+)\s*([KMG])i?B?", info.get(key, ""))
+        if m:
+            return int(float(m.group(1)) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2)])
+    return 32 << 20
 
 
 def median_ms(fn, iters: int, warmup: int = 2) -> float:
