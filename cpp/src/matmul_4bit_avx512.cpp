@@ -20,7 +20,6 @@ namespace {
 // took 42-45 us against 50-57 at 512 and 69-77 without; with W in cache it costs nothing.
 constexpr int64_t kPrefetchBytes = 2048;
 constexpr int kTileRows = 4;  // rows of W kept hot in L1 while every group of x rows uses them
-constexpr int64_t kAbsmaxRun = 64;  // blocks of absmax decoded per row at a time (a multiple of 16)
 
 // R rows of W (n .. n+R) times MG rows of x (m0 .. m0+MG). Requires K % blocksize == 0, so a
 // 32-element chunk never leaves its block and every row starts on a byte. With few
@@ -40,22 +39,10 @@ void tile(const MatmulArgs& a, __m512 codebook, int64_t n, int64_t m0) {
   const float* xs = a.xf + m0 * K;
   const AbsmaxReader absmax(*a.absmax);
 
-  // The absmax of kAbsmaxRun blocks of each row at a time; rows that short (K <= 4096 at
-  // blocksize 64) are decoded as one run over all R rows, whose blocks are consecutive: for
-  // SmolLM2's 9-block rows 16 at a time instead of one by one (~20% of a 1536 x 576 product).
-  const bool whole = blocks_per_row <= kAbsmaxRun;
-  const int64_t stride = whole ? blocks_per_row : kAbsmaxRun;
   alignas(64) float amax[R * kAbsmaxRun];
   for (int64_t j0 = 0; j0 < blocks_per_row; j0 += kAbsmaxRun) {
     const int64_t jn = blocks_per_row - j0 < kAbsmaxRun ? blocks_per_row - j0 : kAbsmaxRun;
-    if (whole) {
-      for (int64_t b = 0; b < R * jn; b += 16)
-        absmax16(absmax, n * blocks_per_row + b, R * jn - b < 16 ? R * jn - b : 16, amax + b);
-    } else {
-      for (int r = 0; r < R; ++r)
-        for (int64_t b = 0; b < jn; b += 16)
-          absmax16(absmax, (n + r) * blocks_per_row + j0 + b, jn - b < 16 ? jn - b : 16, amax + r * stride + b);
-    }
+    const int64_t stride = tile_absmax<R>(absmax, n, blocks_per_row, j0, jn, amax);
     for (int64_t j = j0; j < j0 + jn; ++j) {
       __m512 table[R];
       for (int r = 0; r < R; ++r) table[r] = _mm512_mul_ps(codebook, _mm512_set1_ps(amax[r * stride + j - j0]));

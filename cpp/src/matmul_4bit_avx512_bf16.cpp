@@ -16,7 +16,7 @@
 namespace nf4lora::detail {
 namespace {
 
-constexpr int64_t kPrefetchBytes = 512;  // as in matmul_4bit_avx512.cpp
+constexpr int64_t kPrefetchBytes = 2048;  // as in matmul_4bit_avx512.cpp
 constexpr int kTileRows = 4;
 
 inline __m512bh as_bh(__m512i v) {
@@ -38,16 +38,16 @@ void tile(const MatmulArgs& a, __m512 codebook, int64_t n, int64_t m0) {
   const uint16_t* xs = a.xb + m0 * K;
   const AbsmaxReader absmax(*a.absmax);
 
-  for (int64_t j0 = 0; j0 < blocks_per_row; j0 += 16) {
-    const int64_t jn = blocks_per_row - j0 < 16 ? blocks_per_row - j0 : 16;
-    alignas(64) float amax[R][16];
-    for (int r = 0; r < R; ++r) absmax16(absmax, (n + r) * blocks_per_row + j0, jn, amax[r]);
+  alignas(64) float amax[R * kAbsmaxRun];
+  for (int64_t j0 = 0; j0 < blocks_per_row; j0 += kAbsmaxRun) {
+    const int64_t jn = blocks_per_row - j0 < kAbsmaxRun ? blocks_per_row - j0 : kAbsmaxRun;
+    const int64_t stride = tile_absmax<R>(absmax, n, blocks_per_row, j0, jn, amax);
     for (int64_t j = j0; j < j0 + jn; ++j) {
       // The 16 bf16 products twice (words 0-15 and 16-31): vpermw reads index bits 4:0, so a
       // whole byte can serve as the index of its low nibble (bit 4 picks the same copy).
       __m512i table[R];
       for (int r = 0; r < R; ++r) {
-        const __m256bh t = _mm512_cvtneps_pbh(_mm512_mul_ps(codebook, _mm512_set1_ps(amax[r][j - j0])));
+        const __m256bh t = _mm512_cvtneps_pbh(_mm512_mul_ps(codebook, _mm512_set1_ps(amax[r * stride + j - j0])));
         __m256i bits;
         std::memcpy(&bits, &t, sizeof bits);
         table[r] = _mm512_broadcast_i64x4(bits);
