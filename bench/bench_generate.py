@@ -3,7 +3,9 @@ nf4lora (NF4 weights, `nf4lora generate`'s greedy loop with its Llama decode ste
 layers; as A/Bs the same loop with the Python decode step, NATIVE_DECODE_STEP off, and through the
 model's own forward, LLAMA_DECODE_STEP off; transformers' generate() on the same model as the old
 path) against llama.cpp (llama-cpp-python loading the same file, in a child
-process; skipped with the reason when it is not installed or crashes). Decode rate = 128 / (time of
+process; skipped with the reason when it is not installed or crashes); and the same model with a
+random rank-8 LoRA adapter on every projection, as `nf4lora generate --adapter` decodes after
+training (native layers in segments with the adapter's terms between them; the Python step as A/B). Decode rate = 128 / (time of
 a 144-token greedy generation - time of a 16-token one), same prompt token ids, end of sequence
 ignored, so loading and the prompt cancel out; the CPU-time rate (process_time) is printed too, as
 the shared machine's wall times are noisy. Rounds interleave the engines; medians are printed with
@@ -89,6 +91,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-hf", dest="hf", action="store_false", help="skip transformers' generate() (the old path)")
     ap.add_argument("--no-load", dest="load", action="store_false", help="skip the fresh-process load timing")
+    ap.add_argument("--no-adapter", dest="adapter", action="store_false",
+                    help="skip decoding with a LoRA adapter (random, rank 8, every projection)")
     args = ap.parse_args()
     rounds = 1 if args.quick else args.rounds
     short_n, long_n = (4, 12) if args.quick else (16, 144)
@@ -146,6 +150,27 @@ def main() -> int:
     print(f"native decode layers: {gen._NativeLlamaStep.supports_native(model)}")
     engines = {"nf4lora generate": ours, "nf4lora, Python decode step (A/B)": python_step,
                "nf4lora, model forward loop (A/B)": forward_loop}
+    if args.adapter:
+        # What `nf4lora generate --adapter` runs after training: a second copy of the model with a
+        # rank-8 LoRA adapter on every projection (random, B != 0, so that every term counts).
+        adapted = nl.get_lora_model(nl.load_model()[0], nl.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        g = torch.Generator().manual_seed(0)
+        for p in adapted.parameters():
+            if p.requires_grad:
+                p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        print(f"native decode layers with the adapter: {gen._NativeLlamaStep.supports_native(adapted)}")
+
+        def with_adapter(n: int, native: bool = True) -> tuple[float, float, list[int]]:
+            gen.NATIVE_DECODE_STEP = native
+            try:
+                t, c = time.perf_counter(), time.process_time()
+                got = gen.generate_tokens(adapted, ids, n, eos_token_id=[])
+                return time.perf_counter() - t, time.process_time() - c, got
+            finally:
+                gen.NATIVE_DECODE_STEP = True
+
+        engines["nf4lora generate, LoRA r8 adapter"] = with_adapter
+        engines["nf4lora, LoRA r8, Python step (A/B)"] = lambda n: with_adapter(n, native=False)
     if args.hf:
         engines["transformers generate() (old path)"] = hf
     llama_reason = _llama_available()
@@ -184,9 +209,10 @@ def main() -> int:
         print(f"  {name:36s} {statistics.median(v):7.1f}{ratio}   {statistics.median(cpu_rates[name]):7.1f}")
     if ref is None:
         print("  (no llama.cpp figure on this machine: no ratio)")
-    for name in first:
-        if name != "nf4lora generate":
-            print(f"nf4lora generate's {long_n} tokens equal {name}'s: {first[name] == first['nf4lora generate']}")
+    for name in first:  # each against the first engine of the same model
+        base = "nf4lora generate, LoRA r8 adapter" if "LoRA" in name else "nf4lora generate"
+        if name != base and base in first:
+            print(f"{base}'s {long_n} tokens equal {name}'s: {first[name] == first[base]}")
     print(f"load average at end {os.getloadavg()}")
     return 0
 

@@ -205,6 +205,18 @@ PYBIND11_MODULE(_C, m) {
              llama_decode_advance_cpu(d.shape, d.layers.data(), static_cast<int64_t>(d.layers.size()), layer,
                                       ptr<const uint16_t>(att), ptr<uint16_t>(h), ptr<const uint16_t>(cos),
                                       ptr<const uint16_t>(sin), pos, ptr<uint16_t>(q), num_threads);
+           }, gil())
+      .def("segments",
+           [](const LlamaDecoder& d, int64_t layer, int first, int last, uintptr_t att, uintptr_t h, uintptr_t cos,
+              uintptr_t sin, int64_t pos, const std::vector<uintptr_t>& buffers, int num_threads) {
+             if (buffers.size() != 8) throw py::value_error("buffers: expected x, o, g, u, m, q, k, v");
+             const LlamaDecodeBuffers b{ptr<uint16_t>(buffers[0]), ptr<uint16_t>(buffers[1]), ptr<uint16_t>(buffers[2]),
+                                        ptr<uint16_t>(buffers[3]), ptr<uint16_t>(buffers[4]), ptr<uint16_t>(buffers[5]),
+                                        ptr<uint16_t>(buffers[6]), ptr<uint16_t>(buffers[7])};
+             llama_decode_segments_cpu(d.shape, d.layers.data(), static_cast<int64_t>(d.layers.size()), layer,
+                                       static_cast<LlamaDecodeSegment>(first), static_cast<LlamaDecodeSegment>(last),
+                                       ptr<const uint16_t>(att), ptr<uint16_t>(h), ptr<const uint16_t>(cos),
+                                       ptr<const uint16_t>(sin), pos, b, num_threads);
            }, gil());
   m.def("matmul_4bit_t_cpu",
         [](uintptr_t grad_y, int dt, int64_t M, int64_t N, uintptr_t packed, uintptr_t absmax,

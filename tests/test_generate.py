@@ -82,9 +82,9 @@ def _count_llama_steps(monkeypatch):
 
 @pytest.mark.parametrize("adapter", [False, True])
 def test_llama_decode_step_is_used_and_equals_the_model_forward(tiny_model, tiny_folder, monkeypatch, adapter):
-    """The Llama decode step runs for a transformers Llama (native layers for plain 4-bit
-    projections, the Python step when they are LoRA-wrapped) and gives the logits of the model's
-    own forward loop (LLAMA_DECODE_STEP off) and of generate(), bit for bit."""
+    """The Llama decode step runs for a transformers Llama (native layers for 4-bit projections,
+    bare or under a LoRA adapter) and gives the logits of the model's own forward loop
+    (LLAMA_DECODE_STEP off) and of generate(), bit for bit."""
     from nf4lora import generate as gen
     model, _ = tiny_model
     if adapter:
@@ -97,8 +97,7 @@ def test_llama_decode_step_is_used_and_equals_the_model_forward(tiny_model, tiny
     calls = _count_llama_steps(monkeypatch)
     fast_logits = []
     fast = generate_tokens(model, prompt, 24, eos_token_id=[], on_logits=fast_logits.append)
-    step = "_LlamaStep" if adapter else "_NativeLlamaStep"
-    assert calls == [(step, p) for p in range(len(prompt), len(prompt) + 23)]  # every step after the prompt's
+    assert calls == [("_NativeLlamaStep", p) for p in range(len(prompt), len(prompt) + 23)]  # every step after the prompt's
     monkeypatch.setattr(gen, "LLAMA_DECODE_STEP", False)
     calls.clear()
     slow_logits = []
@@ -141,8 +140,8 @@ def test_native_decode_step_equals_the_python_step(tmp_path, monkeypatch, quanti
 
 
 def test_native_decode_step_applies_only_to_what_it_computes(tiny_folder):
-    """fp32 compute, a dense projection, a bias or an adapter: the Python step, which runs the
-    modules themselves."""
+    """fp32 compute, a dense projection, a bias, a DoRA or disabled adapter: the Python step,
+    which runs the modules themselves. A plain LoRA adapter: the native step."""
     from nf4lora import generate as gen
     from nf4lora.quant.linear import Linear4bit
     assert not gen._NativeLlamaStep.supports_native(load_model(tiny_folder, compute_dtype=torch.float32)[0])
@@ -154,7 +153,44 @@ def test_native_decode_step_applies_only_to_what_it_computes(tiny_folder):
     proj.bias = torch.nn.Parameter(torch.zeros(proj.out_features, dtype=torch.bfloat16))
     assert not gen._NativeLlamaStep.supports_native(model)
     lora = nl.get_lora_model(load_model(tiny_folder)[0], nl.LoraConfig(r=4, lora_alpha=8))
+    assert gen._NativeLlamaStep.supports_native(lora)
+    lora.model.layers[0].self_attn.v_proj.disabled = True
     assert not gen._NativeLlamaStep.supports_native(lora)
+    dora = nl.get_lora_model(load_model(tiny_folder)[0], nl.LoraConfig(r=4, lora_alpha=8, use_dora=True))
+    assert not gen._NativeLlamaStep.supports_native(dora)
+
+
+@pytest.mark.parametrize("targets", [None, ["q_proj", "v_proj"], ["down_proj"], ["o_proj", "gate_proj", "k_proj"]])
+def test_native_decode_step_with_adapters_equals_the_python_step(tmp_path, monkeypatch, targets):
+    """LoRA adapters on all or some projections (fp32 adapters, and bf16 ones): the native
+    layers in segments with each adapter's term added between them, against the Python step
+    (LoraLinear's own forward), bit for bit in every logit, one and two threads."""
+    from nf4lora import generate as gen
+    folder = save_tiny_model(tmp_path / "m", seed=3, num_key_value_heads=1)
+    calls = _count_llama_steps(monkeypatch)
+    for adapter_dtype in (torch.float32, torch.bfloat16):
+        config = nl.LoraConfig(r=4, lora_alpha=8) if targets is None else nl.LoraConfig(
+            r=4, lora_alpha=8, target_modules=targets)
+        model = nl.get_lora_model(load_model(folder)[0], config, adapter_dtype=adapter_dtype)
+        g = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            if p.requires_grad:  # B = 0 at init: random adapters, so that every term counts
+                p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        assert gen._NativeLlamaStep.supports_native(model)
+        prompt = list(range(10, 50))
+        for threads in (1, 2):
+            monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+            runs = []
+            for native in (True, False):
+                monkeypatch.setattr(gen, "NATIVE_DECODE_STEP", native)
+                calls.clear()
+                logits = []
+                runs.append((generate_tokens(model, prompt, 24, eos_token_id=[], on_logits=logits.append), logits))
+                assert {c[0] for c in calls} == {"_NativeLlamaStep" if native else "_LlamaStep"}
+            monkeypatch.setattr(gen, "NATIVE_DECODE_STEP", True)
+            assert runs[0][0] == runs[1][0]
+            for a, b in zip(runs[0][1], runs[1][1]):
+                assert torch.equal(a, b)
 
 
 def test_native_decoder_rejects_bad_layers(tiny_model):
@@ -189,6 +225,17 @@ def test_native_decoder_rejects_bad_layers(tiny_model):
         step.native.advance(-1, None, h, step.cos[0], step.sin[0], 8, step.q)
     with pytest.raises(ValueError, match="layer must be in"):
         step.native.advance(2, step.q, h, step.cos[0], step.sin[0], 0, step.q)
+    seg = step.native.segments
+    with pytest.raises(ValueError, match="unknown segment 'mlp'"):
+        seg(0, "o_proj", "mlp", step.q, h, step.cos[0], step.sin[0], 0)
+    with pytest.raises(ValueError, match="first <= last"):
+        seg(0, "down", "o_proj", step.q, h, step.cos[0], step.sin[0], 0)
+    with pytest.raises(ValueError, match="layer -1 has no segment before kQkv"):
+        seg(-1, "residual", "rope", None, h, step.cos[0], step.sin[0], 0)
+    with pytest.raises(ValueError, match="is the last: no segment after kResidual"):
+        seg(1, "down", "qkv", None, h, step.cos[0], step.sin[0], 0)
+    with pytest.raises(ValueError, match="att must not be null"):
+        seg(0, "o_proj", "o_proj", None, h, step.cos[0], step.sin[0], 0)
 
 
 def test_torch_bf16_silu_is_the_correctly_rounded_formula():
@@ -233,6 +280,30 @@ def test_default_model_native_step_equals_the_python_step(monkeypatch):
         assert runs[0][0] == runs[1][0]
         for a, b in zip(runs[0][1], runs[1][1]):
             assert torch.equal(a, b)
+
+
+def test_default_model_native_step_with_an_adapter_equals_the_python_step(monkeypatch):
+    """The default SmolLM2-135M GGUF with a random rank-8 LoRA adapter on every projection (what
+    `nf4lora generate --adapter` runs after training): native segments with the adapters' terms
+    between them against LoraLinear's own forward, every logit bit for bit over 48 tokens."""
+    from nf4lora import generate as gen
+    from nf4lora.train.data import format_prompt
+    model, tok = load_model(None)
+    model = nl.get_lora_model(model, nl.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    g = torch.Generator().manual_seed(2)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    assert gen._NativeLlamaStep.supports_native(model)
+    ids = format_prompt(tok, "Explain gradient descent.")
+    runs = []
+    for native in (True, False):
+        monkeypatch.setattr(gen, "NATIVE_DECODE_STEP", native)
+        logits = []
+        runs.append((generate_tokens(model, ids, 48, eos_token_id=[], on_logits=logits.append), logits))
+    assert runs[0][0] == runs[1][0]
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(a, b)
 
 
 def test_default_model_greedy_equals_transformers_generate():

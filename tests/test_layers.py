@@ -29,7 +29,7 @@ ALLOWED = {
     "lora": {"ops", "quant", "files"},
     "loading": {"ops", "quant", "lora"},
     "train": {"ops", "quant", "lora", "optim", "loading", "files"},
-    "generate": {"ops", "quant"},
+    "generate": {"ops", "quant", "lora"},
     "cli": {"ops", "quant", "lora", "optim", "loading", "train", "files", "plan", "generate", "outdir"},
     "__main__": {"cli"},
     "__init__": {"ops", "quant", "lora", "optim", "loading", "train", "files", "cli", "version", "plan", "hf",

@@ -166,96 +166,169 @@ void check_llama_decode(const LlamaDecodeShape& s, const LlamaLayer4bit* layers,
   for (int64_t i = 0; i < n_layers; ++i) check_layer(s, layers[i], i);
 }
 
-void llama_decode_advance_cpu(const LlamaDecodeShape& s, const LlamaLayer4bit* layers, int64_t n_layers,
-                              int64_t layer, const uint16_t* att, uint16_t* h, const uint16_t* cos,
-                              const uint16_t* sin, int64_t pos, uint16_t* q, int num_threads) {
+namespace {
+
+using Seg = LlamaDecodeSegment;
+
+bool finishes(Seg first) { return first <= Seg::kResidual; }
+bool starts(Seg last) { return last >= Seg::kQkv; }
+
+// Checks a call of segments first .. last from `layer` (llama_decode_advance_cpu's checks, and
+// first <= last within the layers that exist); the buffers are checked by the caller.
+void check_segments(const LlamaDecodeShape& s, const LlamaLayer4bit* layers, int64_t n_layers, int64_t layer,
+                    Seg first, Seg last, const uint16_t* att, const uint16_t* h, const uint16_t* cos,
+                    const uint16_t* sin, int64_t pos) {
   check_decode_shape(s);
   if (n_layers < 1) throw std::invalid_argument("n_layers must be >= 1, got " + std::to_string(n_layers));
   check_ptr(layers, "layers");
   if (layer < -1 || layer >= n_layers)
     throw std::invalid_argument("layer must be in [-1, " + std::to_string(n_layers) + "), got " +
                                 std::to_string(layer));
-  const bool finish = layer >= 0, start = layer + 1 < n_layers;
-  if (finish) {
+  if (first < Seg::kOProj || last > Seg::kRope || first > last)
+    throw std::invalid_argument("segments must satisfy kOProj <= first <= last <= kRope, got " +
+                                std::to_string(static_cast<int>(first)) + ".." +
+                                std::to_string(static_cast<int>(last)));
+  if (finishes(first)) {
+    if (layer < 0) throw std::invalid_argument("layer -1 has no segment before kQkv");
     check_layer(s, layers[layer], layer);
-    check_ptr(att, "att");
+    if (first == Seg::kOProj) check_ptr(att, "att");
   }
-  check_ptr(h, "h");
-  if (start) {
+  if (first <= Seg::kGateUp || last >= Seg::kResidual) check_ptr(h, "h");
+  if (starts(last)) {
+    if (layer + 1 >= n_layers)
+      throw std::invalid_argument("layer " + std::to_string(layer) + " is the last: no segment after kResidual");
     check_layer(s, layers[layer + 1], layer + 1);
+  }
+  if (last == Seg::kRope) {
     check_ptr(cos, "cos");
     check_ptr(sin, "sin");
-    check_ptr(q, "q");
     if (pos < 0 || pos >= s.max_len)
       throw std::invalid_argument("pos must be in [0, max_len = " + std::to_string(s.max_len) + "), got " +
                                   std::to_string(pos));
   }
+}
 
-  const int64_t H = s.hidden, I = s.intermediate, hd = s.head_dim, qd = s.heads * hd, kvd = s.kv_heads * hd;
+// Segments first .. last (checked) on one team: phases separated by barriers, M phases on thread 0.
+void run_segments(const LlamaDecodeShape& s, const LlamaLayer4bit* layers, int64_t layer, Seg first, Seg last,
+                  const uint16_t* att, uint16_t* h, const uint16_t* cos, const uint16_t* sin, int64_t pos,
+                  const LlamaDecodeBuffers& b, int num_threads) {
+  const int64_t H = s.hidden, I = s.intermediate, hd = s.head_dim, qd = s.heads * hd;
+  auto in = [&](Seg seg) { return first <= seg && seg <= last; };
   const MatmulKernels* kt[7] = {};  // layer's o, gate, up, down; the next layer's q, k, v
-  if (finish) {
+  if (finishes(first)) {
     const LlamaLayer4bit& L = layers[layer];
     const Weight4bitView* w[4] = {&L.o, &L.gate, &L.up, &L.down};
     for (int j = 0; j < 4; ++j) kt[j] = &forward_kernels(DType::BF16, w[j]->K, w[j]->blocksize);
   }
-  if (start) {
+  if (in(Seg::kQkv)) {
     const LlamaLayer4bit& N = layers[layer + 1];
     const Weight4bitView* w[3] = {&N.q, &N.k, &N.v};
     for (int j = 0; j < 3; ++j) kt[4 + j] = &forward_kernels(DType::BF16, w[j]->K, w[j]->blocksize);
   }
-  // Shared activations (bf16), written by one phase, read by the next after a barrier; and every
-  // thread's scratch for grouped x, allocated here so that nothing allocates (or throws) inside
-  // the parallel region.
+  // Every thread's scratch for grouped x, allocated here so that nothing allocates (or throws)
+  // inside the parallel region.
   const int threads = std::max(1, num_threads);
-  std::vector<uint16_t> x(static_cast<size_t>(H)), o(static_cast<size_t>(H)), k(kvd), v(kvd);
-  std::vector<uint16_t> g(finish ? I : 0), u(finish ? I : 0), m(finish ? I : 0);
   const size_t widest = static_cast<size_t>(std::max({H, I, qd}));
   std::vector<float> xf_all(widest * threads);
   std::vector<uint16_t> xb_all(widest * threads);
-  const uint16_t* silu = finish ? silu_bf16_table() : nullptr;  // built on first use, here
+  const uint16_t* silu = in(Seg::kDown) ? silu_bf16_table() : nullptr;  // built on first use, here
 
   parallel_team(threads, [&](const Team& t) {
     float* xf = xf_all.data() + widest * t.tid;
     uint16_t* xb = xb_all.data() + widest * t.tid;
-    if (finish) {
-      const LlamaLayer4bit& L = layers[layer];
-      const Product op[1] = {{&L.o, kt[0], att, o.data()}};
-      run_products(t, op, 1, xf, xb);
-      t.barrier();
-      if (t.tid == 0) {
-        for (int64_t i = 0; i < H; ++i) h[i] = rb(bf(h[i]) + bf(o[i]));
-        rms_norm_row_bf16(h, L.post_norm, H, s.norm_eps, s.sum_lanes, x.data());
-      }
-      t.barrier();
-      const Product gu[2] = {{&L.gate, kt[1], x.data(), g.data()}, {&L.up, kt[2], x.data(), u.data()}};
-      run_products(t, gu, 2, xf, xb);
-      t.barrier();
-      const auto [i0, i1] = t.share(I);
-      for (int64_t i = i0; i < i1; ++i) m[i] = rb(bf(silu[g[i]]) * bf(u[i]));
-      t.barrier();
-      const Product dp[1] = {{&L.down, kt[3], m.data(), o.data()}};
-      run_products(t, dp, 1, xf, xb);
-      t.barrier();
-      if (t.tid == 0)
-        for (int64_t i = 0; i < H; ++i) h[i] = rb(bf(h[i]) + bf(o[i]));
-    }
-    if (!start) return;
-    const LlamaLayer4bit& N = layers[layer + 1];
-    if (t.tid == 0) rms_norm_row_bf16(h, N.input_norm, H, s.norm_eps, s.sum_lanes, x.data());
-    t.barrier();
-    const Product qkv[3] = {{&N.q, kt[4], x.data(), q}, {&N.k, kt[5], x.data(), k.data()},
-                            {&N.v, kt[6], x.data(), v.data()}};
-    run_products(t, qkv, 3, xf, xb);
-    t.barrier();
-    if (t.tid == 0) {
-      for (int64_t hh = 0; hh < s.heads; ++hh) rope(q + hh * hd, cos, sin, hd);
-      for (int64_t j = 0; j < s.kv_heads; ++j) {
-        rope(k.data() + j * hd, cos, sin, hd);
-        std::copy_n(k.data() + j * hd, hd, N.k_cache + (j * s.max_len + pos) * hd);
-        std::copy_n(v.data() + j * hd, hd, N.v_cache + (j * s.max_len + pos) * hd);
+    for (int seg = static_cast<int>(first); seg <= static_cast<int>(last); ++seg) {
+      if (seg != static_cast<int>(first)) t.barrier();  // the previous segment's outputs are complete
+      switch (static_cast<Seg>(seg)) {
+        case Seg::kOProj: {
+          const Product op[1] = {{&layers[layer].o, kt[0], att, b.o}};
+          run_products(t, op, 1, xf, xb);
+          break;
+        }
+        case Seg::kGateUp: {
+          const LlamaLayer4bit& L = layers[layer];
+          if (t.tid == 0) {
+            for (int64_t i = 0; i < H; ++i) h[i] = rb(bf(h[i]) + bf(b.o[i]));
+            rms_norm_row_bf16(h, L.post_norm, H, s.norm_eps, s.sum_lanes, b.x);
+          }
+          t.barrier();
+          const Product gu[2] = {{&L.gate, kt[1], b.x, b.g}, {&L.up, kt[2], b.x, b.u}};
+          run_products(t, gu, 2, xf, xb);
+          break;
+        }
+        case Seg::kDown: {
+          const auto [i0, i1] = t.share(I);
+          for (int64_t i = i0; i < i1; ++i) b.m[i] = rb(bf(silu[b.g[i]]) * bf(b.u[i]));
+          t.barrier();
+          const Product dp[1] = {{&layers[layer].down, kt[3], b.m, b.o}};
+          run_products(t, dp, 1, xf, xb);
+          break;
+        }
+        case Seg::kResidual:
+          if (t.tid == 0)
+            for (int64_t i = 0; i < H; ++i) h[i] = rb(bf(h[i]) + bf(b.o[i]));
+          break;
+        case Seg::kQkv: {
+          const LlamaLayer4bit& N = layers[layer + 1];
+          if (t.tid == 0) rms_norm_row_bf16(h, N.input_norm, H, s.norm_eps, s.sum_lanes, b.x);
+          t.barrier();
+          const Product qkv[3] = {{&N.q, kt[4], b.x, b.q}, {&N.k, kt[5], b.x, b.k}, {&N.v, kt[6], b.x, b.v}};
+          run_products(t, qkv, 3, xf, xb);
+          break;
+        }
+        case Seg::kRope:
+          if (t.tid == 0) {
+            const LlamaLayer4bit& N = layers[layer + 1];
+            for (int64_t hh = 0; hh < s.heads; ++hh) rope(b.q + hh * hd, cos, sin, hd);
+            for (int64_t j = 0; j < s.kv_heads; ++j) {
+              rope(b.k + j * hd, cos, sin, hd);
+              std::copy_n(b.k + j * hd, hd, N.k_cache + (j * s.max_len + pos) * hd);
+              std::copy_n(b.v + j * hd, hd, N.v_cache + (j * s.max_len + pos) * hd);
+            }
+          }
+          break;
       }
     }
   });
+}
+
+}  // namespace
+
+void llama_decode_advance_cpu(const LlamaDecodeShape& s, const LlamaLayer4bit* layers, int64_t n_layers,
+                              int64_t layer, const uint16_t* att, uint16_t* h, const uint16_t* cos,
+                              const uint16_t* sin, int64_t pos, uint16_t* q, int num_threads) {
+  const Seg first = layer >= 0 ? Seg::kOProj : Seg::kQkv;
+  const Seg last = layer + 1 < n_layers ? Seg::kRope : Seg::kResidual;
+  check_segments(s, layers, n_layers, layer, first, last, att, h, cos, sin, pos);
+  if (starts(last)) check_ptr(q, "q");
+  // The activations the segments hand each other, here for one call.
+  const int64_t H = s.hidden, I = s.intermediate, kvd = s.kv_heads * s.head_dim;
+  const bool finish = finishes(first);
+  std::vector<uint16_t> x(static_cast<size_t>(H)), o(static_cast<size_t>(H)), k(kvd), v(kvd);
+  std::vector<uint16_t> g(finish ? I : 0), u(finish ? I : 0), m(finish ? I : 0);
+  const LlamaDecodeBuffers buf{x.data(), o.data(), g.data(), u.data(), m.data(), q, k.data(), v.data()};
+  run_segments(s, layers, layer, first, last, att, h, cos, sin, pos, buf, num_threads);
+}
+
+void llama_decode_segments_cpu(const LlamaDecodeShape& s, const LlamaLayer4bit* layers, int64_t n_layers,
+                               int64_t layer, LlamaDecodeSegment first, LlamaDecodeSegment last,
+                               const uint16_t* att, uint16_t* h, const uint16_t* cos, const uint16_t* sin,
+                               int64_t pos, const LlamaDecodeBuffers& buf, int num_threads) {
+  check_segments(s, layers, n_layers, layer, first, last, att, h, cos, sin, pos);
+  auto in = [&](Seg seg) { return first <= seg && seg <= last; };
+  auto need = [](const void* p, const char* name) { check_ptr(p, name); };
+  if (in(Seg::kOProj) || in(Seg::kGateUp) || in(Seg::kDown) || in(Seg::kResidual)) need(buf.o, "buffers.o");
+  if (in(Seg::kGateUp) || in(Seg::kQkv)) need(buf.x, "buffers.x");
+  if (in(Seg::kGateUp) || in(Seg::kDown)) {
+    need(buf.g, "buffers.g");
+    need(buf.u, "buffers.u");
+  }
+  if (in(Seg::kDown)) need(buf.m, "buffers.m");
+  if (in(Seg::kQkv) || in(Seg::kRope)) {
+    need(buf.q, "buffers.q");
+    need(buf.k, "buffers.k");
+    need(buf.v, "buffers.v");
+  }
+  run_segments(s, layers, layer, first, last, att, h, cos, sin, pos, buf, num_threads);
 }
 
 }  // namespace nf4lora

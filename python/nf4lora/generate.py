@@ -120,8 +120,11 @@ class _NativeLlamaStep(_LlamaStep):
     module, the head torch.mv where that was checked bit-equal to the module's call (_mv_head).
     So the logits equal the Python step's bit for bit (tests/test_generate.py). Applies on x86
     when the model computes in bf16 on the CPU with LlamaRMSNorm norms, a SiLU MLP, and every
-    projection a plain Linear4bit without bias; otherwise (a LoRA-wrapped or dense projection,
-    ...) the Python step runs."""
+    projection a Linear4bit without bias, bare or under a plain LoRA adapter (LoraLinear, not
+    DoRA): then the native work runs in segments (ops.decode.LlamaDecoder.segments) and each
+    adapter's term is added between them with the torch operations LoraMatmul4bit uses for one
+    row (x A^T in fp32, scaled, times B^T in fp32, added into the bf16 output). Otherwise (a dense
+    projection, a bias, DoRA, ...) the Python step runs."""
 
     _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # ops.decode.PROJECTIONS' modules
@@ -146,6 +149,11 @@ class _NativeLlamaStep(_LlamaStep):
         self.q = torch.empty(1, config.num_attention_heads, 1, self.head_dim, dtype=torch.bfloat16)
         self.h = torch.empty(1, 1, config.hidden_size, dtype=torch.bfloat16)  # the residual stream
         self.head_weight = self._mv_head(model.lm_head)
+        # Per layer {projection key: (A fp32, B fp32, scaling)} of its LoRA adapter, if any.
+        from .ops.decode import PROJECTIONS
+        self.lora = [{key: t for key, name in zip(PROJECTIONS, self._PROJECTIONS)
+                      if (t := _lora_terms(layer.get_submodule(name))) is not None} for layer in self.layers]
+        self._plan: Optional[list] = None  # _adapter_plan(), built on the first step with adapters
 
     def native_layers(self) -> list[dict]:
         """Per layer its norm weights, KV caches and seven 4-bit weights, as ops.decode.LlamaDecoder
@@ -156,7 +164,7 @@ class _NativeLlamaStep(_LlamaStep):
             entry = {"input_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight,
                      "k_cache": self.keys[i], "v_cache": self.values[i]}
             for key, name in zip(PROJECTIONS, self._PROJECTIONS):
-                entry[key] = layer.get_submodule(name).weight4bit()
+                entry[key] = _base_4bit(layer.get_submodule(name)).weight4bit()
             layers.append(entry)
         return layers
 
@@ -191,8 +199,12 @@ class _NativeLlamaStep(_LlamaStep):
         and plain bias-free bf16-compute Linear4bit projections everywhere."""
         from .quant import Linear4bit
 
+        from .ops.dispatch import DISPATCH
+
         if not NATIVE_DECODE_STEP or platform.machine().lower() not in ("x86_64", "amd64"):
             return False  # (elsewhere torch's sum order, which the native RMSNorm follows, may differ)
+        if DISPATCH.cpu_rows() < 1:
+            return False  # one row would not take the fused kernels the native layers run
         config, inner = model.config, model.model
         if getattr(config, "hidden_act", None) != "silu" or getattr(config, "mlp_bias", False):
             return False
@@ -207,28 +219,104 @@ class _NativeLlamaStep(_LlamaStep):
                 if type(norm).__name__ != "LlamaRMSNorm" or norm.weight.dtype != torch.bfloat16:
                     return False
             for name in cls._PROJECTIONS:
-                m = layer.get_submodule(name)
+                module = layer.get_submodule(name)
+                m = _base_4bit(module)
                 if (type(m) is not Linear4bit or m.bias is not None or m.weight.device.type != "cpu"
                         or (m.compute_dtype or torch.bfloat16) != torch.bfloat16):
+                    return False
+                if m is not module and _lora_terms(module) is None:
                     return False
         return True
 
     def __call__(self, token: int, pos: int) -> Tensor:
         h = self.h
         h.view(-1).copy_(self.inner.embed_tokens.weight[token])  # the embedding's lookup, without its call
-        advance, q, end = self.native.advance, self.q, pos + 1
         cos, sin = self.cos[pos], self.sin[pos]
-        advance(-1, None, h, cos, sin, pos, q)
-        for i, (kc, vc) in enumerate(zip(self.keys, self.values)):
-            o = F.scaled_dot_product_attention(q, kc.narrow(2, 0, end), vc.narrow(2, 0, end), attn_mask=None,
-                                               dropout_p=0.0, scale=self.scaling, is_causal=False,
-                                               enable_gqa=self.gqa)
-            # [1, heads, 1, head_dim]: head-major, as the Python step's transpose + reshape
-            advance(i, o.contiguous(), h, cos, sin, pos, q)
+        if any(self.lora):
+            self._layers_with_adapters(h, cos, sin, pos)
+        else:
+            advance, q, end = self.native.advance, self.q, pos + 1
+            advance(-1, None, h, cos, sin, pos, q)
+            for i, (kc, vc) in enumerate(zip(self.keys, self.values)):
+                o = self._attend(q, kc, vc, end)
+                # [1, heads, 1, head_dim]: head-major, as the Python step's transpose + reshape
+                advance(i, o.contiguous(), h, cos, sin, pos, q)
         h = self.inner.norm(h)
         if self.head_weight is not None:
             return torch.mv(self.head_weight, h.view(-1)).view(1, 1, -1)
         return self.model.lm_head(h)
+
+
+    def _attend(self, q: Tensor, kc: Tensor, vc: Tensor, end: int) -> Tensor:
+        return F.scaled_dot_product_attention(q, kc.narrow(2, 0, end), vc.narrow(2, 0, end), attn_mask=None,
+                                              dropout_p=0.0, scale=self.scaling, is_causal=False,
+                                              enable_gqa=self.gqa)
+
+    # Where each adapter's term enters: after the segment that computes its projection's output.
+    _LORA_AFTER = {"o_proj": ("o",), "gate_up": ("gate", "up"), "down": ("down",), "qkv": ("q", "k", "v")}
+
+    def _adapter_plan(self) -> list:
+        """Per advance (layer -1 .. n - 1): [(first segment, last segment, [(input, output, A, B,
+        scaling)])], the native runs and the adapter terms added after each. Inputs: "x", "m" or
+        "att" (the attention output); outputs: the decoder's buffers."""
+        from .ops.decode import SEGMENTS
+        dec, n = self.native, len(self.layers)
+        source = {"q": "x", "k": "x", "v": "x", "o": "att", "gate": "x", "up": "x", "down": "m"}
+        output = {"q": dec.q, "k": dec.k, "v": dec.v, "o": dec.o, "gate": dec.g, "up": dec.u, "down": dec.o}
+        plan = []
+        for i in range(-1, n):
+            segments = (SEGMENTS[:4] if i >= 0 else ()) + (SEGMENTS[4:] if i + 1 < n else ())
+            runs, first = [], 0
+            for j, seg in enumerate(segments):
+                lora = self.lora[i + 1 if seg == "qkv" else i] if seg in self._LORA_AFTER else {}
+                terms = [(source[key], output[key], *lora[key]) for key in self._LORA_AFTER.get(seg, ()) if key in lora]
+                if terms or j + 1 == len(segments):
+                    runs.append((segments[first], seg, terms))
+                    first = j + 1
+            plan.append(runs)
+        return plan
+
+    def _layers_with_adapters(self, h: Tensor, cos: Tensor, sin: Tensor, pos: int) -> None:
+        """The layers as in __call__, the native work in runs of segments that end wherever an
+        adapter's term is added: its input (x, the attention output or m) times A^T in fp32,
+        scaled, times B^T in fp32, added into the bf16 output buffer (LoraMatmul4bit's one-row
+        route, the same operations on the same values)."""
+        dec = self.native
+        if self._plan is None:
+            self._plan = self._adapter_plan()
+        q = dec.q.view(self.q.shape)
+        for i, runs in enumerate(self._plan, start=-1):
+            att = None if i < 0 else self._attend(q, self.keys[i], self.values[i], pos + 1).contiguous()
+            for first, last, terms in runs:
+                dec.segments(i, first, last, att, h, cos, sin, pos)
+                widened = {}  # each input in fp32 once (q, k and v share x, as gate and up do)
+                for src, out, a32, b32, scaling in terms:
+                    xf = widened.get(src)
+                    if xf is None:
+                        xf = widened[src] = (att.view(1, -1) if src == "att" else getattr(dec, src)).float()
+                    out.add_(torch.mm(torch.mm(xf, a32.t()).mul_(scaling), b32.t()))
+
+
+def _base_4bit(module: nn.Module) -> nn.Module:
+    """The Linear4bit under a LoRA wrapper, else the module itself."""
+    from .lora.layer import LoraLinear
+    return module.base_layer if isinstance(module, LoraLinear) else module
+
+
+def _lora_terms(module: nn.Module) -> Optional[tuple[Tensor, Tensor, float]]:
+    """(A, B in fp32, scaling) of the active adapter of a LoraLinear over a Linear4bit whose
+    forward at one bf16 row is LoraMatmul4bit's fp32-adapter route (plain LoRA: not disabled,
+    merged or DoRA; dropout is off in eval mode); None for anything else."""
+    from .lora.layer import LoraLinear
+    if not isinstance(module, LoraLinear) or not module.is_4bit or module.disabled or module.merged_adapters:
+        return None
+    name = module.active_adapter
+    if name is None or name not in module.lora_A or name in module.lora_magnitude_vector:
+        return None
+    a, b = module.lora_A[name].weight.detach(), module.lora_B[name].weight.detach()
+    if a.device.type != "cpu" or b.device.type != "cpu":
+        return None
+    return a.float(), b.float(), float(module.scaling[name])
 
 
 class _Logits:

@@ -59,4 +59,38 @@ void llama_decode_advance_cpu(const LlamaDecodeShape& s, const LlamaLayer4bit* l
                               int64_t layer, const uint16_t* att, uint16_t* h, const uint16_t* cos,
                               const uint16_t* sin, int64_t pos, uint16_t* q, int num_threads);
 
+// The work of one llama_decode_advance_cpu call in segments, in this order (the first four finish
+// layer `layer`, the last two start layer + 1):
+enum class LlamaDecodeSegment : int {
+  kOProj = 0,     // o = att Wo^T
+  kGateUp = 1,    // h += o; x = RMSNorm(h); g = x Wg^T; u = x Wu^T
+  kDown = 2,      // m = silu(g) * u; o = m Wd^T
+  kResidual = 3,  // h += o
+  kQkv = 4,       // x = RMSNorm(h); q, k, v = x Wq^T, x Wk^T, x Wv^T
+  kRope = 5,      // rotary embedding of q and k; k and v written at position pos of the caches
+};
+
+// The activations the segments hand each other (bf16), kept by the caller between calls.
+struct LlamaDecodeBuffers {
+  uint16_t* x = nullptr;  // [hidden]: the input of q/k/v, and of gate/up
+  uint16_t* o = nullptr;  // [hidden]: o_proj's output, then down_proj's
+  uint16_t* g = nullptr;  // [intermediate]
+  uint16_t* u = nullptr;  // [intermediate]
+  uint16_t* m = nullptr;  // [intermediate]: down_proj's input
+  uint16_t* q = nullptr;  // [heads * head_dim]
+  uint16_t* k = nullptr;  // [kv_heads * head_dim]
+  uint16_t* v = nullptr;  // [kv_heads * head_dim]
+};
+
+// Segments first .. last of the advance from `layer` (-1: kQkv and kRope only; the last layer:
+// up to kResidual) on one team of threads, the same operations as llama_decode_advance_cpu. The
+// caller may change the buffers between two calls: a LoRA term added to a projection's output
+// (o after kOProj or kDown, g and u after kGateUp, q, k and v after kQkv) enters the next segment
+// as it enters the next operation of the model. Checks what advance checks, first <= last, and
+// that every pointer the segments use is non-null (buffer sizes are the caller's promise).
+void llama_decode_segments_cpu(const LlamaDecodeShape& s, const LlamaLayer4bit* layers, int64_t n_layers,
+                               int64_t layer, LlamaDecodeSegment first, LlamaDecodeSegment last,
+                               const uint16_t* att, uint16_t* h, const uint16_t* cos, const uint16_t* sin,
+                               int64_t pos, const LlamaDecodeBuffers& buf, int num_threads);
+
 }  // namespace nf4lora

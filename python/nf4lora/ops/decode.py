@@ -1,7 +1,9 @@
 """The native decode layers of a Llama (cpp/include/nf4lora/decode.h) for generate.py: one object
 per generation holding every layer's 4-bit weights, RMSNorm weights and KV caches, checked once;
 advance() finishes one layer and starts the next between two attentions, which stay the caller's
-(torch's sdpa). Bit-equal to the same layers run by torch (tests/test_generate.py)."""
+(torch's sdpa); segments() runs part of that work, so that the caller can add LoRA terms to the
+projections' outputs in between. Bit-equal to the same layers run by torch
+(tests/test_generate.py)."""
 from __future__ import annotations
 
 from typing import Mapping, Optional, Sequence
@@ -14,6 +16,8 @@ from .native import TORCH_SUM_LANES, _C, absmax_pointers, quant_type_code
 from .weight import Weight4bit
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+# decode.h's LlamaDecodeSegment, in order: the first four finish a layer, the last two start the next.
+SEGMENTS = ("o_proj", "gate_up", "down", "residual", "qkv", "rope")
 
 
 def _bf16_cpu(name: str, t: Tensor) -> int:
@@ -46,6 +50,14 @@ class LlamaDecoder:
         self._native = _C.LlamaDecoder(hidden, heads, kv_heads, head_dim, intermediate, max_len, float(norm_eps),
                                        TORCH_SUM_LANES, fields)
         self._alive = [dict(layer) for layer in layers]
+        # The activations segments() hands between its calls (decode.h's LlamaDecodeBuffers), [1, n]
+        # so that a LoRA term's [1, n] product adds into them as into the model's own outputs.
+        def buf(n: int) -> Tensor:
+            return torch.empty(1, n, dtype=torch.bfloat16)
+        self.x, self.o = buf(hidden), buf(hidden)
+        self.g, self.u, self.m = buf(intermediate), buf(intermediate), buf(intermediate)
+        self.q, self.k, self.v = buf(heads * head_dim), buf(kv_heads * head_dim), buf(kv_heads * head_dim)
+        self._buffers = [t.data_ptr() for t in (self.x, self.o, self.g, self.u, self.m, self.q, self.k, self.v)]
 
     def advance(self, layer: int, att: Optional[Tensor], h: Tensor, cos: Tensor, sin: Tensor, pos: int,
                 q: Tensor) -> None:
@@ -56,3 +68,17 @@ class LlamaDecoder:
         buffers); sizes and positions are checked natively."""
         self._native.advance(layer, 0 if att is None else att.data_ptr(), h.data_ptr(), cos.data_ptr(),
                              sin.data_ptr(), pos, q.data_ptr(), torch.get_num_threads())
+
+    def segments(self, layer: int, first: str, last: str, att: Optional[Tensor], h: Tensor, cos: Tensor,
+                 sin: Tensor, pos: int) -> None:
+        """Segments first .. last (SEGMENTS' names) of advance(layer, ...) over this object's
+        buffers: x (the normed input of q/k/v, and of gate/up), o (o_proj's output, then
+        down_proj's), g, u, m (down_proj's input), q, k, v, each bf16 [1, n]. Between two calls the
+        caller may add to them (a LoRA term: o after "o_proj" or "down", g and u after "gate_up", q,
+        k and v after "qkv"); q after "rope" is the layer's rotated query (head-major)."""
+        for name in (first, last):
+            if name not in SEGMENTS:
+                raise ValueError(f"unknown segment {name!r}; the segments are {SEGMENTS}")
+        self._native.segments(layer, SEGMENTS.index(first), SEGMENTS.index(last),
+                              0 if att is None else att.data_ptr(), h.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                              pos, self._buffers, torch.get_num_threads())
