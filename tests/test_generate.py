@@ -80,6 +80,33 @@ def _count_llama_steps(monkeypatch):
     return calls
 
 
+def _randomize_adapters(model, seed: int, std: float) -> None:
+    """Every trainable (adapter) parameter from N(0, std): LoRA's B starts at 0, so that every term counts."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def _assert_native_equals_python_step(monkeypatch, model, ids, n, calls=None):
+    """generate_tokens with the native step, then with the Python step (NATIVE_DECODE_STEP off):
+    the same tokens and every logit bit for bit; with `calls` (_count_llama_steps), which step ran."""
+    from nf4lora import generate as gen
+    runs = []
+    for native in (True, False):
+        monkeypatch.setattr(gen, "NATIVE_DECODE_STEP", native)
+        if calls is not None:
+            calls.clear()
+        logits = []
+        runs.append((generate_tokens(model, ids, n, eos_token_id=[], on_logits=logits.append), logits))
+        if calls is not None:
+            assert {c[0] for c in calls} == {"_NativeLlamaStep" if native else "_LlamaStep"}
+    monkeypatch.setattr(gen, "NATIVE_DECODE_STEP", True)
+    assert runs[0][0] == runs[1][0]
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("adapter", [False, True])
 def test_llama_decode_step_is_used_and_equals_the_model_forward(tiny_model, tiny_folder, monkeypatch, adapter):
     """The Llama decode step runs for a transformers Llama (native layers for 4-bit projections,
@@ -89,10 +116,7 @@ def test_llama_decode_step_is_used_and_equals_the_model_forward(tiny_model, tiny
     model, _ = tiny_model
     if adapter:
         model = nl.get_lora_model(load_model(tiny_folder)[0], nl.LoraConfig(r=4, lora_alpha=8))
-        g = torch.Generator().manual_seed(1)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data.normal_(0, 0.05, generator=g)
+        _randomize_adapters(model, 1, 0.05)
     prompt = list(range(3, 30))
     calls = _count_llama_steps(monkeypatch)
     fast_logits = []
@@ -172,25 +196,11 @@ def test_native_decode_step_with_adapters_equals_the_python_step(tmp_path, monke
         config = nl.LoraConfig(r=4, lora_alpha=8) if targets is None else nl.LoraConfig(
             r=4, lora_alpha=8, target_modules=targets)
         model = nl.get_lora_model(load_model(folder)[0], config, adapter_dtype=adapter_dtype)
-        g = torch.Generator().manual_seed(1)
-        for p in model.parameters():
-            if p.requires_grad:  # B = 0 at init: random adapters, so that every term counts
-                p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        _randomize_adapters(model, 1, 0.05)
         assert gen._NativeLlamaStep.supports_native(model)
-        prompt = list(range(10, 50))
         for threads in (1, 2):
             monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-            runs = []
-            for native in (True, False):
-                monkeypatch.setattr(gen, "NATIVE_DECODE_STEP", native)
-                calls.clear()
-                logits = []
-                runs.append((generate_tokens(model, prompt, 24, eos_token_id=[], on_logits=logits.append), logits))
-                assert {c[0] for c in calls} == {"_NativeLlamaStep" if native else "_LlamaStep"}
-            monkeypatch.setattr(gen, "NATIVE_DECODE_STEP", True)
-            assert runs[0][0] == runs[1][0]
-            for a, b in zip(runs[0][1], runs[1][1]):
-                assert torch.equal(a, b)
+            _assert_native_equals_python_step(monkeypatch, model, list(range(10, 50)), 24, calls)
 
 
 def test_native_decoder_rejects_bad_layers(tiny_model):
@@ -271,15 +281,7 @@ def test_default_model_native_step_equals_the_python_step(monkeypatch):
     assert gen._NativeLlamaStep.supports_native(model)
     for text in ("Write a short story about a robot learning to paint.", "What is the capital of France?",
                  "Explain gradient descent."):
-        ids = format_prompt(tok, text)
-        runs = []
-        for native in (True, False):
-            monkeypatch.setattr(gen, "NATIVE_DECODE_STEP", native)
-            logits = []
-            runs.append((generate_tokens(model, ids, 96, eos_token_id=[], on_logits=logits.append), logits))
-        assert runs[0][0] == runs[1][0]
-        for a, b in zip(runs[0][1], runs[1][1]):
-            assert torch.equal(a, b)
+        _assert_native_equals_python_step(monkeypatch, model, format_prompt(tok, text), 96)
 
 
 def test_default_model_native_step_with_an_adapter_equals_the_python_step(monkeypatch):
@@ -290,20 +292,9 @@ def test_default_model_native_step_with_an_adapter_equals_the_python_step(monkey
     from nf4lora.train.data import format_prompt
     model, tok = load_model(None)
     model = nl.get_lora_model(model, nl.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    g = torch.Generator().manual_seed(2)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    _randomize_adapters(model, 2, 0.02)
     assert gen._NativeLlamaStep.supports_native(model)
-    ids = format_prompt(tok, "Explain gradient descent.")
-    runs = []
-    for native in (True, False):
-        monkeypatch.setattr(gen, "NATIVE_DECODE_STEP", native)
-        logits = []
-        runs.append((generate_tokens(model, ids, 48, eos_token_id=[], on_logits=logits.append), logits))
-    assert runs[0][0] == runs[1][0]
-    for a, b in zip(runs[0][1], runs[1][1]):
-        assert torch.equal(a, b)
+    _assert_native_equals_python_step(monkeypatch, model, format_prompt(tok, "Explain gradient descent."), 48)
 
 
 def test_default_model_greedy_equals_transformers_generate():
