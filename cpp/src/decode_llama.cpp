@@ -1,12 +1,17 @@
-// decode_llama.cpp — llama_decode_advance_cpu (nf4lora/decode.h): the 4-bit part of one decode
-// step of a Llama decoder stack, between two attentions, on one team of threads.
+// decode_llama.cpp — llama_decode_advance_cpu and llama_decode_segments_cpu (nf4lora/decode.h):
+// the 4-bit part of one decode step of a Llama decoder stack, between two attentions, on one team
+// of threads.
 //
-// One call finishes layer i given its attention output and starts layer i + 1, phases separated by
-// barriers (M: thread 0 alone, small elementwise work; P: split over the team):
-//   P  o = att Wo^T                            M  h += o; x = RMSNorm(h)
-//   P  g, u = x Wg^T, x Wu^T                   P  m = silu(g) * u (ranges split)
-//   P  d = m Wd^T                              M  h += d; x = RMSNorm(h)  (layer i + 1 from here)
-//   P  q, k, v = x Wq^T, x Wk^T, x Wv^T        M  rotary embedding of q and k; k, v written at pos
+// One advance finishes layer i given its attention output and starts layer i + 1, phases separated
+// by barriers (M: thread 0 alone, small elementwise work; P: split over the team), in six segments:
+//   kOProj     P  o = att Wo^T
+//   kGateUp    M  h += o; x = RMSNorm(h)         P  g, u = x Wg^T, x Wu^T
+//   kDown      P  m = silu(g) * u (ranges split) P  d = m Wd^T
+//   kResidual  M  h += d
+//   kQkv       M  x = RMSNorm(h) (layer i + 1)   P  q, k, v = x Wq^T, x Wk^T, x Wv^T
+//   kRope      M  rotary embedding of q and k; k, v written at pos
+// advance runs them all in one team region; segments runs a range of them, so that the caller can
+// add LoRA terms to the buffers in between.
 // The products are matmul_4bit_cpu's kernels (forward_kernels), each thread grouping x into its
 // own scratch and computing whole units of 8 rows, so every output row is the same computation as
 // in a matmul_4bit_cpu call: same bits. Results move between threads only through the shared

@@ -110,6 +110,14 @@ void tile_t(const MatmulTArgs& a, const float* codebook, int64_t k0, int64_t m) 
   const AbsmaxReader absmax(*a.absmax);
   alignas(32) float total[C][32] = {};
   const float* g = a.gf + m * N;
+  // Which chunks start a block, and its index within the row: the same for every row, so computed
+  // once here instead of a division per chunk and row.
+  bool starts_block[C];
+  int64_t block[C];
+  for (int c = 0; c < C; ++c) {
+    starts_block[c] = c == 0 || (k0 + 32 * c) % bs == 0;
+    block[c] = (k0 + 32 * c) / bs;
+  }
   for (int64_t n0 = 0; n0 < N; n0 += kRun) {
     const int64_t n1 = N - n0 < kRun ? N : n0 + kRun;
     __m256 acc[C][4];
@@ -121,8 +129,8 @@ void tile_t(const MatmulTArgs& a, const float* codebook, int64_t k0, int64_t m) 
       const __m256 gm = _mm256_set1_ps(g[n]);
       Table16 table{};
       for (int c = 0; c < C; ++c) {
-        if (c == 0 || (k0 + 32 * c) % bs == 0) {
-          const __m256 amax = _mm256_set1_ps(absmax(n * bpr + (k0 + 32 * c) / bs));
+        if (starts_block[c]) {
+          const __m256 amax = _mm256_set1_ps(absmax(n * bpr + block[c]));
           table = {_mm256_mul_ps(cb_lo, amax), _mm256_mul_ps(cb_hi, amax)};
         }
         for (int h = 0; h < 2; ++h) {

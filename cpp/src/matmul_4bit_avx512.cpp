@@ -111,6 +111,14 @@ void tile_t(const MatmulTArgs& a, __m512 codebook, int64_t k0, int64_t m0) {
   const AbsmaxReader absmax(*a.absmax);
   alignas(64) float total[MG][C][32] = {};
   const float* g = a.gf + m0 * N;
+  // Which chunks start a block, and its index within the row: the same for every row, so computed
+  // once here instead of a division per chunk and row.
+  bool starts_block[C];
+  int64_t block[C];
+  for (int c = 0; c < C; ++c) {
+    starts_block[c] = c == 0 || (k0 + 32 * c) % bs == 0;
+    block[c] = (k0 + 32 * c) / bs;
+  }
   for (int64_t n0 = 0; n0 < N; n0 += kRun) {
     const int64_t n1 = N - n0 < kRun ? N : n0 + kRun;
     __m512 acc[MG][C][2];
@@ -123,8 +131,8 @@ void tile_t(const MatmulTArgs& a, __m512 codebook, int64_t k0, int64_t m0) {
       for (int m = 0; m < MG; ++m) gm[m] = _mm512_set1_ps(g[m * N + n]);
       __m512 table = _mm512_setzero_ps();
       for (int c = 0; c < C; ++c) {
-        if (c == 0 || (k0 + 32 * c) % bs == 0)  // a new block (chunks never straddle one)
-          table = _mm512_mul_ps(codebook, _mm512_set1_ps(absmax(n * bpr + (k0 + 32 * c) / bs)));
+        if (starts_block[c])  // a new block (chunks never straddle one)
+          table = _mm512_mul_ps(codebook, _mm512_set1_ps(absmax(n * bpr + block[c])));
         const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * c)));
         const __m512 we = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table);
         const __m512 wo = _mm512_permutexvar_ps(d, table);

@@ -195,11 +195,11 @@ class _NativeLlamaStep(_LlamaStep):
 
     @classmethod
     def supports_native(cls, model: nn.Module) -> bool:
-        """An x86 CPU; a bf16 CPU model with a plain nn.Embedding, a SiLU MLP, LlamaRMSNorm norms
-        and plain bias-free bf16-compute Linear4bit projections everywhere."""
-        from .quant import Linear4bit
-
+        """An x86 CPU whose calibration runs one row in the fused kernels; a bf16 CPU model with a
+        plain nn.Embedding, a SiLU MLP, LlamaRMSNorm norms and bias-free bf16-compute Linear4bit
+        projections everywhere, bare or under a plain LoRA adapter (_lora_terms)."""
         from .ops.dispatch import DISPATCH
+        from .quant import Linear4bit
 
         if not NATIVE_DECODE_STEP or platform.machine().lower() not in ("x86_64", "amd64"):
             return False  # (elsewhere torch's sum order, which the native RMSNorm follows, may differ)
@@ -245,7 +245,6 @@ class _NativeLlamaStep(_LlamaStep):
         if self.head_weight is not None:
             return torch.mv(self.head_weight, h.view(-1)).view(1, 1, -1)
         return self.model.lm_head(h)
-
 
     def _attend(self, q: Tensor, kc: Tensor, vc: Tensor, end: int) -> Tensor:
         return F.scaled_dot_product_attention(q, kc.narrow(2, 0, end), vc.narrow(2, 0, end), attn_mask=None,
