@@ -14,7 +14,7 @@
 namespace nf4lora::detail {
 namespace {
 
-constexpr int64_t kPrefetchBytes = 512;  // as in matmul_4bit_avx512.cpp
+constexpr int64_t kPrefetchBytes = 2048;  // as in matmul_4bit_avx512.cpp
 constexpr int kTileRows = 4;
 
 struct Table16 {
