@@ -47,7 +47,7 @@ CpuVariant variant_from_name(const std::string& name) {
   throw py::value_error("unknown CPU variant '" + name + "' (expected ref, avx2, avx512 or avx512_bf16)");
 }
 
-// nf4lora/decode.h's step over layers whose addresses were given once. Per layer, the ints in the
+// nf4lora/decode.h's step over layers and buffers whose addresses were given once. Per layer, the ints in the
 // order: input_norm, post_norm, k_cache, v_cache, then for q, k, v, o, gate,
 // up and down each: packed, absmax, qabsmax, nested_absmax, nested_code, offset,
 // nested_blocksize, N, K, blocksize, quant type. The Python owner keeps the tensors alive.
@@ -57,6 +57,7 @@ constexpr int kLayerFields = 4 + 7 * kWeightFields;
 struct LlamaDecoder {
   LlamaDecodeShape shape;
   std::vector<LlamaLayer4bit> layers;
+  LlamaDecodeBuffers buffers;  // the Python owner's tensors, given once
 };
 
 Weight4bitView weight_view(const std::vector<int64_t>& f, int at) {
@@ -178,7 +179,8 @@ PYBIND11_MODULE(_C, m) {
   py::class_<LlamaDecoder>(m, "LlamaDecoder")
       .def(py::init([](int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate,
                        int64_t max_len, float norm_eps, int sum_lanes,
-                       const std::vector<std::vector<int64_t>>& fields) {
+                       const std::vector<std::vector<int64_t>>& fields, const std::vector<uintptr_t>& buffers) {
+             if (buffers.size() != 8) throw py::value_error("buffers: expected x, o, g, u, m, q, k, v");
              LlamaDecoder d;
              d.shape = LlamaDecodeShape{hidden, heads, kv_heads, head_dim, intermediate, max_len,
                                         norm_eps, sum_lanes};
@@ -197,26 +199,18 @@ PYBIND11_MODULE(_C, m) {
                d.layers.push_back(l);
              }
              check_llama_decode(d.shape, d.layers.data(), static_cast<int64_t>(d.layers.size()));
+             uint16_t** b[8] = {&d.buffers.x, &d.buffers.o, &d.buffers.g, &d.buffers.u,
+                                &d.buffers.m, &d.buffers.q, &d.buffers.k, &d.buffers.v};
+             for (int j = 0; j < 8; ++j) *b[j] = ptr<uint16_t>(buffers[j]);
              return d;
            }))
-      .def("advance",
-           [](const LlamaDecoder& d, int64_t layer, uintptr_t att, uintptr_t h, uintptr_t cos, uintptr_t sin,
-              int64_t pos, uintptr_t q, int num_threads) {
-             llama_decode_advance_cpu(d.shape, d.layers.data(), static_cast<int64_t>(d.layers.size()), layer,
-                                      ptr<const uint16_t>(att), ptr<uint16_t>(h), ptr<const uint16_t>(cos),
-                                      ptr<const uint16_t>(sin), pos, ptr<uint16_t>(q), num_threads);
-           }, gil())
       .def("segments",
            [](const LlamaDecoder& d, int64_t layer, int first, int last, uintptr_t att, uintptr_t h, uintptr_t cos,
-              uintptr_t sin, int64_t pos, const std::vector<uintptr_t>& buffers, int num_threads) {
-             if (buffers.size() != 8) throw py::value_error("buffers: expected x, o, g, u, m, q, k, v");
-             const LlamaDecodeBuffers b{ptr<uint16_t>(buffers[0]), ptr<uint16_t>(buffers[1]), ptr<uint16_t>(buffers[2]),
-                                        ptr<uint16_t>(buffers[3]), ptr<uint16_t>(buffers[4]), ptr<uint16_t>(buffers[5]),
-                                        ptr<uint16_t>(buffers[6]), ptr<uint16_t>(buffers[7])};
+              uintptr_t sin, int64_t pos, int num_threads) {
              llama_decode_segments_cpu(d.shape, d.layers.data(), static_cast<int64_t>(d.layers.size()), layer,
                                        static_cast<LlamaDecodeSegment>(first), static_cast<LlamaDecodeSegment>(last),
                                        ptr<const uint16_t>(att), ptr<uint16_t>(h), ptr<const uint16_t>(cos),
-                                       ptr<const uint16_t>(sin), pos, b, num_threads);
+                                       ptr<const uint16_t>(sin), pos, d.buffers, num_threads);
            }, gil());
   m.def("matmul_4bit_t_cpu",
         [](uintptr_t grad_y, int dt, int64_t M, int64_t N, uintptr_t packed, uintptr_t absmax,

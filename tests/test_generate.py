@@ -146,21 +146,10 @@ def test_native_decode_step_equals_the_python_step(tmp_path, monkeypatch, quanti
     folder = save_tiny_model(tmp_path / "m", seed=3, **shape)
     model, _ = load_model(folder, quantize=quantize, double_quant=double_quant, blocksize=blocksize)
     assert gen._NativeLlamaStep.supports_native(model)
-    prompt = list(range(10, 50))
+    calls = _count_llama_steps(monkeypatch)
     for threads in (1, 2):
         monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-        calls = _count_llama_steps(monkeypatch)
-        native_logits, python_logits = [], []
-        native = generate_tokens(model, prompt, 30, eos_token_id=[], on_logits=native_logits.append)
-        assert {c[0] for c in calls} == {"_NativeLlamaStep"}
-        monkeypatch.setattr(gen, "NATIVE_DECODE_STEP", False)
-        calls.clear()
-        python = generate_tokens(model, prompt, 30, eos_token_id=[], on_logits=python_logits.append)
-        assert {c[0] for c in calls} == {"_LlamaStep"}
-        monkeypatch.setattr(gen, "NATIVE_DECODE_STEP", True)
-        assert native == python
-        for a, b in zip(native_logits, python_logits):
-            assert torch.equal(a, b)
+        _assert_native_equals_python_step(monkeypatch, model, list(range(10, 50)), 30, calls)
 
 
 def test_native_decode_step_applies_only_to_what_it_computes(tiny_folder):
@@ -231,11 +220,11 @@ def test_native_decoder_rejects_bad_layers(tiny_model):
     with pytest.raises(ValueError, match="n_layers must be >= 1"):
         LlamaDecoder(**shape, layers=[])
     h = torch.zeros(1, 1, cfg.hidden_size, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="pos must be in"):
-        step.native.advance(-1, None, h, step.cos[0], step.sin[0], 8, step.q)
-    with pytest.raises(ValueError, match="layer must be in"):
-        step.native.advance(2, step.q, h, step.cos[0], step.sin[0], 0, step.q)
     seg = step.native.segments
+    with pytest.raises(ValueError, match="pos must be in"):
+        seg(-1, "qkv", "rope", None, h, step.cos[0], step.sin[0], 8)
+    with pytest.raises(ValueError, match="layer must be in"):
+        seg(2, "o_proj", "residual", step.q, h, step.cos[0], step.sin[0], 0)
     with pytest.raises(ValueError, match="unknown segment 'mlp'"):
         seg(0, "o_proj", "mlp", step.q, h, step.cos[0], step.sin[0], 0)
     with pytest.raises(ValueError, match="first <= last"):

@@ -1,17 +1,16 @@
-// decode_llama.cpp — llama_decode_advance_cpu and llama_decode_segments_cpu (nf4lora/decode.h):
-// the 4-bit part of one decode step of a Llama decoder stack, between two attentions, on one team
-// of threads.
+// decode_llama.cpp — llama_decode_segments_cpu (nf4lora/decode.h): the 4-bit part of one decode
+// step of a Llama decoder stack, between two attentions, on one team of threads.
 //
-// One advance finishes layer i given its attention output and starts layer i + 1, phases separated
-// by barriers (M: thread 0 alone, small elementwise work; P: split over the team), in six segments:
+// All six segments finish layer i given its attention output and start layer i + 1, phases
+// separated by barriers (M: thread 0 alone, small elementwise work; P: split over the team):
 //   kOProj     P  o = att Wo^T
 //   kGateUp    M  h += o; x = RMSNorm(h)         P  g, u = x Wg^T, x Wu^T
 //   kDown      P  m = silu(g) * u (ranges split) P  d = m Wd^T
 //   kResidual  M  h += d
 //   kQkv       M  x = RMSNorm(h) (layer i + 1)   P  q, k, v = x Wq^T, x Wk^T, x Wv^T
 //   kRope      M  rotary embedding of q and k; k, v written at pos
-// advance runs them all in one team region; segments runs a range of them, so that the caller can
-// add LoRA terms to the buffers in between.
+// One call runs a range of them in one team region: all six without adapters, shorter ranges when
+// the caller adds LoRA terms to the buffers in between.
 // The products are matmul_4bit_cpu's kernels (forward_kernels), each thread grouping x into its
 // own scratch and computing whole units of 8 rows, so every output row is the same computation as
 // in a matmul_4bit_cpu call: same bits. Results move between threads only through the shared
@@ -178,11 +177,11 @@ using Seg = LlamaDecodeSegment;
 bool finishes(Seg first) { return first <= Seg::kResidual; }
 bool starts(Seg last) { return last >= Seg::kQkv; }
 
-// Checks a call of segments first .. last from `layer` (llama_decode_advance_cpu's checks, and
-// first <= last within the layers that exist); the buffers are checked by the caller.
+// Checks a call of segments first .. last from `layer`: the layers it touches, first <= last within
+// the layers that exist, pos, and every pointer the segments use.
 void check_segments(const LlamaDecodeShape& s, const LlamaLayer4bit* layers, int64_t n_layers, int64_t layer,
                     Seg first, Seg last, const uint16_t* att, const uint16_t* h, const uint16_t* cos,
-                    const uint16_t* sin, int64_t pos) {
+                    const uint16_t* sin, int64_t pos, const LlamaDecodeBuffers& b) {
   check_decode_shape(s);
   if (n_layers < 1) throw std::invalid_argument("n_layers must be >= 1, got " + std::to_string(n_layers));
   check_ptr(layers, "layers");
@@ -210,6 +209,19 @@ void check_segments(const LlamaDecodeShape& s, const LlamaLayer4bit* layers, int
     if (pos < 0 || pos >= s.max_len)
       throw std::invalid_argument("pos must be in [0, max_len = " + std::to_string(s.max_len) + "), got " +
                                   std::to_string(pos));
+  }
+  auto in = [&](Seg seg) { return first <= seg && seg <= last; };
+  if (finishes(first)) check_ptr(b.o, "buffers.o");
+  if (in(Seg::kGateUp) || in(Seg::kQkv)) check_ptr(b.x, "buffers.x");
+  if (in(Seg::kGateUp) || in(Seg::kDown)) {
+    check_ptr(b.g, "buffers.g");
+    check_ptr(b.u, "buffers.u");
+  }
+  if (in(Seg::kDown)) check_ptr(b.m, "buffers.m");
+  if (in(Seg::kQkv) || in(Seg::kRope)) {
+    check_ptr(b.q, "buffers.q");
+    check_ptr(b.k, "buffers.k");
+    check_ptr(b.v, "buffers.v");
   }
 }
 
@@ -298,41 +310,11 @@ void run_segments(const LlamaDecodeShape& s, const LlamaLayer4bit* layers, int64
 
 }  // namespace
 
-void llama_decode_advance_cpu(const LlamaDecodeShape& s, const LlamaLayer4bit* layers, int64_t n_layers,
-                              int64_t layer, const uint16_t* att, uint16_t* h, const uint16_t* cos,
-                              const uint16_t* sin, int64_t pos, uint16_t* q, int num_threads) {
-  const Seg first = layer >= 0 ? Seg::kOProj : Seg::kQkv;
-  const Seg last = layer + 1 < n_layers ? Seg::kRope : Seg::kResidual;
-  check_segments(s, layers, n_layers, layer, first, last, att, h, cos, sin, pos);
-  if (starts(last)) check_ptr(q, "q");
-  // The activations the segments hand each other, here for one call.
-  const int64_t H = s.hidden, I = s.intermediate, kvd = s.kv_heads * s.head_dim;
-  const bool finish = finishes(first);
-  std::vector<uint16_t> x(static_cast<size_t>(H)), o(static_cast<size_t>(H)), k(kvd), v(kvd);
-  std::vector<uint16_t> g(finish ? I : 0), u(finish ? I : 0), m(finish ? I : 0);
-  const LlamaDecodeBuffers buf{x.data(), o.data(), g.data(), u.data(), m.data(), q, k.data(), v.data()};
-  run_segments(s, layers, layer, first, last, att, h, cos, sin, pos, buf, num_threads);
-}
-
 void llama_decode_segments_cpu(const LlamaDecodeShape& s, const LlamaLayer4bit* layers, int64_t n_layers,
                                int64_t layer, LlamaDecodeSegment first, LlamaDecodeSegment last,
                                const uint16_t* att, uint16_t* h, const uint16_t* cos, const uint16_t* sin,
                                int64_t pos, const LlamaDecodeBuffers& buf, int num_threads) {
-  check_segments(s, layers, n_layers, layer, first, last, att, h, cos, sin, pos);
-  auto in = [&](Seg seg) { return first <= seg && seg <= last; };
-  auto need = [](const void* p, const char* name) { check_ptr(p, name); };
-  if (in(Seg::kOProj) || in(Seg::kGateUp) || in(Seg::kDown) || in(Seg::kResidual)) need(buf.o, "buffers.o");
-  if (in(Seg::kGateUp) || in(Seg::kQkv)) need(buf.x, "buffers.x");
-  if (in(Seg::kGateUp) || in(Seg::kDown)) {
-    need(buf.g, "buffers.g");
-    need(buf.u, "buffers.u");
-  }
-  if (in(Seg::kDown)) need(buf.m, "buffers.m");
-  if (in(Seg::kQkv) || in(Seg::kRope)) {
-    need(buf.q, "buffers.q");
-    need(buf.k, "buffers.k");
-    need(buf.v, "buffers.v");
-  }
+  check_segments(s, layers, n_layers, layer, first, last, att, h, cos, sin, pos, buf);
   run_segments(s, layers, layer, first, last, att, h, cos, sin, pos, buf, num_threads);
 }
 

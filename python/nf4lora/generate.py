@@ -111,20 +111,20 @@ _MV_HEAD_CHECKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKe
 
 class _NativeLlamaStep(_LlamaStep):
     """_LlamaStep with the 4-bit part of the layers native (nf4lora/decode.h,
-    cpp/src/decode_llama.cpp): one native call between two attentions finishes a layer (output
-    projection, residual, norm, MLP, residual) and starts the next (norm, q/k/v, rotary embedding,
-    cache write), its products split over one team of threads, with the same operations and bf16
-    roundings as the Python step. The attention is torch's scaled_dot_product_attention over the
+    cpp/src/decode_llama.cpp): between two attentions one native call (without adapters) finishes
+    a layer (output projection, residual, norm, MLP, residual) and starts the next (norm, q/k/v,
+    rotary embedding, cache write), its products split over one team of threads, with the same
+    operations and bf16 roundings as the Python step. The attention is torch's scaled_dot_product_attention over the
     same cache, as in the Python step; the embedding, final norm and head are the model's modules.
     The embedding is a row copy of its weight (nn.Embedding's lookup), the final norm the model's
     module, the head torch.mv where that was checked bit-equal to the module's call (_mv_head).
     So the logits equal the Python step's bit for bit (tests/test_generate.py). Applies on x86
     when the model computes in bf16 on the CPU with LlamaRMSNorm norms, a SiLU MLP, and every
     projection a Linear4bit without bias, bare or under a plain LoRA adapter (LoraLinear, not
-    DoRA): then the native work runs in segments (ops.decode.LlamaDecoder.segments) and each
-    adapter's term is added between them with the torch operations LoraMatmul4bit uses for one
-    row (x A^T in fp32, scaled, times B^T in fp32, added into the bf16 output). Otherwise (a dense
-    projection, a bias, DoRA, ...) the Python step runs."""
+    DoRA): with adapters that work runs in shorter segments (ops.decode.LlamaDecoder.segments)
+    and each adapter's term is added between them with the torch operations LoraMatmul4bit uses
+    for one row (x A^T in fp32, scaled, times B^T in fp32, added into the bf16 output). Otherwise (a
+    dense projection, a bias, DoRA, ...) the Python step runs."""
 
     _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # ops.decode.PROJECTIONS' modules
@@ -146,14 +146,10 @@ class _NativeLlamaStep(_LlamaStep):
                                    norm_eps=float(self.layers[0].input_layernorm.variance_epsilon),
                                    layers=self.native_layers())
         self.scaling, self.gqa = attn.scaling, attn.num_key_value_groups > 1
-        self.q = torch.empty(1, config.num_attention_heads, 1, self.head_dim, dtype=torch.bfloat16)
+        self.q = self.native.q.view(1, config.num_attention_heads, 1, self.head_dim)  # the rotated query
         self.h = torch.empty(1, 1, config.hidden_size, dtype=torch.bfloat16)  # the residual stream
         self.head_weight = self._mv_head(model.lm_head)
-        # Per layer {projection key: (A fp32, B fp32, scaling)} of its LoRA adapter, if any.
-        from .ops.decode import PROJECTIONS
-        self.lora = [{key: t for key, name in zip(PROJECTIONS, self._PROJECTIONS)
-                      if (t := _lora_terms(layer.get_submodule(name))) is not None} for layer in self.layers]
-        self._plan: Optional[list] = None  # _adapter_plan(), built on the first step with adapters
+        self.plan = self._plan()
 
     def native_layers(self) -> list[dict]:
         """Per layer its norm weights, KV caches and seven 4-bit weights, as ops.decode.LlamaDecoder
@@ -229,63 +225,16 @@ class _NativeLlamaStep(_LlamaStep):
         return True
 
     def __call__(self, token: int, pos: int) -> Tensor:
-        h = self.h
+        h, dec = self.h, self.native
         h.view(-1).copy_(self.inner.embed_tokens.weight[token])  # the embedding's lookup, without its call
         cos, sin = self.cos[pos], self.sin[pos]
-        if any(self.lora):
-            self._layers_with_adapters(h, cos, sin, pos)
-        else:
-            advance, q, end = self.native.advance, self.q, pos + 1
-            advance(-1, None, h, cos, sin, pos, q)
-            for i, (kc, vc) in enumerate(zip(self.keys, self.values)):
-                o = self._attend(q, kc, vc, end)
-                # [1, heads, 1, head_dim]: head-major, as the Python step's transpose + reshape
-                advance(i, o.contiguous(), h, cos, sin, pos, q)
-        h = self.inner.norm(h)
-        if self.head_weight is not None:
-            return torch.mv(self.head_weight, h.view(-1)).view(1, 1, -1)
-        return self.model.lm_head(h)
-
-    def _attend(self, q: Tensor, kc: Tensor, vc: Tensor, end: int) -> Tensor:
-        return F.scaled_dot_product_attention(q, kc.narrow(2, 0, end), vc.narrow(2, 0, end), attn_mask=None,
-                                              dropout_p=0.0, scale=self.scaling, is_causal=False,
-                                              enable_gqa=self.gqa)
-
-    # Where each adapter's term enters: after the segment that computes its projection's output.
-    _LORA_AFTER = {"o_proj": ("o",), "gate_up": ("gate", "up"), "down": ("down",), "qkv": ("q", "k", "v")}
-
-    def _adapter_plan(self) -> list:
-        """Per advance (layer -1 .. n - 1): [(first segment, last segment, [(input, output, A, B,
-        scaling)])], the native runs and the adapter terms added after each. Inputs: "x", "m" or
-        "att" (the attention output); outputs: the decoder's buffers."""
-        from .ops.decode import SEGMENTS
-        dec, n = self.native, len(self.layers)
-        source = {"q": "x", "k": "x", "v": "x", "o": "att", "gate": "x", "up": "x", "down": "m"}
-        output = {"q": dec.q, "k": dec.k, "v": dec.v, "o": dec.o, "gate": dec.g, "up": dec.u, "down": dec.o}
-        plan = []
-        for i in range(-1, n):
-            segments = (SEGMENTS[:4] if i >= 0 else ()) + (SEGMENTS[4:] if i + 1 < n else ())
-            runs, first = [], 0
-            for j, seg in enumerate(segments):
-                lora = self.lora[i + 1 if seg == "qkv" else i] if seg in self._LORA_AFTER else {}
-                terms = [(source[key], output[key], *lora[key]) for key in self._LORA_AFTER.get(seg, ()) if key in lora]
-                if terms or j + 1 == len(segments):
-                    runs.append((segments[first], seg, terms))
-                    first = j + 1
-            plan.append(runs)
-        return plan
-
-    def _layers_with_adapters(self, h: Tensor, cos: Tensor, sin: Tensor, pos: int) -> None:
-        """The layers as in __call__, the native work in runs of segments that end wherever an
-        adapter's term is added: its input (x, the attention output or m) times A^T in fp32,
-        scaled, times B^T in fp32, added into the bf16 output buffer (LoraMatmul4bit's one-row
-        route, the same operations on the same values)."""
-        dec = self.native
-        if self._plan is None:
-            self._plan = self._adapter_plan()
-        q = dec.q.view(self.q.shape)
-        for i, runs in enumerate(self._plan, start=-1):
-            att = None if i < 0 else self._attend(q, self.keys[i], self.values[i], pos + 1).contiguous()
+        for i, runs in enumerate(self.plan, start=-1):
+            att = None
+            if i >= 0:  # [1, heads, 1, head_dim]: head-major, as the Python step's transpose + reshape
+                kc, vc = self.keys[i].narrow(2, 0, pos + 1), self.values[i].narrow(2, 0, pos + 1)
+                att = F.scaled_dot_product_attention(self.q, kc, vc, attn_mask=None, dropout_p=0.0,
+                                                     scale=self.scaling, is_causal=False,
+                                                     enable_gqa=self.gqa).contiguous()
             for first, last, terms in runs:
                 dec.segments(i, first, last, att, h, cos, sin, pos)
                 widened = {}  # each input in fp32 once (q, k and v share x, as gate and up do)
@@ -294,6 +243,39 @@ class _NativeLlamaStep(_LlamaStep):
                     if xf is None:
                         xf = widened[src] = (att.view(1, -1) if src == "att" else getattr(dec, src)).float()
                     out.add_(torch.mm(torch.mm(xf, a32.t()).mul_(scaling), b32.t()))
+        h = self.inner.norm(h)
+        if self.head_weight is not None:
+            return torch.mv(self.head_weight, h.view(-1)).view(1, 1, -1)
+        return self.model.lm_head(h)
+
+    # Where each adapter's term enters: after the segment that computes its projection's output.
+    _LORA_AFTER = {"o_proj": ("o",), "gate_up": ("gate", "up"), "down": ("down",), "qkv": ("q", "k", "v")}
+
+    def _plan(self) -> list:
+        """Per advance from layer i = -1 .. n - 1 (after layer i's attention): [(first segment,
+        last segment, [(input, output, A, B, scaling)])], the native runs and the adapter terms
+        added after each; without adapters one run of all its segments. Inputs: "x", "m" or "att"
+        (the attention output); outputs: the decoder's buffers."""
+        from .ops.decode import PROJECTIONS, SEGMENTS
+        dec, n = self.native, len(self.layers)
+        # Per layer {projection key: (A fp32, B fp32, scaling)} of its LoRA adapter, if any.
+        lora = [{key: t for key, name in zip(PROJECTIONS, self._PROJECTIONS)
+                 if (t := _lora_terms(layer.get_submodule(name))) is not None} for layer in self.layers]
+        source = {"q": "x", "k": "x", "v": "x", "o": "att", "gate": "x", "up": "x", "down": "m"}
+        output = {"q": dec.q, "k": dec.k, "v": dec.v, "o": dec.o, "gate": dec.g, "up": dec.u, "down": dec.o}
+        plan = []
+        for i in range(-1, n):
+            segments = (SEGMENTS[:4] if i >= 0 else ()) + (SEGMENTS[4:] if i + 1 < n else ())
+            runs, first = [], 0
+            for j, seg in enumerate(segments):
+                adapters = lora[i + 1 if seg == "qkv" else i] if seg in self._LORA_AFTER else {}
+                terms = [(source[key], output[key], *adapters[key]) for key in self._LORA_AFTER.get(seg, ())
+                         if key in adapters]
+                if terms or j + 1 == len(segments):
+                    runs.append((segments[first], seg, terms))
+                    first = j + 1
+            plan.append(runs)
+        return plan
 
 
 def _base_4bit(module: nn.Module) -> nn.Module:

@@ -1,11 +1,12 @@
 // nf4lora/decode.h — the 4-bit part of one decode step (one new token) through a Llama decoder
-// stack on the CPU, between two attentions, in one call: the output projection, residual, RMSNorm,
-// SwiGLU MLP and residual of layer i, then the RMSNorm, q/k/v projections, rotary embedding and
-// KV-cache write of layer i + 1, with the products split over one team of threads (no thread
-// wake-up and no Python between those operations). The attention itself stays the caller's
-// (torch's scaled_dot_product_attention over the cache). bf16 activations. Implemented in
-// cpp/src/decode_llama.cpp; tested by tests/test_generate.py (every logit bit-equal to the same
-// layers run by torch, over quant types, blocksizes, head layouts and thread counts).
+// stack on the CPU, between two attentions: the output projection, residual, RMSNorm, SwiGLU MLP
+// and residual of layer i, then the RMSNorm, q/k/v projections, rotary embedding and KV-cache
+// write of layer i + 1, with the products split over one team of threads (no thread wake-up and
+// no Python between those operations), in one call or in segments (for LoRA terms added between
+// them). The attention itself stays the caller's (torch's scaled_dot_product_attention over the
+// cache). bf16 activations. Implemented in cpp/src/decode_llama.cpp; tested by
+// tests/test_generate.py (every logit bit-equal to the same layers run by torch, over quant types,
+// blocksizes, head layouts, thread counts and LoRA adapters).
 //
 // Roundings follow transformers' LlamaDecoderLayer run in bf16 by torch, operation by operation:
 // RMSNorm sums the squares in fp32 in torch's vectorized order (lanes = torch's fp32 vector
@@ -48,19 +49,9 @@ struct LlamaDecodeShape {
 // kv_heads dividing heads, even head_dim, null pointers, sum_lanes 4, 8 or 16).
 void check_llama_decode(const LlamaDecodeShape& s, const LlamaLayer4bit* layers, int64_t n_layers);
 
-// Finishes layer `layer` given its attention output att (bf16 [heads * head_dim], head-major),
-// unless layer == -1: h += att Wo^T; h += down(silu(gate(x)) * up(x)) with x = RMSNorm(h). Then,
-// if layer + 1 < n_layers, starts layer + 1: x = RMSNorm(h), q/k/v = x W^T, the rotary embedding
-// (cos, sin: bf16 [head_dim] of position pos) of q and k, q written to `q` (bf16 [heads *
-// head_dim]) and k, v to position pos of that layer's caches. h: bf16 [hidden], the residual
-// stream, in and out. Checks the layers it touches as check_llama_decode does, and 0 <= pos <
-// max_len; at most num_threads threads (one without OpenMP).
-void llama_decode_advance_cpu(const LlamaDecodeShape& s, const LlamaLayer4bit* layers, int64_t n_layers,
-                              int64_t layer, const uint16_t* att, uint16_t* h, const uint16_t* cos,
-                              const uint16_t* sin, int64_t pos, uint16_t* q, int num_threads);
-
-// The work of one llama_decode_advance_cpu call in segments, in this order (the first four finish
-// layer `layer`, the last two start layer + 1):
+// What happens between the attentions of layer i and layer i + 1, in segments, in this order (the
+// first four finish layer i given its attention output att, bf16 [heads * head_dim] head-major; the
+// last two start layer i + 1):
 enum class LlamaDecodeSegment : int {
   kOProj = 0,     // o = att Wo^T
   kGateUp = 1,    // h += o; x = RMSNorm(h); g = x Wg^T; u = x Wu^T
@@ -82,12 +73,15 @@ struct LlamaDecodeBuffers {
   uint16_t* v = nullptr;  // [kv_heads * head_dim]
 };
 
-// Segments first .. last of the advance from `layer` (-1: kQkv and kRope only; the last layer:
-// up to kResidual) on one team of threads, the same operations as llama_decode_advance_cpu. The
-// caller may change the buffers between two calls: a LoRA term added to a projection's output
-// (o after kOProj or kDown, g and u after kGateUp, q, k and v after kQkv) enters the next segment
-// as it enters the next operation of the model. Checks what advance checks, first <= last, and
-// that every pointer the segments use is non-null (buffer sizes are the caller's promise).
+// Segments first .. last from layer `layer` (-1: kQkv and kRope only, the first layer's start;
+// the last layer: up to kResidual) on one team of at most num_threads threads (one without
+// OpenMP). h: bf16 [hidden], the residual stream, in and out; cos, sin: bf16 [head_dim] of position
+// pos (kRope). The caller may change the buffers between two calls: a LoRA term added to a
+// projection's output (o after kOProj or kDown, g and u after kGateUp, q, k and v after kQkv)
+// enters the next segment as it enters the next operation of the model; after kRope, q is the
+// layer's rotated query. Checks the layers it touches as check_llama_decode does, first <= last,
+// 0 <= pos < max_len and that every pointer the segments use is non-null (buffer sizes are the
+// caller's promise).
 void llama_decode_segments_cpu(const LlamaDecodeShape& s, const LlamaLayer4bit* layers, int64_t n_layers,
                                int64_t layer, LlamaDecodeSegment first, LlamaDecodeSegment last,
                                const uint16_t* att, uint16_t* h, const uint16_t* cos, const uint16_t* sin,

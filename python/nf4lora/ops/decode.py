@@ -1,7 +1,7 @@
 """The native decode layers of a Llama (cpp/include/nf4lora/decode.h) for generate.py: one object
-per generation holding every layer's 4-bit weights, RMSNorm weights and KV caches, checked once;
-advance() finishes one layer and starts the next between two attentions, which stay the caller's
-(torch's sdpa); segments() runs part of that work, so that the caller can add LoRA terms to the
+per generation holding every layer's 4-bit weights, RMSNorm weights and KV caches, checked once,
+and the activation buffers; segments() runs the work between two attentions (which stay the
+caller's: torch's sdpa), whole or in parts so that the caller can add LoRA terms to the
 projections' outputs in between. Bit-equal to the same layers run by torch
 (tests/test_generate.py)."""
 from __future__ import annotations
@@ -47,38 +47,33 @@ class LlamaDecoder:
                 check_weight(w)
                 row += [w.packed.data_ptr(), *absmax_pointers(w), *w.shape, w.blocksize, quant_type_code(w.quant_type)]
             fields.append(row)
-        self._native = _C.LlamaDecoder(hidden, heads, kv_heads, head_dim, intermediate, max_len, float(norm_eps),
-                                       TORCH_SUM_LANES, fields)
-        self._alive = [dict(layer) for layer in layers]
-        # The activations segments() hands between its calls (decode.h's LlamaDecodeBuffers), [1, n]
-        # so that a LoRA term's [1, n] product adds into them as into the model's own outputs.
+        # The activations the segments hand each other (decode.h's LlamaDecodeBuffers), [1, n] so
+        # that a LoRA term's [1, n] product adds into them as into the model's own outputs.
         def buf(n: int) -> Tensor:
             return torch.empty(1, n, dtype=torch.bfloat16)
+
         self.x, self.o = buf(hidden), buf(hidden)
         self.g, self.u, self.m = buf(intermediate), buf(intermediate), buf(intermediate)
         self.q, self.k, self.v = buf(heads * head_dim), buf(kv_heads * head_dim), buf(kv_heads * head_dim)
-        self._buffers = [t.data_ptr() for t in (self.x, self.o, self.g, self.u, self.m, self.q, self.k, self.v)]
-
-    def advance(self, layer: int, att: Optional[Tensor], h: Tensor, cos: Tensor, sin: Tensor, pos: int,
-                q: Tensor) -> None:
-        """Finishes `layer` from its attention output att (bf16 [1, heads, 1, head_dim], contiguous;
-        None with layer -1) and starts layer + 1: its q into `q` (same shape), its k and v into the
-        caches at `pos`, with cos/sin (bf16 [head_dim]) of that position. h: bf16 [1, 1, hidden],
-        the residual stream, updated in place. Contiguity is the caller's promise (generate.py's
-        buffers); sizes and positions are checked natively."""
-        self._native.advance(layer, 0 if att is None else att.data_ptr(), h.data_ptr(), cos.data_ptr(),
-                             sin.data_ptr(), pos, q.data_ptr(), torch.get_num_threads())
+        buffers = [t.data_ptr() for t in (self.x, self.o, self.g, self.u, self.m, self.q, self.k, self.v)]
+        self._native = _C.LlamaDecoder(hidden, heads, kv_heads, head_dim, intermediate, max_len, float(norm_eps),
+                                       TORCH_SUM_LANES, fields, buffers)
+        self._alive = [dict(layer) for layer in layers]
 
     def segments(self, layer: int, first: str, last: str, att: Optional[Tensor], h: Tensor, cos: Tensor,
                  sin: Tensor, pos: int) -> None:
-        """Segments first .. last (SEGMENTS' names) of advance(layer, ...) over this object's
-        buffers: x (the normed input of q/k/v, and of gate/up), o (o_proj's output, then
-        down_proj's), g, u, m (down_proj's input), q, k, v, each bf16 [1, n]. Between two calls the
-        caller may add to them (a LoRA term: o after "o_proj" or "down", g and u after "gate_up", q,
-        k and v after "qkv"); q after "rope" is the layer's rotated query (head-major)."""
+        """Segments first .. last (SEGMENTS' names) from `layer` (-1: "qkv" and "rope" only) over
+        this object's buffers: x (the normed input of q/k/v, and of gate/up), o (o_proj's output,
+        then down_proj's), g, u, m (down_proj's input), q, k, v, each bf16 [1, n]. att: the layer's
+        attention output (bf16 [1, heads, 1, head_dim], contiguous: head-major) for "o_proj"; h:
+        bf16 [1, 1, hidden], the residual stream, updated in place; cos/sin: bf16 [head_dim] of
+        position pos, whose k and v "rope" writes into the caches. Between two calls the caller may
+        add to the buffers (a LoRA term: o after "o_proj" or "down", g and u after "gate_up", q, k
+        and v after "qkv"); after "rope", q is the layer's rotated query. Contiguity is the caller's
+        promise (generate.py's buffers); sizes, layers and positions are checked natively."""
         for name in (first, last):
             if name not in SEGMENTS:
                 raise ValueError(f"unknown segment {name!r}; the segments are {SEGMENTS}")
         self._native.segments(layer, SEGMENTS.index(first), SEGMENTS.index(last),
                               0 if att is None else att.data_ptr(), h.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                              pos, self._buffers, torch.get_num_threads())
+                              pos, torch.get_num_threads())
